@@ -1,0 +1,1 @@
+"""Dagster code location for liverseg, derived from dvc.yaml (never a second graph)."""

@@ -1,0 +1,1 @@
+"""Data foundations: sources, the on-disk layout and the torch dataset."""

@@ -1,0 +1,54 @@
+"""The torch dataset over a split CSV: decoded slice, albumentations, normalisation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from liverseg.io import load_gray  # noqa: E402
+
+
+def train_augmentation(image_size: int) -> A.Compose:
+    """Light, anatomy-preserving augmentation (albumentations 2.x argument names)."""
+    return A.Compose([
+        A.Resize(image_size, image_size),
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                 border_mode=0, fill=0, fill_mask=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+    ])
+
+
+def eval_transform(image_size: int) -> A.Compose:
+    return A.Compose([A.Resize(image_size, image_size)])
+
+
+class SliceDataset(Dataset):
+    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 0/1, slice_id)."""
+
+    def __init__(self, split_csv: str | Path, raw_dir: str | Path, mean: float, std: float,
+                 transform: A.Compose | None = None):
+        self.rows = pd.read_csv(split_csv, dtype={"patient_id": str, "slice_id": str})
+        self.raw_dir, self.mean, self.std, self.transform = Path(raw_dir), mean, std, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows.iloc[i]
+        image = load_gray(self.raw_dir / row["image"])
+        mask = (load_gray(self.raw_dir / row["mask"]) > 127).astype(np.uint8)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        x = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        return (torch.from_numpy(x)[None], torch.from_numpy(mask.astype(np.float32))[None],
+                row["slice_id"])

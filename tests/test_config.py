@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from liverseg.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_repository_params_parse():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "phantom"
+    assert "enhanced_pan" in params.models
+    assert params.dump()["validate"]["max_quarantine_fraction"] == params.validate_.max_quarantine_fraction
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        ({"train": {"epochz": 3}}, "train.epochz"),
+        ({"train": {"epochs": "many"}}, "train.epochs"),
+        ({"models": ["enhanced_pan", "segformer9000"]}, "segformer9000"),
+        ({"data": {"source": "ftp"}}, "data.source"),
+        ({"surprise": 1}, "surprise"),
+        ({"train": {"batch_size": 1}}, "train.batch_size"),
+    ],
+)
+def test_bad_params_fail_naming_the_key(raw, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_cli_rejects_bad_params_at_once(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"epochz": 3}}))
+    proc = subprocess.run([sys.executable, "-m", "liverseg.cli", "ingest", "-p", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "train.epochz" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()

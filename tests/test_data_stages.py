@@ -1,0 +1,82 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from liverseg.stages import ingest, split, validate
+from liverseg.stages.split import LeakageError, check_no_leakage
+from liverseg.stages.validate import ValidationFailed
+
+
+def test_ingest_writes_the_layout(workdir, tiny_params):
+    summary = ingest.run(tiny_params)
+    index = pd.read_csv("data/raw/slices.csv", dtype={"patient_id": str})
+    assert summary == {"source": "phantom", "slices": 24, "patients": 6} and len(index) == 24
+    mask = np.asarray(Image.open("data/raw/" + index["mask"][0]))
+    assert set(np.unique(mask)) <= {0, 255} and mask.shape == (64, 64)
+    assert all(sid.startswith(pid) for sid, pid in zip(index.slice_id, index.patient_id))
+    assert not [p for p in workdir.glob("data/.raw*")]  # no temporary left behind
+
+
+def test_validate_accepts_clean_data_and_counts_reconcile(split_data):
+    report = json.loads((split_data / "reports/validation.json").read_text())
+    manifest = pd.read_parquet(split_data / "data/manifest.parquet")
+    assert report["success"] and report["quarantined"] == 0
+    assert report["ingested"] == report["accepted"] + report["quarantined"] == len(manifest)
+    for col in ("image_sha256", "mask_sha256", "width", "height", "fg_fraction", "patient_id"):
+        assert manifest[col].notna().all(), col
+
+
+def _break_dataset(raw):
+    index = pd.read_csv(raw / "slices.csv", dtype={"patient_id": str})
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(raw / index["mask"][0])  # not binary
+    shutil.copy(raw / index["image"][1], raw / index["image"][2])  # duplicate content
+    (raw / index["mask"][3]).unlink()  # mask missing
+    return index
+
+
+def test_bad_slices_are_quarantined_and_named(workdir, tiny_params):
+    ingest.run(tiny_params)
+    index = _break_dataset(workdir / "data/raw")
+    params = tiny_params.model_copy(update={"validate_": tiny_params.validate_.model_copy(
+        update={"max_quarantine_fraction": 0.5})})
+    summary = validate.run(params)
+    report = json.loads((workdir / "reports/validation.json").read_text())
+    quarantine = report["quarantine"]
+    assert summary["quarantined"] == 4 and summary["accepted"] == 20
+    assert quarantine[index.slice_id[0]] == ["mask is binary (0/255)"]
+    assert quarantine[index.slice_id[1]] == quarantine[index.slice_id[2]] == [
+        "no duplicate image content"]
+    assert "mask file exists" in quarantine[index.slice_id[3]]
+    manifest = pd.read_parquet(workdir / "data/manifest.parquet")
+    assert len(manifest) == 24 and (~manifest.accepted).sum() == 4  # kept, not dropped
+
+
+def test_too_many_bad_slices_fail_the_stage_naming_them(workdir, tiny_params):
+    ingest.run(tiny_params)
+    index = _break_dataset(workdir / "data/raw")
+    with pytest.raises(ValidationFailed, match=index.slice_id[0]):
+        validate.run(tiny_params)  # default limit 0.1 < 4/24
+    assert not (workdir / "data/manifest.parquet").exists()
+
+
+def test_split_is_grouped_deterministic_and_has_stats(split_data, tiny_params):
+    train = pd.read_csv(split_data / "data/splits/train.csv", dtype={"patient_id": str})
+    val = pd.read_csv(split_data / "data/splits/val.csv", dtype={"patient_id": str})
+    stats = json.loads((split_data / "data/splits/stats.json").read_text())
+    assert not set(train.patient_id) & set(val.patient_id)
+    assert len(train) + len(val) == 24 and val.patient_id.nunique() == 3  # ceil(0.34 * 6)
+    assert 0 < stats["mean"] < 1 and stats["std"] > 0
+    before = val.slice_id.tolist()
+    split.run(tiny_params)
+    assert pd.read_csv(split_data / "data/splits/val.csv").slice_id.tolist() == before
+
+
+def test_leakage_check_catches_a_shared_patient():
+    a = pd.DataFrame({"patient_id": ["p1", "p2"]})
+    b = pd.DataFrame({"patient_id": ["p2"]})
+    with pytest.raises(LeakageError, match="p2"):
+        check_no_leakage({"train": a, "val": b})
