@@ -43,7 +43,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_model(mlf, model_dir: Path, example) -> None:
+def log_model(mlf, model_dir: Path, example) -> str:
     """Log the safetensors weights + config behind a pyfunc defined from code (no pickle).
 
     The signature leaves batch, height and width free (-1): unlike the `pt2` export format,
@@ -58,7 +58,7 @@ def log_model(mlf, model_dir: Path, example) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]),
     )
-    mlf.pyfunc.log_model(
+    info = mlf.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
         artifacts={"weights": str(model_dir / "model.safetensors"),
@@ -67,3 +67,4 @@ def log_model(mlf, model_dir: Path, example) -> None:
         signature=signature,
         pip_requirements=["torch", "segmentation-models-pytorch", "safetensors", "numpy"],
     )
+    return info.model_uri

@@ -16,15 +16,18 @@ from torch.utils.data import Dataset  # noqa: E402
 from liverseg.io import load_gray  # noqa: E402
 
 
-def train_augmentation(image_size: int) -> A.Compose:
-    """Light, anatomy-preserving augmentation (albumentations 2.x argument names)."""
+def train_augmentation(image_size: int, seed: int) -> A.Compose:
+    """Light, anatomy-preserving augmentation (albumentations 2.x argument names).
+
+    Seeded: albumentations keeps its own random state, which torch's seed does not reach.
+    """
     return A.Compose([
         A.Resize(image_size, image_size),
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
                  border_mode=0, fill=0, fill_mask=0, p=0.7),
         A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-    ])
+    ], seed=seed)
 
 
 def eval_transform(image_size: int) -> A.Compose:

@@ -36,12 +36,12 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
         models_dir: str | Path = "models", out_path: str | Path = "reports/registry.json") -> dict:
     comparison, cfg = read_json(comparison_path), params.register_
     best, score = comparison["best_model"], comparison["best_score"]
-    run_id = read_json(Path(models_dir) / best / "run.json")["run_id"]
+    run = read_json(Path(models_dir) / best / "run.json")
     tags = version_tags(params, best, score, read_json(validation_path))
 
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
-    version = mlf.register_model(f"runs:/{run_id}/model", cfg.model_name, tags=tags).version
+    version = mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
     passed = score >= cfg.min_fg_iou
     gate = (f"passed: fg_iou {score:.4f} >= {cfg.min_fg_iou}" if passed
             else f"failed: fg_iou {score:.4f} < {cfg.min_fg_iou}")
@@ -50,6 +50,6 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
     record = {"registered_model": cfg.model_name, "version": int(version),
               "alias": cfg.alias if passed else None, "quality_gate": gate, "model": best,
-              "run_id": run_id, "tags": tags}
+              "run_id": run["run_id"], "model_uri": run["model_uri"], "tags": tags}
     write_json(out_path, record)
     return {k: record[k] for k in ("registered_model", "version", "alias", "quality_gate")}

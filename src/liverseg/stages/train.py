@@ -42,7 +42,7 @@ def pick_device(choice: str) -> torch.device:
 
 def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, generator):
     size, cfg = params.train.image_size, params.train
-    train_tf = train_augmentation(size) if cfg.augment else eval_transform(size)
+    train_tf = train_augmentation(size, params.seed) if cfg.augment else eval_transform(size)
     train = SliceDataset(splits_dir / "train.csv", raw_dir, stats["mean"], stats["std"], train_tf)
     val = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
                        eval_transform(size))
@@ -145,8 +145,9 @@ def run(
                          "train_seconds": seconds})
         mlf.log_artifact(str(history_path))
         example = next(iter(val_loader))[0][:1].numpy()
-        tracking.log_model(mlf, out_dir, example)
+        model_uri = tracking.log_model(mlf, out_dir, example)
         run_info = {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
+                    "model_uri": model_uri,
                     "tracking_uri": tracking.tracking_uri()}
     write_json(out_dir / "run.json", run_info)
     return {"model": model_name, **best, "epochs": cfg.epochs, "seconds": round(seconds, 1),

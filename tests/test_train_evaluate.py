@@ -1,0 +1,82 @@
+"""train@MODEL and evaluate@MODEL on a tiny phantom split, with the MLflow store in tmp."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from liverseg import checkpoint, tracking
+from liverseg.stages import compare, evaluate, register, train
+
+
+@pytest.fixture
+def trained(split_data, tiny_params):
+    summary = train.run(tiny_params, "enhanced_pan")
+    return split_data, summary
+
+
+def test_train_writes_model_config_curves_and_mlflow_run(trained, tiny_params):
+    workdir, summary = trained
+    model_dir = workdir / "models/enhanced_pan"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model"] == "enhanced_pan" and config["params"] == tiny_params.dump()
+    assert config["best_epoch"] == 1 and "mean" in config["normalisation"]
+    history = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
+    assert list(history.epoch) == [1]
+    assert {"train_loss", "val_loss", "val_miou", "val_pixel_accuracy"} <= set(history.columns)
+    model, _ = checkpoint.load_model(model_dir)  # safetensors round trip
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    mlf = tracking.mlflow()
+    run = mlf.get_run(summary["run_id"])
+    assert run.data.params["train.epochs"] == "1"
+    assert "val_loss" in run.data.metrics
+
+
+def test_training_is_reproducible_for_a_seed(trained, tiny_params):
+    workdir, _ = trained
+    first = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
+    train.run(tiny_params, "enhanced_pan")
+    second = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_unlisted_model_is_refused(split_data, tiny_params):
+    with pytest.raises(ValueError, match="pspnet"):
+        train.run(tiny_params, "pspnet")
+
+
+def test_evaluate_compare_register_and_serve(trained, tiny_params):
+    workdir, _ = trained
+    evaluate.run(tiny_params, "enhanced_pan")
+    metrics = json.loads((workdir / "reports/metrics/enhanced_pan.json").read_text())
+    for key in ("fg_iou", "miou", "dice", "pixel_accuracy"):
+        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, key
+    per_image = pd.read_csv(workdir / "reports/per_image/enhanced_pan.csv")
+    val = pd.read_csv(workdir / "data/splits/val.csv")
+    assert per_image.slice_id.tolist() == val.slice_id.tolist()
+    assert metrics["n_images"] == len(val)
+
+    assert compare.run(tiny_params)["best_model"] == "enhanced_pan"
+    record = register.run(tiny_params)  # min_fg_iou 0 in tiny params: the gate passes
+    assert record["alias"] == "champion" and record["version"] == 1
+
+    mlf = tracking.mlflow()
+    version = mlf.MlflowClient().get_model_version_by_alias("liverseg", "champion")
+    assert version.tags["model"] == "enhanced_pan" and "git_commit" in version.tags
+    served = mlf.pyfunc.load_model("models:/liverseg@champion")
+    probs = served.predict(np.random.default_rng(0).uniform(0, 255, (2, 1, 48, 80))
+                           .astype(np.float32))
+    assert probs.shape == (2, 1, 48, 80) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_gate_failure_registers_without_alias(trained, tiny_params):
+    evaluate.run(tiny_params, "enhanced_pan")
+    compare.run(tiny_params)
+    strict = tiny_params.model_copy(update={"register_": tiny_params.register_.model_copy(
+        update={"min_fg_iou": 1.0})})
+    record = register.run(strict)
+    assert record["alias"] is None and record["quality_gate"].startswith("failed")
+    client = tracking.mlflow().MlflowClient()
+    assert client.get_registered_model("liverseg").aliases == {}
