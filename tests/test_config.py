@@ -12,7 +12,8 @@ def test_repository_params_parse():
     params = load_params(REPO / "params.yaml")
     assert params.data.source == "phantom"
     assert "enhanced_pan" in params.models
-    assert params.dump()["validate"]["max_quarantine_fraction"] == params.validate_.max_quarantine_fraction
+    limit = params.validate_.max_quarantine_fraction
+    assert params.dump()["validate"]["max_quarantine_fraction"] == limit
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ def test_ingest_writes_the_layout(workdir, tiny_params):
     assert summary == {"source": "phantom", "slices": 24, "patients": 6} and len(index) == 24
     mask = np.asarray(Image.open("data/raw/" + index["mask"][0]))
     assert set(np.unique(mask)) <= {0, 255} and mask.shape == (64, 64)
-    assert all(sid.startswith(pid) for sid, pid in zip(index.slice_id, index.patient_id))
+    pairs = zip(index.slice_id, index.patient_id, strict=True)
+    assert all(sid.startswith(pid) for sid, pid in pairs)
     assert not [p for p in workdir.glob("data/.raw*")]  # no temporary left behind
 
 

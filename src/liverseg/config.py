@@ -52,7 +52,7 @@ class EnhancedPanParams(Strict):
 
 
 class ModelParams(Strict):
-    encoder: str = "efficientnet-b0"
+    encoder: str = "tu-efficientnet_b0"
     encoder_weights: str | None = None
     in_channels: int = Field(1, ge=1)
     enhanced_pan: EnhancedPanParams = EnhancedPanParams()
@@ -71,6 +71,9 @@ class TrainParams(Strict):
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
+    # The paper trains with binary cross-entropy alone ("bce"). With ~1% tumour pixels that
+    # collapses to all-background in a short CPU run, so Dice is added by default.
+    loss: Literal["bce", "bce_dice"] = "bce_dice"
 
 
 class EvaluateParams(Strict):

@@ -14,7 +14,8 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    default = f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
 def mlflow():

@@ -2,10 +2,11 @@
 
 Each patient is a small stack of slices through one synthetic body: air, a fat rim, soft
 tissue, a spine, kidneys, a stomach with fluid, a gallbladder, and a liver with hypodense
-vessels and 0..N tumours that are 3D blobs (so a tumour appears in neighbouring slices and
-many slices have none). Values are Hounsfield units with noise, then windowed as a liver
-CT (level 50, width 400). The gallbladder, stomach fluid and vessels are hypodense like
-the tumours, so a plain intensity threshold does not solve the task.
+vessels and 1..N tumours per patient that are 3D blobs (so a tumour appears in neighbouring
+slices, and a slice has 0..N of them; many have none). Values are Hounsfield units with
+noise, then windowed as a liver CT (level 50, width 400). The gallbladder, stomach fluid
+and vessels are hypodense like the tumours, so a plain intensity threshold does not solve
+the task.
 
 Labels: 0 background, 1 liver, 2 tumour. Everything is a function of (seed, patient), so
 the dataset is identical on every machine.
@@ -61,11 +62,11 @@ def _patient_anatomy(rng: np.random.Generator, slices: int, max_tumours: int) ->
             "cy": rng.uniform(0.40, 0.62),
             "cx": rng.uniform(0.22, 0.48),
             "cz": rng.uniform(-0.5, slices - 0.5),
-            "r": rng.uniform(0.025, 0.10),  # radius as a fraction of the image
-            "depth": rng.uniform(0.8, 3.0),  # extent along z, in slices
+            "r": rng.uniform(0.03, 0.11),  # radius as a fraction of the image
+            "depth": rng.uniform(1.5, 4.0),  # extent along z, in slices
             "contrast": rng.uniform(-70, -25),  # HU below the liver
         }
-        for _ in range(rng.integers(0, max_tumours + 1))
+        for _ in range(rng.integers(max_tumours > 0, max_tumours + 1))
     ]
     return {
         "body": (rng.uniform(0.36, 0.42), rng.uniform(0.44, 0.48)),

@@ -1,9 +1,10 @@
 """Small attention / context building blocks used by the Enhanced PAN and UNet-CBAM models.
 
 Normalisation policy: every branch that works on a globally pooled (1x1) map uses a biased
-convolution and *no* BatchNorm, so these blocks also train with batch size 1. Branches on real
-spatial maps keep BatchNorm. The smp baselines (PSPNet, PAN, DeepLabV3+) do put BatchNorm after
-global pooling; training therefore always uses ``drop_last=True`` and batch size >= 2.
+convolution and *no* BatchNorm, and so do FPA's single-channel pyramid convs (their maps shrink
+to 1x1), so these blocks also train with batch size 1. Other convs keep BatchNorm. The smp
+baselines (PSPNet, PAN, DeepLabV3+) and the encoder's deepest stage at tiny inputs do hit
+BatchNorm on 1x1 maps; training therefore always uses ``drop_last=True`` and batch size >= 2.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from torch import nn
 
 
 def conv_bn_relu(
-    in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1, relu: bool = True
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    relu: bool = True,
+    norm: bool = True,
 ) -> nn.Sequential:
-    """``Conv2d(bias=False) -> BatchNorm2d -> ReLU`` with 'same' padding."""
+    """``Conv2d -> BatchNorm2d -> ReLU`` with 'same' padding; ``norm=False``: biased conv, no BN."""
     padding = dilation * (kernel_size // 2)
-    layers: list[nn.Module] = [
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
-        ),
-        nn.BatchNorm2d(out_channels),
-    ]
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=not norm
+    )
+    layers: list[nn.Module] = [conv, nn.BatchNorm2d(out_channels)] if norm else [conv]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -128,8 +132,9 @@ class FPA(nn.Module):
     attention map that multiplies the 1x1-conv features pixel-wise; a global-pooling branch is
     added. Choices: like smp's PAN (our plain-PAN baseline) the pyramid is single-channel; max
     pooling uses ``ceil_mode`` and upsampling targets the actual tensor sizes, so maps as small as
-    1x1 work (smp's version needs >= 8x8, i.e. 128 px input); the global branch has no
-    BatchNorm (see module docstring).
+    1x1 work (smp's version needs >= 8x8, i.e. 128 px input). The global branch and the
+    single-channel pyramid convs have no BatchNorm: their maps shrink to 1x1 (BN fails at batch 1
+    in training) and a one-channel BN would just re-standardise the attention map per batch.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -138,11 +143,13 @@ class FPA(nn.Module):
         self.glob = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True)
         )
-        self.down1 = conv_bn_relu(in_channels, 1, 7)
-        self.down2 = conv_bn_relu(1, 1, 5)
-        self.down3 = nn.Sequential(conv_bn_relu(1, 1, 3), conv_bn_relu(1, 1, 3))
-        self.lat2 = conv_bn_relu(1, 1, 5)
-        self.lat1 = conv_bn_relu(1, 1, 7)
+        self.down1 = conv_bn_relu(in_channels, 1, 7, norm=False)
+        self.down2 = conv_bn_relu(1, 1, 5, norm=False)
+        self.down3 = nn.Sequential(
+            conv_bn_relu(1, 1, 3, norm=False), conv_bn_relu(1, 1, 3, norm=False)
+        )
+        self.lat2 = conv_bn_relu(1, 1, 5, norm=False)
+        self.lat1 = conv_bn_relu(1, 1, 7, norm=False)
 
     @staticmethod
     def _pool(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from liverseg.config import Params
 from liverseg.io import atomic_path, read_json, write_json, write_text
+from liverseg.metrics import nan_to_none
 
 COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accuracy",
            "per_image_fg_iou_mean", "n_parameters", "images_per_second", "best_epoch"]
@@ -27,7 +28,8 @@ def run(params: Params, metrics_dir: str | Path = "reports/metrics",
     best = table.iloc[0]
     margin = float(best[key] - table.iloc[1][key]) if len(table) > 1 else None
     summary = {"rank_by": key, "best_model": best["model"], "best_score": float(best[key]),
-               "margin_over_next": margin, "models": table.to_dict(orient="records")}
+               "margin_over_next": margin,
+               "models": [nan_to_none(row) for row in table.to_dict(orient="records")]}
     out_prefix = Path(out_prefix)
     with atomic_path(out_prefix.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)

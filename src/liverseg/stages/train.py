@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import segmentation_models_pytorch as smp
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -54,6 +55,15 @@ def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, g
     return (DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True,
                        generator=generator, **common),
             DataLoader(val, params.evaluate.batch_size, shuffle=False, **common))
+
+
+def make_loss(name: str):
+    """Binary cross-entropy on logits (the paper's loss), optionally plus soft Dice."""
+    bce = torch.nn.BCEWithLogitsLoss()
+    if name == "bce":
+        return bce
+    dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+    return lambda logits, target: bce(logits, target) + dice(logits, target)
 
 
 def run_epoch(model, loader, loss_fn, device, optimizer=None, scheduler=None, desc=""):
@@ -110,7 +120,7 @@ def run(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = make_loss(cfg.loss)
     config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"])
 
     mlf = tracking.mlflow()  # before the first epoch: an unreachable server fails fast

@@ -116,7 +116,8 @@ def run(
     for rule in rules:
         for sid in rule["failing_slices"]:
             reasons.setdefault(sid, []).append(rule["rule"])
-    manifest["quarantine_reason"] = manifest["slice_id"].map(lambda s: "; ".join(reasons.get(s, [])))
+    manifest["quarantine_reason"] = [
+        "; ".join(reasons.get(sid, [])) for sid in manifest["slice_id"]]
     manifest["accepted"] = manifest["quarantine_reason"] == ""
 
     n, quarantined = len(manifest), int((~manifest["accepted"]).sum())

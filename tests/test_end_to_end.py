@@ -1,0 +1,109 @@
+"""The whole pipeline, as a user runs it: `dvc repro` in a fresh copy of the repository.
+
+Also proves the two tools that need different antlr versions both work from one set-up:
+`dvc exp run -S ...` (hydra, antlr 4.9, in DVC's own environment) and
+`dagster asset materialize --select '*'` (antlr 4.13, in the project environment).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_raw_params
+
+pytestmark = pytest.mark.slow
+MODELS = ["enhanced_pan", "unet_cbam"]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-5000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    """Tracked files of the repository in a new git repo, with tiny params."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(("dvc.lock", "reports/", "data/")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(models=MODELS)))
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DAGSTER_HOME": str(root / ".dagster_home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+    }
+    (root / ".dagster_home").mkdir()
+    shutil.copy(root / "pipeline/dagster.yaml", root / ".dagster_home/dagster.yaml")
+    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
+    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
+        sh(cmd, root, env)
+    sh(["dvc", "repro"], root, env)
+    return root, env
+
+
+def test_repro_leaves_every_output(repo_copy):
+    root, env = repo_copy
+    assert (root / "dvc.lock").is_file()
+    for model in MODELS:
+        assert (root / f"models/{model}/model.safetensors").is_file()
+        metrics = json.loads((root / f"reports/metrics/{model}.json").read_text())
+        for key in ("fg_iou", "miou", "dice", "pixel_accuracy"):
+            assert metrics[key] is None or 0 <= metrics[key] <= 1
+        assert metrics["pixel_accuracy"] > 0.5
+    comparison = (root / "reports/comparison.csv").read_text().splitlines()
+    assert len(comparison) == 1 + len(MODELS)
+    html = (root / "reports/report.html").read_text()
+    assert all(f'id="{s}"' in html for s in ("data", "training", "comparison", "lineage"))
+
+
+def test_model_is_registered_with_alias_and_lineage(repo_copy):
+    root, env = repo_copy
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        from liverseg import tracking
+
+        client = tracking.mlflow().MlflowClient()
+        version = client.get_model_version_by_alias("liverseg", "champion")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    raw_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert version.tags["data_raw_md5"] == raw_md5
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                            text=True).stdout.strip()
+    assert version.tags["git_commit"] == commit
+
+
+def test_second_repro_is_a_no_op_and_dvc_reads_metrics_and_plots(repo_copy):
+    root, env = repo_copy
+    assert "up to date" in sh(["dvc", "repro"], root, env)
+    assert "fg_iou" in sh(["dvc", "metrics", "show"], root, env)
+    sh(["dvc", "plots", "show", "-o", str(root / "dvc_plots")], root, env)
+    assert (root / "dvc_plots/index.html").is_file()
+
+
+def test_dagster_materialize_all_runs_the_dvc_stages(repo_copy):
+    root, env = repo_copy
+    out = sh(["dagster", "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"],
+             root, env)
+    assert "RUN_SUCCESS" in out
+    assert "up to date" in sh(["dvc", "status"], root, env)
+
+
+def test_dvc_exp_run_with_a_param_override(repo_copy):
+    root, env = repo_copy
+    sh(["dvc", "exp", "run", "-S", "evaluate.threshold=0.4"], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["threshold"] == 0.4
+    assert "0.4" in sh(["dvc", "exp", "show", "--no-pager", "--csv"], root, env)

@@ -1,0 +1,219 @@
+"""Tests for the report stage, on a small but real-format set of upstream outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from liverseg.stages import report
+
+MODELS = ["enhanced_pan", "unet_cbam"]
+SIZE = 64
+FIGURES = ["fg_fraction.png", "samples.png", "visual.png", "overlay.png", "iou_distribution.png",
+           *(f"training_{m}.png" for m in MODELS)]
+
+
+def make_params(models: list[str]):
+    """Real Params; the model-name validator imports the model registry (torch), so fall back
+    to an unvalidated instance if that registry cannot be imported here."""
+    from liverseg.config import Params
+
+    try:
+        return Params(models=models)
+    except Exception:  # registry under construction / torch missing
+        return Params.model_construct(models=models)
+
+
+def disc(cx: int, cy: int, r: int) -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8) * 255
+
+
+def write_slices(raw: Path, split: str, patients: list[str], rng) -> pd.DataFrame:
+    (raw / "images").mkdir(parents=True, exist_ok=True)
+    (raw / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in patients:
+        for k in range(3):
+            sid = f"{p}_{k:04d}"
+            mask = disc(20 + 8 * k, 30, 6 + 2 * k) if k != 2 else np.zeros((SIZE, SIZE), np.uint8)
+            image = rng.integers(0, 120, (SIZE, SIZE), dtype=np.uint8) + (mask // 3)
+            Image.fromarray(image).save(raw / "images" / f"{sid}.png")
+            Image.fromarray(mask).save(raw / "masks" / f"{sid}.png")
+            rows.append([sid, p, k, f"images/{sid}.png", f"masks/{sid}.png",
+                         float((mask > 127).mean())])
+    return pd.DataFrame(rows, columns=report.SPLIT_COLUMNS)
+
+
+def per_image_rows(truths: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> pd.DataFrame:
+    rows = []
+    for sid, t in truths.items():
+        p = preds[sid] > 0
+        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+        den = tp + fp + fn
+        rows.append({"slice_id": sid, "fg_iou": tp / den if den else float("nan"), "tp": tp,
+                     "fp": fp, "fn": fn, "truth_pixels": int(t.sum())})
+    return pd.DataFrame(rows)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def metrics_row(model: str, i: int) -> dict:
+    return {"model": model, "fg_iou": 0.71 - 0.1 * i, "bg_iou": 0.98, "miou": 0.845 - 0.05 * i,
+            "dice": 0.83, "precision": None if i else 0.81, "recall": 0.79,
+            "pixel_accuracy": 0.981, "per_image_fg_iou_mean": 0.66, "n_images": 6,
+            "n_empty_both": 1, "n_parameters": 123456 * (i + 1), "images_per_second": 42.5,
+            "best_epoch": 3, "threshold": 0.5, "aggregation": "global"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("report")
+    raw, splits, reports = root / "data/raw", root / "data/splits", root / "reports"
+    splits.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames = {"train": write_slices(raw, "train", ["p01", "p02"], rng),
+              "val": write_slices(raw, "val", ["p03", "p04"], rng)}
+    stats = {"mean": 0.2, "std": 0.1, "seed": 42, "leakage_checked": True}
+    for name, frame in frames.items():
+        frame.to_csv(splits / f"{name}.csv", index=False)
+        stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
+                       "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
+    write_json(splits / "stats.json", stats)
+    write_json(reports / "validation.json", {
+        "success": False, "ingested": 13, "accepted": 12, "quarantined": 1,
+        "quarantine": {"p05_0000": ["mask is binary (0/255)"]},
+        "rules": [{"rule": "image file exists", "expectation": "expect_column_values_to_be_in_set",
+                   "success": True, "failing_slices": []},
+                  {"rule": "mask is binary (0/255)",
+                   "expectation": "expect_column_values_to_be_in_set", "success": False,
+                   "failing_slices": ["p05_0000"]}]})
+
+    val = frames["val"]
+    truths = {r.slice_id: np.asarray(Image.open(raw / r.mask)) > 127 for r in val.itertuples()}
+    rows = []
+    for i, model in enumerate(MODELS):
+        epochs = np.arange(1, 6)
+        pd.DataFrame({"epoch": epochs, "train_loss": 1 / epochs, "train_fg_iou": 0.1 * epochs,
+                      "train_miou": 0.5 + 0.05 * epochs,
+                      "train_pixel_accuracy": 0.9 + 0.01 * epochs,
+                      "val_loss": 1.2 / epochs, "val_fg_iou": 0.09 * epochs,
+                      "val_miou": 0.5 + 0.04 * epochs, "val_pixel_accuracy": 0.9 + 0.008 * epochs,
+                      "lr": 1e-3}).to_csv(_mk(reports / "training" / f"{model}.csv"), index=False)
+        # Shift each model's prediction differently so the per-image IoUs vary; store the
+        # predictions at 32x32 so the report has to resize them to the 64x64 image size.
+        preds = {sid: np.roll(t, 2 * (i + 1) + k % 3, axis=1).astype(np.uint8)
+                 for k, (sid, t) in enumerate(truths.items())}
+        small = np.stack([np.asarray(Image.fromarray(p * 255).resize((32, 32), Image.NEAREST)) > 0
+                          for p in preds.values()]).astype(np.uint8)
+        np.savez_compressed(_mk(reports / "predictions" / f"{model}.npz"),
+                            slice_id=np.array(list(preds), dtype=str), masks=small)
+        per_image_rows(truths, preds).to_csv(_mk(reports / "per_image" / f"{model}.csv"),
+                                             index=False)
+        metrics = metrics_row(model, i)
+        write_json(reports / "metrics" / f"{model}.json", metrics)
+        rows.append({k: metrics[k] for k, _, _ in report.COMPARISON_COLUMNS})
+    rows[1]["precision"] = float("nan")  # compare writes NaN (not null) for undefined values
+    (reports / "comparison.json").write_text(json.dumps({
+        "rank_by": "fg_iou", "best_model": MODELS[0], "best_score": 0.71,
+        "margin_over_next": 0.1, "models": rows}))
+    write_json(reports / "registry.json", {
+        "registered_model": "liverseg", "version": 3, "alias": None,
+        "quality_gate": "failed: fg_iou 0.4100 < 0.5", "model": MODELS[0], "run_id": "abc123",
+        "tags": {"git_commit": "deadbeef", "git_dirty": "true", "data_raw_md5": "r1.dir",
+                 "data_manifest_md5": "m1", "data_splits_md5": "s1.dir",
+                 "params_hash": "0123456789abcdef", "validation_success": "false",
+                 "note": "<b>escaped</b>"}})
+
+    params = make_params(MODELS)
+    summary = report.run(params, raw_dir=raw, splits_dir=splits, reports_dir=reports)
+    return {"root": root, "raw": raw, "splits": splits, "reports": reports, "params": params,
+            "summary": summary, "html": (reports / "report.html").read_text()}
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_html_has_every_section_in_order(workspace):
+    html = workspace["html"]
+    positions = [html.find(f'<section id="{s}">') for s in
+                 ("data", "training", "comparison", "visual", "lineage")]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions)
+
+
+def test_html_is_self_contained(workspace):
+    html = workspace["html"]
+    assert html.count("data:image/png;base64,") == len(FIGURES)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "@import" not in html and "url(" not in html
+    assert "&lt;b&gt;escaped&lt;/b&gt;" in html  # autoescape is on for report.html.j2
+
+
+def test_paper_numbers_only_in_paper_table(workspace):
+    html = workspace["html"]
+    start = html.index('<table id="paper-table">')
+    paper = html[start:html.index("</table>", start)]
+    assert html.count("0.9323") == 1 and "0.9323" in paper
+    ours = html[html.index('<table id="comparison-table">'):start]
+    assert "PAN (Enhanced, proposed)" not in ours
+    assert "Reported by the paper on its own data (not comparable)" in html
+
+
+def test_content(workspace):
+    html = workspace["html"]
+    assert "n/a" in html  # null precision (metrics) and NaN precision (comparison)
+    assert "no alias: gate failed" in html
+    assert "git checkout deadbeef &amp;&amp; dvc pull &amp;&amp; dvc repro" in html
+    assert "p05_0000" in html  # quarantine table
+    for role in ("best", "median", "worst"):
+        assert f"<td>{role}</td>" in html
+
+
+def test_figures_on_disk_match_embedded(workspace):
+    reports, html = workspace["reports"], workspace["html"]
+    for name in FIGURES:
+        png = (reports / "figures" / name).read_bytes()
+        assert png.startswith(b"\x89PNG")
+        assert base64.b64encode(png).decode() in html
+    assert workspace["summary"]["figures"] == len(FIGURES)
+    assert len(html.encode()) < 3_000_000
+
+
+def test_markdown(workspace):
+    md = (workspace["reports"] / "report.md").read_text()
+    for model in MODELS:
+        assert model in md
+        assert f"(figures/training_{model}.png)" in md
+    assert "## 5. Lineage" in md and "0.9323" in md
+
+
+def test_missing_training_csv_names_the_file(workspace, tmp_path):
+    reports = tmp_path / "reports"
+    shutil.copytree(workspace["reports"], reports)
+    missing = reports / "training" / f"{MODELS[1]}.csv"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        report.run(workspace["params"], raw_dir=workspace["raw"], splits_dir=workspace["splits"],
+                   reports_dir=reports)
+
+
+def test_report_module_does_not_import_heavy_stacks():
+    code = ("import sys, liverseg.stages.report; "
+            "print(sorted({'torch', 'dagster', 'mlflow', 'dvc'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
