@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -28,9 +29,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merge(base[key], value) if both_dicts else value
+    return out
+
+
 def tiny_raw_params(**overrides) -> dict:
-    """params.yaml content for a tiny, fast pipeline (64 px, 6 patients)."""
-    raw = {
+    """The repository's params.yaml shrunk to a tiny, fast pipeline (64 px, 6 patients).
+
+    Every section stays present: DVC refuses a stage whose params section is missing.
+    """
+    tiny = {
         "seed": 7,
         "data": {"phantom": {"patients": 6, "slices_per_patient": 4, "size": 64}},
         "split": {"val_fraction": 0.34},
@@ -39,9 +51,8 @@ def tiny_raw_params(**overrides) -> dict:
         "evaluate": {"batch_size": 4},
         "register": {"min_fg_iou": 0.0},
     }
-    for key, value in overrides.items():
-        raw[key] = value
-    return raw
+    repo_params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return _merge(_merge(repo_params, tiny), overrides)
 
 
 @pytest.fixture
