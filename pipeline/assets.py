@@ -1,6 +1,6 @@
 """One asset per DVC stage (matrix items included); materialising it runs that stage."""
 
-
+# No `from __future__ import annotations`: Dagster inspects the `context` type hint at runtime.
 import json
 from pathlib import Path
 

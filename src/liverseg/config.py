@@ -79,6 +79,7 @@ class TrainParams(Strict):
 class EvaluateParams(Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(1000, ge=0)  # resamples for 95% CIs over images; 0 = none
 
 
 class CompareParams(Strict):
@@ -88,7 +89,11 @@ class CompareParams(Strict):
 class RegisterParams(Strict):
     model_name: str = "liverseg"
     alias: str = "champion"
+    challenger_alias: str = "challenger"
     min_fg_iou: float = Field(0.5, ge=0, le=1)
+    min_dice: float = Field(0.0, ge=0, le=1)
+    # The candidate must beat the current champion by this much (same validation split).
+    min_improvement: float = Field(0.0, ge=0)
 
 
 class ScheduleParams(Strict):

@@ -88,9 +88,9 @@ class SegmentationModel(nn.Module):
     """Wraps a registry network; pads the input, runs the net, crops the logits back.
 
     Padding is zero padding at the bottom/right, up to ``max(min_size, ceil(. / divisor))``.
-    Zero rather than reflect: CT slices are windowed so that air is ~0, so zeros look like the
-    air around the body, whereas reflection would mirror anatomy (liver) into the border; it
-    also works when the pad exceeds the image (reflect cannot pad 32 px up to 128).
+    Zero rather than reflect: reflection would mirror anatomy (liver) into the border, and it
+    cannot pad beyond the image (32 px up to 128). Inputs are normalised, so zero is the
+    training mean intensity rather than air: a featureless border, not a fake organ.
     """
 
     def __init__(self, name: str, net: nn.Module, min_size: int = 32, divisor: int = 32):

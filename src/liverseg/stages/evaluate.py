@@ -69,8 +69,8 @@ def run(
         "images_per_second": len(per_image) / seconds if seconds > 0 else math.nan,
         "best_epoch": config.get("best_epoch"),
         "threshold": params.evaluate.threshold,
-        "aggregation": "global: pixels pooled over the validation split; per_image_*: mean "
-                       "over slices, NaN (excluded) where truth and prediction are both empty",
+        # Stated in the file itself (full definitions: liverseg.metrics and the README).
+        "aggregation": "global=pooled pixels; per_image=mean, empty-both excluded",
     }
     metrics = {"model": model_name} | nan_to_none(metrics)
     write_json(reports_dir / "metrics" / f"{model_name}.json", metrics)
