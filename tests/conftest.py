@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+E2E_MODELS = ["enhanced_pan", "unet_cbam"]
 
 
 @pytest.fixture
@@ -79,3 +83,38 @@ def split_data(workdir, tiny_params):
     validate.run(tiny_params)
     split.run(tiny_params)
     return workdir
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-5000:]}"
+    return output
+
+
+@pytest.fixture(scope="session")
+def repo_copy(tmp_path_factory):
+    """Tracked files of the repository in a new git repo, tiny params, after `dvc repro`.
+
+    Session-scoped: the end-to-end, browser and other whole-pipeline tests share one run.
+    """
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith(("dvc.lock", "reports/", "data/")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(models=E2E_MODELS)))
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DAGSTER_HOME": str(root / ".dagster_home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+    }
+    (root / ".dagster_home").mkdir()
+    shutil.copy(root / "pipeline/dagster.yaml", root / ".dagster_home/dagster.yaml")
+    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
+    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
+        sh(cmd, root, env)
+    sh(["dvc", "repro"], root, env)
+    return root, env

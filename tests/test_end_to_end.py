@@ -7,50 +7,15 @@ Also proves the two tools that need different antlr versions both work from one 
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_raw_params
+from tests.conftest import E2E_MODELS as MODELS
+from tests.conftest import sh
 
 pytestmark = pytest.mark.slow
-MODELS = ["enhanced_pan", "unet_cbam"]
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-5000:]}"
-    return output
-
-
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory):
-    """Tracked files of the repository in a new git repo, with tiny params."""
-    root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith(("dvc.lock", "reports/", "data/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(models=MODELS)))
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DAGSTER_HOME": str(root / ".dagster_home"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-    }
-    (root / ".dagster_home").mkdir()
-    shutil.copy(root / "pipeline/dagster.yaml", root / ".dagster_home/dagster.yaml")
-    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
-    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
-        sh(cmd, root, env)
-    sh(["dvc", "repro"], root, env)
-    return root, env
 
 
 def test_repro_leaves_every_output(repo_copy):

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -30,18 +37,88 @@ class PhantomParams(Strict):
     noise_hu: float = Field(12.0, ge=0)
 
 
+class FolderParams(Strict):
+    """Two folders of 2D slices (also what `archive` and `kaggle` are unpacked into)."""
+
+    images: str = "images"  # sub-folder of data.path with the images
+    masks: str = "masks"  # ... and with the masks
+    image_glob: str = "*"
+    mask_glob: str = "*"
+    # Matched case-insensitively, so `.JPG` and `.jpg` both count.
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"]
+    mask_suffix: str = ""  # mask stem = image stem + suffix (e.g. "_mask")
+    # Searched in the file stem; group `patient` is required, `slice` optional.
+    patient_regex: str = r"(?P<patient>[^_]+)_(?P<slice>\d+)$"
+    # Label value -> 0/1; null: masks are 0/1 or 0/255 (JPEG noise tolerated).
+    mask_mapping: dict[int, Literal[0, 1]] | None = None
+    mask_threshold: int = Field(127, ge=0, le=254)
+    max_ambiguous_fraction: float = Field(0.05, ge=0, le=1)
+    # 16-bit input: window mapped to 0..255; null = each image's own min..max.
+    high_bit_window: tuple[float, float] | None = None
+
+    @field_validator("patient_regex")
+    @classmethod
+    def _has_patient_group(cls, value: str) -> str:
+        import re
+
+        if "patient" not in re.compile(value).groupindex:
+            raise ValueError(f"{value!r} has no (?P<patient>...) group")
+        return value
+
+
+class ArchiveParams(Strict):
+    max_total_mb: float = Field(4096, gt=0)  # uncompressed; refuses absurd (bomb) archives
+    max_members: int = Field(200_000, ge=1)
+
+
+class NiftiParams(Strict):
+    window: tuple[float, float] = (-200.0, 250.0)  # HU mapped to 0..255
+    slices: Literal["all", "organ", "tumour"] = "organ"  # which slices become samples
+    empty_fraction: float = Field(0.0, ge=0, le=1)  # of the other slices, kept (seeded)
+
+
+class KaggleParams(Strict):
+    slug: str = "robintrmbtt/data-unet"
+    version: int | None = None  # null = latest; pin it for reproducible runs
+    cache_dir: str = "~/.cache/liverseg/kaggle"
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+
 class DataParams(Strict):
-    source: Literal["phantom"] = "phantom"
+    source: Literal["phantom", "folder", "archive", "nifti", "kaggle"] = "phantom"
+    path: str | None = None  # folder, archive file or NIfTI folder (not used by phantom/kaggle)
     target: Literal["tumour", "liver"] = "tumour"
+    max_pixels: int = Field(40_000_000, ge=1024)  # per image; larger is refused as a bomb
     phantom: PhantomParams = PhantomParams()
+    folder: FolderParams = FolderParams()
+    archive: ArchiveParams = ArchiveParams()
+    nifti: NiftiParams = NiftiParams()
+    kaggle: KaggleParams = KaggleParams()
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.source in ("folder", "archive", "nifti") and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source}")
+        return self
 
 
 class ValidateParams(Strict):
-    max_quarantine_fraction: float = Field(0.1, ge=0, le=1)
+    policy: Literal["fail", "quarantine"] = "quarantine"
+    max_quarantine_fraction: float = Field(0.1, ge=0, le=1)  # above it `quarantine` fails too
+    fg_fraction: tuple[float, float] = (0.0, 0.9)  # allowed foreground fraction per mask
+    image_mean: tuple[float, float] = (2.0, 253.0)  # allowed mean grey value (0..255)
+    min_image_std: float = Field(1.0, ge=0)  # below it the image is blank
 
 
 class SplitParams(Strict):
-    val_fraction: float = Field(0.25, gt=0, lt=1)
+    val_fraction: float = Field(0.25, gt=0, lt=1)  # of the patients
+    test_fraction: float = Field(0.0, ge=0, lt=1)  # 0: no test split (test.csv is empty)
+
+    @model_validator(mode="after")
+    def _leaves_train(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave patients for train")
+        return self
 
 
 class EnhancedPanParams(Strict):
@@ -71,8 +148,8 @@ class TrainParams(Strict):
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
-    # The paper trains with binary cross-entropy alone ("bce"). With ~1% tumour pixels that
-    # collapses to all-background in a short CPU run, so Dice is added by default.
+    # The paper trains with binary cross-entropy alone ("bce"); with ~1% tumour pixels the
+    # default adds soft Dice, the usual answer to that imbalance.
     loss: Literal["bce", "bce_dice"] = "bce_dice"
 
 
