@@ -81,3 +81,48 @@ def test_leakage_check_catches_a_shared_patient():
     b = pd.DataFrame({"patient_id": ["p2"]})
     with pytest.raises(LeakageError, match="p2"):
         check_no_leakage({"train": a, "val": b})
+
+
+def test_leakage_check_catches_identical_image_content():
+    a = pd.DataFrame({"patient_id": ["p1"], "image_sha256": ["abc"]})
+    b = pd.DataFrame({"patient_id": ["p2"], "image_sha256": ["abc"]})
+    with pytest.raises(LeakageError, match="image content abc"):
+        check_no_leakage({"train": a, "val": b})
+
+
+def test_assign_patients_stratifies_and_fills_a_test_split():
+    patients = [f"p{i:02d}" for i in range(20)]
+    positive = {p: i < 8 for i, p in enumerate(patients)}  # 8 with tumour, 12 without
+    side = split.assign_patients(patients, 0.25, 1, test_fraction=0.25, strata=positive)
+    counts = pd.Series(side).value_counts().to_dict()
+    assert counts == {"train": 10, "val": 5, "test": 5}
+    for name in ("train", "val", "test"):  # every split gets positives and negatives
+        members = [p for p, s in side.items() if s == name]
+        assert 0 < sum(positive[p] for p in members) < len(members), name
+    assert side == split.assign_patients(patients, 0.25, 1, 0.25, positive)
+    with pytest.raises(ValueError, match="cannot fill"):
+        split.assign_patients(patients[:2], 0.5, 1, test_fraction=0.5)
+
+
+def test_msd_split_keeps_volumes_apart_and_a_slice_split_leaks(shared_data, workdir):
+    from liverseg.config import parse_params
+
+    p = parse_params({"seed": 11, "data": {"source": "folder", "target": "liver",
+                                           "path": str(shared_data / "msd-liver-slices")},
+                      "split": {"val_fraction": 0.2, "test_fraction": 0.1}})
+    ingest.run(p)
+    validate.run(p)
+    assert split.run(p)["test"] > 0
+    frames = {n: pd.read_csv(workdir / f"data/splits/{n}.csv", dtype={"patient_id": str})
+              for n in ("train", "val", "test")}
+    volumes = [set(f.patient_id) for f in frames.values()]
+    assert not (volumes[0] & volumes[1] or volumes[0] & volumes[2] or volumes[1] & volumes[2])
+    assert sum(len(f) for f in frames.values()) == 527
+    assert all("id" in f and f.id.equals(f.slice_id) for f in frames.values())
+    stats = json.loads((workdir / "data/splits/stats.json").read_text())
+    assert stats["leakage_checked"] and stats["grouped_by"] == "patient"
+    # A slice-level random split puts flipped/mirrored slices of one volume on both sides.
+    everything = pd.concat(frames.values()).sample(frac=1, random_state=0)
+    naive = {"train": everything.iloc[:400], "val": everything.iloc[400:]}
+    with pytest.raises(LeakageError, match="patient .* is in both"):
+        check_no_leakage(naive)

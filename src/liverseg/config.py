@@ -113,6 +113,9 @@ class ValidateParams(Strict):
 class SplitParams(Strict):
     val_fraction: float = Field(0.25, gt=0, lt=1)  # of the patients
     test_fraction: float = Field(0.0, ge=0, lt=1)  # 0: no test split (test.csv is empty)
+    # patient: no patient in two splits. slab: for data with too few patients (one LiTS
+    # volume), contiguous slice ranges per patient (train first, then val, then test).
+    group_by: Literal["patient", "slab"] = "patient"
 
     @model_validator(mode="after")
     def _leaves_train(self):

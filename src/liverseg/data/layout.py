@@ -2,33 +2,98 @@
 
     data/raw/images/<slice_id>.png   8-bit grayscale CT slice (windowed)
     data/raw/masks/<slice_id>.png    8-bit binary mask, 0 background / 255 foreground
-    data/raw/slices.csv              one row per slice: slice_id, patient_id, source,
-                                     slice_index, image, mask (paths relative to data/raw)
+    data/raw/slices.csv              one row per source item: INDEX_COLUMNS + FACT_COLUMNS
 
-`slice_id` is `<patient_id>_<slice_index:04d>`, so the patient is recoverable from a file
-name alone; the CSV states it explicitly so no stage has to parse names.
+`slice_id` is unique and file-name safe: `<patient_id>_<slice_index:04d>` for volumes and
+the phantom, the (sanitised) file stem for 2D sources. Items that could not become a slice
+(an image without a mask, an undecodable file, a mask whose values are not allowed) are
+rows too, with empty `image`/`mask` where nothing was written and the facts saying why:
+the validate stage turns them into quarantine entries, so nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from liverseg.io import save_png
 
 INDEX_NAME = "slices.csv"
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
+# Facts about the source item, recorded at ingest (the only stage that sees the source).
+FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
+                "paired", "image_decodable", "mask_decodable", "mask_values_allowed",
+                "ingest_detail"]
 
 
 def slice_id(patient_id: str, slice_index: int) -> str:
     return f"{patient_id}_{slice_index:04d}"
 
 
+def safe_stem(name: str) -> str:
+    """A file-name-safe id for `name`; a short hash keeps non-ASCII names distinct."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slice"
+    if safe != name:
+        safe += "-" + hashlib.sha1(name.encode()).hexdigest()[:6]
+    return safe
+
+
+class SliceWriter:
+    """Writes slices into a layout directory and collects the index rows."""
+
+    def __init__(self, out_dir: Path, source: str):
+        self.out_dir, self.source = Path(out_dir), source
+        (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "masks").mkdir(exist_ok=True)
+        self.rows: list[dict] = []
+        self.ids: set[str] = set()
+
+    def _unique(self, sid: str) -> str:
+        base, n = sid, 1
+        while sid in self.ids:  # e.g. two train/ and test/ folders with the same names
+            n += 1
+            sid = f"{base}-{n}"
+        self.ids.add(sid)
+        return sid
+
+    def add(self, sid: str, patient_id: str | None, slice_index: int,
+            image: np.ndarray | None, mask: np.ndarray | None, **facts) -> str:
+        """One item; `image`/`mask` None when they could not be produced (facts say why)."""
+        sid = self._unique(sid)
+        row = {"slice_id": sid, "patient_id": patient_id or "", "source": self.source,
+               "slice_index": slice_index, "image": "", "mask": ""}
+        if image is not None:
+            row["image"] = f"images/{sid}.png"
+            save_png(self.out_dir / row["image"], image)
+        if mask is not None:
+            row["mask"] = f"masks/{sid}.png"
+            save_png(self.out_dir / row["mask"], mask.astype(np.uint8) * 255
+                     if mask.dtype == bool else mask)
+        defaults = {"paired": True, "image_decodable": True, "mask_decodable": True,
+                    "mask_values_allowed": True, "ingest_detail": ""}
+        self.rows.append(row | defaults | facts)
+        return sid
+
+    def index(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=INDEX_COLUMNS + FACT_COLUMNS)
+
+
 def read_index(raw_dir: str | Path) -> pd.DataFrame:
     path = Path(raw_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: slice index missing; run `liverseg ingest` first")
-    index = pd.read_csv(path, dtype={"patient_id": str, "slice_id": str})
+    index = pd.read_csv(path, dtype={"patient_id": str, "slice_id": str, "image": str,
+                                     "mask": str}, keep_default_na=False,
+                        na_values={"patient_id": [""]})
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected {INDEX_COLUMNS}")
+    for col in FACT_COLUMNS:  # an index written by an older ingest has no facts: all fine
+        if col not in index:
+            index[col] = True if col in ("paired", "image_decodable", "mask_decodable",
+                                         "mask_values_allowed") else ""
     return index

@@ -1,7 +1,10 @@
-"""split: patient-grouped, seeded train/validation split of the accepted slices.
+"""split: patient-grouped, tumour-stratified, seeded train/val/test split of accepted slices.
 
-No patient has slices on both sides (asserted, not assumed). The train split's pixel
-mean and standard deviation are saved so every later stage normalises the same way.
+No patient and no identical image content is in two splits (checked, not assumed: the
+stage fails otherwise). Patients are stratified by whether any of their slices has
+foreground, so every split gets its share of positive patients where there are enough.
+The train split's pixel mean and standard deviation are saved so every later stage
+normalises the same way.
 """
 
 from __future__ import annotations
@@ -15,27 +18,73 @@ import pandas as pd
 from liverseg.config import Params
 from liverseg.io import atomic_dir, load_gray, write_json
 
+SPLITS = ("train", "val", "test")
+COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
+           "image_sha256"]
 
-class LeakageError(AssertionError):
-    """A patient appears in more than one split."""
+
+class LeakageError(AssertionError, ValueError):  # ValueError: the CLI prints it cleanly
+    """A patient, or identical image content, appears in more than one split."""
 
 
-def assign_patients(patients: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Shuffle patients with the seed; the first ceil(fraction * n) go to validation."""
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Patients for val and test: ceil(fraction * n), at least 1 each, train keeps >= 1."""
+    n_val = max(1, math.ceil(val_fraction * n))
+    n_test = max(1, math.ceil(test_fraction * n)) if test_fraction > 0 else 0
+    if n_val + n_test > n - 1:
+        raise ValueError(f"{n} patients cannot fill train, val ({val_fraction}) and test "
+                         f"({test_fraction}); need at least {n_val + n_test + 1}")
+    return n_val, n_test
+
+
+def assign_patients(patients: list[str], val_fraction: float, seed: int,
+                    test_fraction: float = 0.0, strata: dict[str, bool] | None = None
+                    ) -> dict[str, str]:
+    """Patient -> split. Within each stratum patients are shuffled with the seed and spread
+    evenly over one ordering; val takes its head, test the next part, train the rest."""
     if len(patients) < 2:
-        raise ValueError(f"need at least 2 patients to split, got {len(patients)}: {patients}")
-    order = np.random.default_rng(seed).permutation(sorted(patients))
-    n_val = min(max(1, math.ceil(val_fraction * len(order))), len(order) - 1)
-    return {p: ("val" if i < n_val else "train") for i, p in enumerate(order)}
+        raise ValueError(f"need at least 2 patients to split, got {len(patients)}: {patients}; "
+                         "for a single volume use split.group_by=slab")
+    n_val, n_test = split_sizes(len(patients), val_fraction, test_fraction)
+    rng = np.random.default_rng(seed)
+    strata = strata or {}
+    position = {}
+    for stratum in sorted({strata.get(p, False) for p in patients}):
+        members = rng.permutation(sorted(p for p in patients if strata.get(p, False) == stratum))
+        offset = rng.uniform()
+        position |= {p: (i + offset) / len(members) for i, p in enumerate(members)}
+    order = sorted(patients, key=lambda p: (position[p], p))
+    return {p: ("val" if i < n_val else "test" if i < n_val + n_test else "train")
+            for i, p in enumerate(order)}
 
 
-def check_no_leakage(splits: dict[str, pd.DataFrame]) -> None:
-    seen: dict[str, str] = {}
-    for name, frame in splits.items():
-        for patient in frame["patient_id"].unique():
-            if patient in seen:
-                raise LeakageError(f"patient {patient} is in both {seen[patient]} and {name}")
-            seen[patient] = name
+def assign_slabs(frame: pd.DataFrame, val_fraction: float, test_fraction: float) -> pd.Series:
+    """Per patient, contiguous slice ranges: train first, then val, then test (the
+    reference split of a single volume). Neighbouring slices still correlate across a
+    boundary: a weaker guarantee than patient grouping, stated in stats.json."""
+    side = pd.Series("train", index=frame.index)
+    for _, rows in frame.groupby("patient_id"):
+        order = rows.sort_values(["slice_index", "slice_id"]).index
+        n_val, n_test = split_sizes(len(order), val_fraction, test_fraction)
+        n_train = len(order) - n_val - n_test
+        side[order[n_train:n_train + n_val]] = "val"
+        side[order[n_train + n_val:]] = "test"
+    return side
+
+
+def check_no_leakage(splits: dict[str, pd.DataFrame], group: str = "patient_id") -> None:
+    """Raise if a group (patient, or slice in slab mode) or identical image content (when
+    hashes are given) is in two splits."""
+    what_group = {"patient_id": "patient"}.get(group, group)
+    for key, what in ((group, what_group), ("image_sha256", "image content")):
+        seen: dict[str, str] = {}
+        for name, frame in splits.items():
+            if key not in frame:
+                continue
+            for value in frame[key].dropna().unique():
+                if value in seen and seen[value] != name:
+                    raise LeakageError(f"{what} {value} is in both {seen[value]} and {name}")
+                seen[value] = name
 
 
 def pixel_stats(raw_dir: Path, images: pd.Series) -> tuple[float, float]:
@@ -56,16 +105,25 @@ def run(
 ) -> dict:
     manifest = pd.read_parquet(manifest_path)
     accepted = manifest[manifest["accepted"]]
-    side = assign_patients(list(accepted["patient_id"].unique()), params.split.val_fraction,
-                           params.seed)
-    columns = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction"]
-    splits = {name: accepted[accepted["patient_id"].map(side) == name][columns]
-              for name in ("train", "val")}
-    check_no_leakage(splits)
-    assert sum(len(f) for f in splits.values()) == len(accepted), "split lost slices"
+    if "id" not in accepted:  # a manifest from before the contract named it
+        accepted = accepted.assign(id=accepted["slice_id"])
+    cfg = params.split
+    if cfg.group_by == "slab":
+        side = assign_slabs(accepted, cfg.val_fraction, cfg.test_fraction)
+    else:
+        positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
+        by_patient = assign_patients(list(accepted["patient_id"].unique()), cfg.val_fraction,
+                                     params.seed, cfg.test_fraction, strata=positive)
+        side = accepted["patient_id"].map(by_patient)
+    splits = {name: accepted[side == name][COLUMNS] for name in SPLITS}
+    check_no_leakage(splits, "patient_id" if cfg.group_by == "patient" else "slice_id")
+    if sum(len(f) for f in splits.values()) != len(accepted):
+        raise AssertionError("split lost slices")
 
     mean, std = pixel_stats(Path(raw_dir), splits["train"]["image"])
-    stats = {"mean": mean, "std": std, "seed": params.seed, "leakage_checked": True}
+    stats = {"mean": mean, "std": std, "seed": params.seed, "leakage_checked": True,
+             "grouped_by": cfg.group_by,
+             "stratified_by": "patient has foreground" if cfg.group_by == "patient" else None}
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
@@ -73,4 +131,4 @@ def run(
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
         write_json(tmp / "stats.json", stats)
-    return {name: stats[name]["slices"] for name in splits} | {"mean": mean, "std": std}
+    return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}

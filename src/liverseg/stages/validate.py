@@ -1,8 +1,11 @@
-"""validate: describe every ingested slice in a manifest and check it with great-expectations.
+"""validate: describe every ingested item in a manifest and check it with great-expectations.
 
-Rows that break an expectation are quarantined (kept in the manifest with `accepted=False`
-and the rule they broke), never dropped. The stage fails when more than
-`validate.max_quarantine_fraction` of the slices are quarantined. Counts reconcile:
+One manifest row per item the source offered (slices, and items ingest could not turn into
+a slice). Rows that break an expectation are quarantined: kept in the manifest with
+`accepted=False` and the rules they broke, listed in `data/quarantine.csv` (path, rule,
+detail; the path is the user's source file), never dropped. Policy `fail` stops at the
+first bad row instead, listing every failing file and rule; `quarantine` still fails when
+more than `validate.max_quarantine_fraction` of the items are bad. Counts reconcile:
 ingested = accepted + quarantined.
 """
 
@@ -14,29 +17,35 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from liverseg.config import Params
+from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
 from liverseg.io import atomic_path, load_gray, sha256_file, write_json
 
+QUARANTINE_COLUMNS = ["path", "rule", "detail", "slice_id"]
 
-class ValidationFailed(RuntimeError):
-    """Too many slices broke the suite; the message names them."""
+
+class ValidationFailed(RuntimeError, ValueError):  # ValueError: the CLI prints it cleanly
+    """The suite failed under the configured policy; the message names files and rules."""
 
 
 def describe_slice(raw_dir: Path, row: pd.Series) -> dict:
-    """Facts about one image/mask pair, read from the files themselves."""
-    image_path, mask_path = raw_dir / row["image"], raw_dir / row["mask"]
-    facts = {"image_exists": image_path.is_file(), "mask_exists": mask_path.is_file()}
+    """Facts about one written image/mask pair, read from the files themselves."""
+    image_path = raw_dir / row["image"] if row["image"] else None
+    mask_path = raw_dir / row["mask"] if row["mask"] else None
+    # None (not checked) where ingest wrote no file: the rule it broke there says why.
+    unexplained = False if not row["ingest_detail"] else None
+    facts = {"image_exists": image_path.is_file() if image_path else unexplained,
+             "mask_exists": mask_path.is_file() if mask_path else unexplained}
     if facts["image_exists"]:
         image = load_gray(image_path)
         facts |= {"image_sha256": sha256_file(image_path), "height": image.shape[0],
-                  "width": image.shape[1], "image_dtype": str(image.dtype)}
+                  "width": image.shape[1], "image_mean": float(image.mean()),
+                  "image_std": float(image.std())}
     if facts["mask_exists"]:
         mask = load_gray(mask_path)
-        values = np.unique(mask)
         facts |= {"mask_sha256": sha256_file(mask_path), "mask_height": mask.shape[0],
                   "mask_width": mask.shape[1],
-                  "mask_values": ",".join(str(v) for v in values),
+                  "mask_values": ",".join(str(v) for v in np.unique(mask)),
                   "fg_fraction": float((mask > 127).mean())}
     return facts
 
@@ -44,37 +53,57 @@ def describe_slice(raw_dir: Path, row: pd.Series) -> dict:
 def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
     raw_dir = Path(raw_dir)
     index = layout.read_index(raw_dir)
-    facts = pd.DataFrame([describe_slice(raw_dir, row) for _, row in index.iterrows()])
+    facts = pd.DataFrame([describe_slice(raw_dir, row) for _, row in index.iterrows()],
+                         index=index.index)
     manifest = pd.concat([index, facts], axis=1)
     # Make the columns the suite reads exist even when every file of one kind is missing.
     for col in ["image_sha256", "mask_sha256", "height", "width", "mask_height", "mask_width",
-                "mask_values", "fg_fraction", "image_dtype"]:
+                "mask_values", "fg_fraction", "image_mean", "image_std"]:
         if col not in manifest:
             manifest[col] = None
+    manifest.insert(0, "id", manifest["slice_id"])  # the contract's name for the slice id
+    manifest["image_path"] = [str(raw_dir / p) if p else "" for p in manifest["image"]]
+    manifest["mask_path"] = [str(raw_dir / p) if p else "" for p in manifest["mask"]]
     return manifest
 
 
-def expectations():
+def expectations(cfg: ValidateParams) -> dict:
     """The suite: one expectation per rule, with the rule's name as its description."""
     import great_expectations as gx
 
     e = gx.expectations
+    is_true = {"value_set": [True]}
+    lo_fg, hi_fg = cfg.fg_fraction
+    lo_mean, hi_mean = cfg.image_mean
     return {
-        "image file exists": e.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True]),
-        "mask file exists": e.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]),
+        "pairing complete": e.ExpectColumnValuesToBeInSet(column="paired", **is_true),
+        "image decodable": e.ExpectColumnValuesToBeInSet(column="image_decodable", **is_true),
+        "mask decodable": e.ExpectColumnValuesToBeInSet(column="mask_decodable", **is_true),
+        "mask values allowed": e.ExpectColumnValuesToBeInSet(
+            column="mask_values_allowed", **is_true),
+        "image file exists": e.ExpectColumnValuesToBeInSet(column="image_exists", **is_true),
+        "mask file exists": e.ExpectColumnValuesToBeInSet(column="mask_exists", **is_true),
         "image and mask sizes match (height)": e.ExpectColumnPairValuesToBeEqual(
             column_A="height", column_B="mask_height", ignore_row_if="either_value_is_missing"),
         "image and mask sizes match (width)": e.ExpectColumnPairValuesToBeEqual(
             column_A="width", column_B="mask_width", ignore_row_if="either_value_is_missing"),
         "mask is binary (0/255)": e.ExpectColumnValuesToBeInSet(
             column="mask_values", value_set=["0", "255", "0,255"]),
+        "foreground fraction in bounds": e.ExpectColumnValuesToBeBetween(
+            column="fg_fraction", min_value=lo_fg, max_value=hi_fg),
         "no duplicate image content": e.ExpectColumnValuesToBeUnique(column="image_sha256"),
         "slice id is unique": e.ExpectColumnValuesToBeUnique(column="slice_id"),
         "image is at least 32 px": e.ExpectColumnValuesToBeBetween(column="height", min_value=32),
+        "image intensity in range (mean)": e.ExpectColumnValuesToBeBetween(
+            column="image_mean", min_value=lo_mean, max_value=hi_mean),
+        "image is not blank (std)": e.ExpectColumnValuesToBeBetween(
+            column="image_std", min_value=cfg.min_image_std),
+        "patient id present": e.ExpectColumnValuesToNotBeNull(column="patient_id"),
     }
 
 
-def run_suite(manifest: pd.DataFrame) -> tuple[bool, list[dict]]:
+def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None
+              ) -> tuple[bool, list[dict]]:
     """Validate with GX; return overall success and, per rule, the failing slice ids."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
@@ -88,9 +117,8 @@ def run_suite(manifest: pd.DataFrame) -> tuple[bool, list[dict]]:
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": manifest})
     )
-    rules = expectations()
     suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
-    for name, expectation in rules.items():
+    for name, expectation in expectations(cfg or ValidateParams()).items():
         expectation.description = name
         suite.add_expectation(expectation)
     result = batch.validate(suite, result_format={
@@ -104,14 +132,63 @@ def run_suite(manifest: pd.DataFrame) -> tuple[bool, list[dict]]:
     return bool(result.success), report
 
 
+# Which file a rule is about, so quarantine.csv names the file to fix.
+MASK_RULES = {"mask decodable", "mask values allowed", "mask file exists",
+              "mask is binary (0/255)", "foreground fraction in bounds"}
+
+
+def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
+    """A short, specific reason for one row breaking one rule."""
+    ingest_detail = {part.split(": ", 1)[0]: part.split(": ", 1)[-1]
+                     for part in str(row.get("ingest_detail") or "").split(" | ") if part}
+    if rule in ingest_detail:
+        return ingest_detail[rule]
+    if rule == "pairing complete" and ingest_detail:
+        return str(row["ingest_detail"])
+    if rule.startswith("image and mask sizes"):
+        return f"image {row['width']}x{row['height']}, mask {row['mask_width']}x" \
+               f"{row['mask_height']}"
+    if rule == "no duplicate image content":
+        same = manifest.loc[(manifest["image_sha256"] == row["image_sha256"])
+                            & (manifest["slice_id"] != row["slice_id"]), "slice_id"]
+        return f"same pixels as {', '.join(same)}"
+    if rule == "foreground fraction in bounds":
+        return f"fg_fraction {row['fg_fraction']:.3f}"
+    if rule == "mask is binary (0/255)":
+        return f"stored mask values {row['mask_values']}"
+    if rule.startswith("image intensity") or rule.startswith("image is not blank"):
+        return f"mean {row['image_mean']:.1f}, std {row['image_std']:.2f}"
+    if rule == "patient id present":
+        return f"no patient id in the name {row['slice_id']!r} (data.folder.patient_regex)"
+    return rule
+
+
+def quarantine_entries(manifest: pd.DataFrame, reasons: dict[str, list[str]]) -> pd.DataFrame:
+    rows = []
+    by_id = manifest.set_index("slice_id", drop=False)
+    for sid, rules in sorted(reasons.items()):
+        row = by_id.loc[sid]
+        row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+        for rule in rules:
+            key = "source_mask" if rule in MASK_RULES else "source_image"
+            raw_key = "mask_path" if rule in MASK_RULES else "image_path"
+            path = (row[key] or row["source_image"] or row["source_mask"] or row[raw_key]
+                    or row["image_path"] or row["mask_path"])
+            rows.append({"path": path, "rule": rule, "detail": _detail(rule, row, manifest),
+                         "slice_id": sid})
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+
+
 def run(
     params: Params,
     raw_dir: str | Path = "data/raw",
     manifest_path: str | Path = "data/manifest.parquet",
     report_path: str | Path = "reports/validation.json",
+    quarantine_path: str | Path = "data/quarantine.csv",
 ) -> dict:
+    cfg = params.validate_
     manifest = build_manifest(raw_dir)
-    success, rules = run_suite(manifest)
+    success, rules = run_suite(manifest, cfg)
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
@@ -119,21 +196,28 @@ def run(
     manifest["quarantine_reason"] = [
         "; ".join(reasons.get(sid, [])) for sid in manifest["slice_id"]]
     manifest["accepted"] = manifest["quarantine_reason"] == ""
+    quarantine = quarantine_entries(manifest, reasons)
 
     n, quarantined = len(manifest), int((~manifest["accepted"]).sum())
     summary = {
-        "success": success, "ingested": n, "accepted": n - quarantined,
-        "quarantined": quarantined,
+        "success": success, "policy": cfg.policy, "ingested": n, "accepted": n - quarantined,
+        "quarantined": quarantined, "reconciles": n == (n - quarantined) + quarantined,
         "quarantine": {sid: r for sid, r in sorted(reasons.items())},
+        "quarantine_files": quarantine.to_dict("records"),
         "rules": rules,
     }
     write_json(report_path, summary)
-    limit = params.validate_.max_quarantine_fraction
+    listing = "\n  ".join(f"{q.path}: {q.rule}: {q.detail}" for q in quarantine.itertuples())
+    if cfg.policy == "fail" and quarantined:
+        raise ValidationFailed(f"{raw_dir}: {quarantined} of {n} items broke the suite "
+                               f"(validate.policy=fail); see {report_path}\n  {listing}")
+    limit = cfg.max_quarantine_fraction
     if n == 0 or quarantined > limit * n:
-        named = "\n  ".join(f"{sid}: {'; '.join(r)}" for sid, r in sorted(reasons.items())[:20])
         raise ValidationFailed(
-            f"{raw_dir}: {quarantined} of {n} slices broke the suite (limit "
-            f"validate.max_quarantine_fraction={limit}); see {report_path}\n  {named}")
+            f"{raw_dir}: {quarantined} of {n} items broke the suite (limit "
+            f"validate.max_quarantine_fraction={limit}); see {report_path}\n  {listing}")
+    with atomic_path(quarantine_path) as tmp:
+        quarantine.to_csv(tmp, index=False)
     with atomic_path(manifest_path) as tmp:
         manifest.to_parquet(tmp, index=False)
     return {k: summary[k] for k in ("success", "ingested", "accepted", "quarantined")}
