@@ -1,8 +1,18 @@
 import math
 
+import numpy as np
 import torch
 
-from liverseg.metrics import ConfusionMeter, global_metrics, per_image_iou
+from liverseg.metrics import (
+    CI_METRICS,
+    ConfusionMeter,
+    bootstrap_ci,
+    confusion,
+    global_metrics,
+    hd95,
+    per_image_iou,
+    per_image_metrics,
+)
 
 
 def test_global_metrics_by_hand():
@@ -29,3 +39,88 @@ def test_meter_pools_pixels_and_per_image_marks_empty_pairs():
     assert math.isclose(meter.compute()["fg_iou"], 2 / 4)
     ious = per_image_iou(tp, fp, fn)
     assert math.isclose(ious[0], 0.5) and math.isnan(ious[1])
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+def _counts(pred: np.ndarray, truth: np.ndarray):
+    """smp's per-image counts for hard 0/1 masks ([N, H, W])."""
+    logits = torch.where(torch.as_tensor(pred)[:, None] > 0, 10.0, -10.0)
+    return confusion(logits, torch.as_tensor(truth, dtype=torch.float32)[:, None])
+
+
+def _pair(pred_pixels, truth_pixels, size=8):
+    pred, truth = np.zeros((1, size, size), np.uint8), np.zeros((1, size, size), np.uint8)
+    for r, c in pred_pixels:
+        pred[0, r, c] = 1
+    for r, c in truth_pixels:
+        truth[0, r, c] = 1
+    return pred, truth
+
+
+def test_empty_truth_false_positives_score_zero_recall_undefined():
+    pred, truth = _pair([(1, 1), (1, 2)], [])
+    (m,) = per_image_metrics(*_counts(pred, truth))
+    assert m["fg_iou"] == 0.0 and m["dice"] == 0.0 and m["precision"] == 0.0
+    assert math.isnan(m["recall"]) and math.isnan(hd95(pred[0], truth[0]))
+
+
+def test_empty_prediction_misses_score_zero_precision_undefined():
+    pred, truth = _pair([], [(3, 3), (3, 4), (4, 4)])
+    (m,) = per_image_metrics(*_counts(pred, truth))
+    assert m["fg_iou"] == 0.0 and m["dice"] == 0.0 and m["recall"] == 0.0
+    assert math.isnan(m["precision"]) and math.isnan(hd95(pred[0], truth[0]))
+
+
+def test_both_empty_is_undefined_everywhere():
+    pred, truth = _pair([], [])
+    (m,) = per_image_metrics(*_counts(pred, truth))
+    assert all(math.isnan(v) for v in m.values())
+    assert math.isnan(hd95(pred[0], truth[0]))
+
+
+def test_one_pixel_object_hit_and_miss():
+    pred, truth = _pair([(2, 2)], [(2, 2)])
+    (hit,) = per_image_metrics(*_counts(pred, truth))
+    assert hit == {"fg_iou": 1.0, "dice": 1.0, "precision": 1.0, "recall": 1.0}
+    assert hd95(pred[0], truth[0]) == 0.0
+    pred, truth = _pair([(0, 0)], [(3, 4)])
+    (miss,) = per_image_metrics(*_counts(pred, truth))
+    assert miss["fg_iou"] == 0.0 and miss["dice"] == 0.0
+    assert hd95(pred[0], truth[0]) == 5.0  # a 3-4-5 triangle, in pixels
+    assert math.isclose(hd95(pred[0], truth[0], spacing=(2.0, 1.0)), math.sqrt(6**2 + 4**2))
+
+
+def test_hd95_of_a_shifted_square_is_the_shift():
+    truth, pred = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    truth[4:10, 4:10] = True
+    pred[4:10, 6:12] = True  # the same square, 2 pixels to the right
+    assert hd95(pred, truth) == 2.0
+
+
+def test_per_image_and_global_disagree():
+    """A large, perfectly found tumour and a missed one-pixel tumour with one false
+    positive: pooling is dominated by the large one, the per-image mean is not."""
+    pred, truth = np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
+    truth[0, :10, :10] = pred[0, :10, :10] = 1  # 100 px, all found
+    truth[1, 5, 5], pred[1, 12, 12] = 1, 1  # missed, plus one false positive
+    tp, fp, fn, tn = _counts(pred, truth)
+    pooled = global_metrics(*(float(c.sum()) for c in (tp, fp, fn, tn)))
+    per_image = [m["fg_iou"] for m in per_image_metrics(tp, fp, fn, tn)]
+    assert math.isclose(pooled["fg_iou"], 100 / 102)
+    assert per_image == [1.0, 0.0] and np.mean(per_image) == 0.5
+
+
+def test_bootstrap_ci_is_seeded_brackets_the_estimate_and_handles_edge_cases():
+    counts = np.array([[100, 0, 0, 900], [0, 1, 1, 998], [10, 5, 5, 980], [3, 0, 9, 988]])
+    point = global_metrics(*counts.sum(0))
+    ci = bootstrap_ci(counts, 500, seed=1)
+    assert ci == bootstrap_ci(counts, 500, seed=1)  # reproducible
+    for key in CI_METRICS:
+        lo, hi = ci[f"{key}_ci"]
+        assert 0 <= lo <= point[key] <= hi <= 1, key
+    same = bootstrap_ci(np.array([[3, 1, 2, 94]] * 5), 50, seed=0)
+    assert same["fg_iou_ci"] == [0.5, 0.5]  # identical images: no spread
+    assert bootstrap_ci(counts, 0, seed=1) == {f"{k}_ci": None for k in CI_METRICS}
+    assert bootstrap_ci(np.array([[0, 0, 0, 10]]), 20, seed=0)["fg_iou_ci"] is None

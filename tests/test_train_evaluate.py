@@ -57,8 +57,17 @@ def test_evaluate_compare_register_and_serve(trained, tiny_params):
     val = pd.read_csv(workdir / "data/splits/val.csv")
     assert per_image.slice_id.tolist() == val.slice_id.tolist()
     assert metrics["n_images"] == len(val)
+    for key in ("fg_iou", "dice", "miou"):  # seeded 95% bootstrap CIs over images
+        ci = metrics[f"{key}_ci"]
+        assert ci is None or (len(ci) == 2 and ci[0] <= ci[1]), key
+    assert {"dice", "precision", "recall", "hd95", "tn"} <= set(per_image.columns)
+    assert metrics["flops"] > 0 and metrics["n_volumes"] >= 1
+    assert metrics["n_hd95"] == int(per_image.hd95.notna().sum())
 
     assert compare.run(tiny_params)["best_model"] == "enhanced_pan"
+    table = (workdir / "reports/comparison.md").read_text()
+    assert "fg_iou [95% CI]" in table and "GFLOPs" in table
+    assert "fg_iou_ci" in json.loads((workdir / "reports/comparison.json").read_text())["models"][0]
     record = register.run(tiny_params)  # min_fg_iou 0 in tiny params: the gate passes
     assert record["alias"] == "champion" and record["version"] == 1
 
@@ -71,12 +80,13 @@ def test_evaluate_compare_register_and_serve(trained, tiny_params):
     assert probs.shape == (2, 1, 48, 80) and ((probs >= 0) & (probs <= 1)).all()
 
 
-def test_gate_failure_registers_without_alias(trained, tiny_params):
+def test_gate_failure_registers_as_challenger_with_reason(trained, tiny_params):
     evaluate.run(tiny_params, "enhanced_pan")
     compare.run(tiny_params)
     strict = tiny_params.model_copy(update={"register_": tiny_params.register_.model_copy(
         update={"min_fg_iou": 1.0})})
     record = register.run(strict)
-    assert record["alias"] is None and record["quality_gate"].startswith("failed")
+    assert record["alias"] == "challenger" and record["quality_gate"].startswith("failed")
     client = tracking.mlflow().MlflowClient()
-    assert client.get_registered_model("liverseg").aliases == {}
+    assert client.get_registered_model("liverseg").aliases == {"challenger": 1}
+    assert "min_fg_iou 1.0" in client.get_model_version("liverseg", "1").tags["gate_reason"]

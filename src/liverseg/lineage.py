@@ -1,13 +1,21 @@
-"""Where a model came from: git commit, the DVC-locked data hashes and the params hash.
+"""Where a model came from, and whether the workspace still reproduces it.
 
-`dvc.lock` is read as plain YAML, so this works without DVC installed in the same
-environment (DVC lives in its own tool environment; see the Makefile).
+Recorded at registration (as MLflow model-version tags): git commit and dirty flag, the
+dvc.lock hashes of the raw data, manifest, split and model, the params hash and the params
+themselves, the validation result and the metrics. `trail` reads them back for a version;
+`check` compares them with the current workspace (git HEAD, dvc.lock, params.yaml and,
+when the `dvc` command is on PATH, `dvc status` for data edited since the last repro).
+
+`dvc.lock` is read as plain YAML and DVC is only ever run as a command, so this works
+without DVC installed in the same environment (DVC lives in its own tool environment).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,37 +24,245 @@ import yaml
 # The data outputs whose hashes identify what a model was trained and validated on.
 DATA_OUTPUTS = {"raw": ("ingest", "data/raw"), "manifest": ("validate", "data/manifest.parquet"),
                 "splits": ("split", "data/splits")}
+# DVC's own bookkeeping, rewritten (and auto-staged) by every repro: dvc.lock (its content is
+# recorded as the data hashes) and the .gitignore files listing its outputs. They do not make
+# the tree "dirty" for lineage purposes; any other tracked change does.
+def _is_bookkeeping(path: str) -> bool:
+    return path == "dvc.lock" or path == ".gitignore" or path.endswith("/.gitignore")
 
 
-def _git(*args: str) -> str | None:
+TAG_LIMIT = 5000  # MLflow's limit on a tag value (SQL stores)
+
+
+def _git(*args: str, cwd: str | Path | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    # rstrip only: porcelain status lines start with a significant space
+    return out.stdout.rstrip() if out.returncode == 0 else None
 
 
-def git_state() -> dict:
-    """The commit and whether tracked files differ from it (untracked files ignored)."""
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit or "unknown",
-            "git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
+def git_state(cwd: str | Path | None = None) -> dict:
+    """The commit and whether tracked files differ from it (untracked files and dvc.lock
+    ignored); the differing files are listed so a dirty flag is never a mystery."""
+    commit = _git("rev-parse", "HEAD", cwd=cwd)
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
+    if status is None:
+        return {"git_commit": commit or "unknown", "git_dirty": "unknown"}
+    files = [line[3:] for line in status.splitlines() if not _is_bookkeeping(line[3:])]
+    state = {"git_commit": commit or "unknown", "git_dirty": str(bool(files)).lower()}
+    if files:
+        state["git_dirty_files"] = truncate(" ".join(sorted(files)))
+    return state
+
+
+def _lock_stages(lock_path: str | Path) -> dict:
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {}
+    return (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
+
+
+def _out_md5(stages: dict, stage: str, path: str) -> str:
+    outs = stages.get(stage, {}).get("outs", [])
+    return next((o.get("md5", "missing") for o in outs if o.get("path") == path), "missing")
 
 
 def locked_out_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
     """md5 of each data output as recorded in dvc.lock ('missing' if not locked yet)."""
-    lock_path = Path(lock_path)
-    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) \
-        if lock_path.is_file() else {}
-    hashes = {}
-    for key, (stage, path) in DATA_OUTPUTS.items():
-        outs = stages.get(stage, {}).get("outs", [])
-        hashes[f"data_{key}_md5"] = next(
-            (o.get("md5", "missing") for o in outs if o.get("path") == path), "missing")
-    return hashes
+    stages = _lock_stages(lock_path)
+    return {f"data_{key}_md5": _out_md5(stages, stage, path)
+            for key, (stage, path) in DATA_OUTPUTS.items()}
+
+
+def locked_model_hash(model: str, lock_path: str | Path = "dvc.lock") -> str:
+    return _out_md5(_lock_stages(lock_path), f"train@{model}", f"models/{model}")
 
 
 def params_hash(resolved_params: dict) -> str:
     blob = json.dumps(resolved_params, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def truncate(text: str, limit: int = TAG_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "...[truncated]"
+
+
+def flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve_version(client, ref: str, default_name: str = "liverseg"):
+    """A model version from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, a version number
+    or an MLflow run id (the newest version registered from that run)."""
+    if match := re.fullmatch(r"models:/([^/@]+)@(.+)", ref):
+        return client.get_model_version_by_alias(match[1], match[2])
+    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", ref):
+        return client.get_model_version(match[1], match[2])
+    if ref.isdigit():
+        return client.get_model_version(default_name, ref)
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        found = client.search_model_versions(f"run_id = '{ref}'")
+        if found:
+            return max(found, key=lambda v: int(v.version))
+        raise ValueError(f"run {ref}: no registered model version was made from it")
+    raise ValueError(f"{ref!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION, "
+                     "a version number or a 32-hex MLflow run id")
+
+
+def _aliases(client, version) -> list[str]:
+    return sorted(a for a, v in client.get_registered_model(version.name).aliases.items()
+                  if str(v) == str(version.version))
+
+
+def trail(client, version) -> dict:
+    """The lineage recorded on a model version, as plain data."""
+    tags = version.tags
+    data_hashes = {k: v for k, v in tags.items() if k.startswith("data_") and k.endswith("_md5")}
+    return {
+        "registered_model": version.name,
+        "model_version": int(version.version),
+        "alias": _aliases(client, version),
+        "model": tags.get("model"),
+        "run_id": version.run_id,
+        "source": version.source,
+        "git_commit": tags.get("git_commit"),
+        "git_dirty": tags.get("git_dirty"),
+        "git_dirty_files": tags.get("git_dirty_files"),
+        "data_hashes": data_hashes,
+        "model_md5": tags.get("model_md5"),
+        "params_hash": tags.get("params_hash"),
+        "validation_success": tags.get("validation_success") == "true"
+        if "validation_success" in tags else None,
+        "validation_counts": tags.get("validation_counts"),
+        "metrics": json.loads(tags["metrics"]) if "metrics" in tags else
+        {k.removeprefix("metric_"): float(v) for k, v in tags.items() if k.startswith("metric_")},
+        "quality_gate": tags.get("quality_gate"),
+        "dagster_run_id": tags.get("dagster_run_id"),
+    }
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def dvc_status(root: str | Path = ".") -> dict | None:
+    """`dvc status --json` (stages whose deps/outs changed since dvc.lock), or None when the
+    dvc command is unavailable or fails (then only the recorded hashes are compared)."""
+    if shutil.which("dvc") is None:
+        return None
+    try:
+        out = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True,
+                             timeout=120, cwd=root)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _data_changes(status: dict) -> list[str]:
+    """'data/raw: modified' lines for the data outputs in a `dvc status` report."""
+    data_paths = {path for _, path in DATA_OUTPUTS.values()}
+    lines = []
+    for entries in status.values():
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            for kind in ("changed outs", "changed deps"):
+                for path, change in entry.get(kind, {}).items():
+                    if path in data_paths:
+                        lines.append(f"{path}: {change} in the workspace since dvc.lock")
+    return sorted(set(lines))
+
+
+def check(recorded: dict, tags: dict, params: dict, root: str | Path = ".",
+          run_dvc: bool = True) -> dict:
+    """Compare a recorded trail with the workspace at `root`; name every difference."""
+    root = Path(root)
+    differences = []
+    git = git_state(root)
+    if recorded["git_commit"] != git["git_commit"]:
+        differences.append(f"git_commit: recorded {recorded['git_commit']}, "
+                           f"workspace HEAD {git['git_commit']}")
+    if recorded["git_dirty"] != "false":
+        differences.append(f"recorded from a dirty tree ({recorded['git_dirty_files'] or '?'}):"
+                           " uncommitted code cannot be reproduced")
+    if git["git_dirty"] != "false":
+        differences.append(f"workspace has uncommitted changes: {git.get('git_dirty_files')}")
+    current = locked_out_hashes(root / "dvc.lock")
+    for key, value in recorded["data_hashes"].items():
+        if current.get(key) != value:
+            differences.append(f"{key}: recorded {value}, dvc.lock {current.get(key)}")
+    if recorded["model"] and recorded["model_md5"]:
+        now = locked_model_hash(recorded["model"], root / "dvc.lock")
+        if now != recorded["model_md5"]:
+            differences.append(f"model_md5 (models/{recorded['model']}): recorded "
+                               f"{recorded['model_md5']}, dvc.lock {now}")
+    current_hash = params_hash(params)
+    if recorded["params_hash"] != current_hash:
+        differences.append(f"params_hash: recorded {recorded['params_hash']}, "
+                           f"params.yaml {current_hash}")
+        differences += _params_diff(tags.get("params"), params)
+    status = dvc_status(root) if run_dvc else None
+    if status:
+        differences += _data_changes(status)
+    return {"workspace": {**git, **current, "params_hash": current_hash,
+                          "dvc_status_checked": status is not None},
+            "reproducible": not differences, "differences": differences}
+
+
+def _params_diff(recorded_json: str | None, params: dict) -> list[str]:
+    """One line per changed parameter, e.g. `params train.epochs: 1 -> 2`."""
+    if not recorded_json or recorded_json.endswith("[truncated]"):
+        return []
+    old, new = flat(json.loads(recorded_json)), flat(params)
+    return [f"params {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def versions_using(client, name: str, data_hash: str) -> list[dict]:
+    """Registered versions whose recorded data/model hashes include `data_hash` (prefix ok)."""
+    hits = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        keys = [k for k, v in version.tags.items()
+                if k.endswith("_md5") and data_hash and v.startswith(data_hash)]
+        if keys:
+            hits.append({"model_version": int(version.version), "model": version.tags.get("model"),
+                         "alias": _aliases(client, version), "run_id": version.run_id,
+                         "matched": sorted(keys)})
+    return sorted(hits, key=lambda h: h["model_version"])
+
+
+def describe(ref: str, params_path: str | Path = "params.yaml", run_dvc: bool = True) -> dict:
+    """The recorded trail of a model version checked against the workspace around
+    `params_path` (its folder is the repository root: git, dvc.lock)."""
+    from liverseg import tracking
+    from liverseg.config import load_params
+
+    params = load_params(params_path)
+    client = tracking.mlflow().MlflowClient()
+    version = resolve_version(client, ref, params.register_.model_name)
+    recorded = trail(client, version)
+    root = Path(params_path).resolve().parent
+    return recorded | check(recorded, version.tags, params.dump(), root, run_dvc)
+
+
+def find_data_hash(data_hash: str, params_path: str | Path = "params.yaml") -> dict:
+    from liverseg import tracking
+    from liverseg.config import load_params
+
+    name = load_params(params_path).register_.model_name
+    client = tracking.mlflow().MlflowClient()
+    return {"data_hash": data_hash, "registered_model": name,
+            "versions": versions_using(client, name, data_hash)}

@@ -1,24 +1,64 @@
-"""compare: one table over every model (the paper's Table 1, on our data)."""
+"""compare: one table over every model (the paper's Table 1, on our data).
+
+Metrics with their 95% bootstrap CIs (from evaluate), parameters, FLOPs per image (batch 1
+at the trained size) and measured images/s. CSV keeps each CI as `<metric>_ci_lo/_hi`
+columns; Markdown prints `value [lo, hi]`; JSON keeps `<metric>_ci: [lo, hi]`.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from liverseg.config import Params
 from liverseg.io import atomic_path, read_json, write_json, write_text
-from liverseg.metrics import nan_to_none
+from liverseg.metrics import CI_METRICS, nan_to_none
 
 COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accuracy",
-           "per_image_fg_iou_mean", "n_parameters", "images_per_second", "best_epoch"]
+           "per_image_fg_iou_mean", "per_image_dice_mean", "per_image_hd95_mean",
+           "n_parameters", "flops", "images_per_second", "best_epoch"]
+
+
+def _row(metrics: dict) -> dict:
+    row = {k: metrics.get(k) for k in COLUMNS}
+    row["gflops"] = metrics["flops"] / 1e9 if metrics.get("flops") is not None else None
+    for key in CI_METRICS:
+        lo, hi = metrics.get(f"{key}_ci") or (None, None)
+        row[f"{key}_ci_lo"], row[f"{key}_ci_hi"] = lo, hi
+    return row
 
 
 def comparison_table(params: Params, metrics_dir: Path) -> pd.DataFrame:
-    rows = [read_json(metrics_dir / f"{name}.json") for name in params.models]
-    table = pd.DataFrame(rows)[COLUMNS]
+    table = pd.DataFrame([_row(read_json(metrics_dir / f"{name}.json"))
+                          for name in params.models])
     # NaN ranks last: an undefined score never wins.
     return table.sort_values(params.compare.rank_by, ascending=False, na_position="last")
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, spec)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """Human table: each CI metric as `value [lo, hi]`, sizes in readable units."""
+    header = ["model", *(f"{k} [95% CI]" for k in CI_METRICS), "precision", "recall",
+              "pixel_accuracy", "per_image_fg_iou_mean", "per_image_hd95_mean (px)",
+              "params (M)", "GFLOPs", "images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict(orient="records"):
+        cells = [row["model"]]
+        cells += [f"{_fmt(row[k])} [{_fmt(row[f'{k}_ci_lo'])}, {_fmt(row[f'{k}_ci_hi'])}]"
+                  for k in CI_METRICS]
+        cells += [_fmt(row[k]) for k in ("precision", "recall", "pixel_accuracy",
+                                         "per_image_fg_iou_mean")]
+        cells += [_fmt(row["per_image_hd95_mean"], ".2f"),
+                  _fmt(row["n_parameters"] / 1e6 if row["n_parameters"] else None, ".2f"),
+                  _fmt(row["gflops"], ".3f"), _fmt(row["images_per_second"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run(params: Params, metrics_dir: str | Path = "reports/metrics",
@@ -26,13 +66,23 @@ def run(params: Params, metrics_dir: str | Path = "reports/metrics",
     table = comparison_table(params, Path(metrics_dir)).reset_index(drop=True)
     key = params.compare.rank_by
     best = table.iloc[0]
-    margin = float(best[key] - table.iloc[1][key]) if len(table) > 1 else None
+    runner_up = table.iloc[1] if len(table) > 1 else None
+    margin = float(best[key] - runner_up[key]) if runner_up is not None else None
+    records = [nan_to_none(row) for row in table.to_dict(orient="records")]
+    for rec in records:  # JSON: CIs as [lo, hi] pairs, like the metrics files
+        for k in CI_METRICS:
+            lo, hi = rec.pop(f"{k}_ci_lo"), rec.pop(f"{k}_ci_hi")
+            rec[f"{k}_ci"] = None if lo is None else [lo, hi]
     summary = {"rank_by": key, "best_model": best["model"], "best_score": float(best[key]),
-               "margin_over_next": margin,
-               "models": [nan_to_none(row) for row in table.to_dict(orient="records")]}
+               "runner_up": None if runner_up is None else runner_up["model"],
+               "margin_over_next": None if margin is None or math.isnan(margin) else margin,
+               "models": records}
     out_prefix = Path(out_prefix)
     with atomic_path(out_prefix.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)
-    write_text(out_prefix.with_suffix(".md"), table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    write_text(out_prefix.with_suffix(".md"), markdown(table)
+               + f"\nBest by {key}: **{best['model']}**"
+               + (f", {margin:+.4f} over {runner_up['model']}.\n" if margin is not None else ".\n"))
     write_json(out_prefix.with_suffix(".json"), summary)
-    return {k: summary[k] for k in ("rank_by", "best_model", "best_score", "margin_over_next")}
+    return {k: summary[k] for k in ("rank_by", "best_model", "best_score", "runner_up",
+                                    "margin_over_next")}

@@ -1,55 +1,154 @@
 """register: the best model becomes a version of the MLflow registered model.
 
-It gets the alias (`champion`) only if it passes the quality gate
-(`register.min_fg_iou`); otherwise it is registered without the alias and the reason is a
-tag. Every version carries its lineage as tags: git commit and dirty flag, the dvc.lock
-hashes of the raw data, manifest and split, the params hash, the validation result, the
-model config and its metrics, and the Dagster run id when Dagster ran the stage.
+Quality gate (params `register`): the candidate's global fg_iou >= `min_fg_iou`, dice >=
+`min_dice` and, when a champion exists and was validated on the same split (same
+`data_splits_md5`), fg_iou >= champion's fg_iou + `min_improvement`. Passing moves the
+`champion` alias to it; failing moves the `challenger` alias to it and tags `gate_reason`.
+A champion validated on another split is not comparable: the improvement check is then
+skipped, and the gate text says so.
+
+Every version carries its lineage as tags (see `liverseg.lineage`). The registry keeps no
+alias history (mlflow#2169), so every alias move (who, when, from and to which version,
+why) is appended to the registered-model tag `alias_history` (JSON, newest last, oldest
+entries dropped to fit MLflow's tag limit), tagged on the version it moved to
+(`alias_event`, never dropped) and written to reports/registry.json.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 from liverseg import lineage, tracking
-from liverseg.config import Params
+from liverseg.config import Params, RegisterParams
 from liverseg.io import read_json, write_json
 
+METRIC_TAGS = ("fg_iou", "dice", "miou")
 
-def version_tags(params: Params, best: str, score: float, validation: dict) -> dict[str, str]:
+
+def version_tags(params: Params, best: str, metrics: dict, validation: dict,
+                 config: dict) -> dict[str, str]:
+    model_config = {k: v for k, v in config.items() if k != "params"}
     tags = lineage.git_state() | lineage.locked_out_hashes() | {
+        "model_md5": lineage.locked_model_hash(best),
         "params_hash": lineage.params_hash(params.dump()),
+        "params": lineage.truncate(json.dumps(params.dump(), sort_keys=True)),
         "model": best,
-        f"metric_{params.compare.rank_by}": f"{score:.6f}",
+        "model_config": lineage.truncate(json.dumps(model_config, sort_keys=True)),
+        "metrics": lineage.truncate(json.dumps(metrics, sort_keys=True)),
         "validation_success": str(validation["success"]).lower(),
         "validation_counts": (f"ingested={validation['ingested']} accepted="
                               f"{validation['accepted']} quarantined={validation['quarantined']}"),
     }
+    # Full precision (repr): the gate compares later candidates against these numbers.
+    tags |= {f"metric_{k}": repr(metrics[k]) for k in METRIC_TAGS if metrics.get(k) is not None}
     if os.environ.get("LIVERSEG_DAGSTER_RUN_ID"):
         tags["dagster_run_id"] = os.environ["LIVERSEG_DAGSTER_RUN_ID"]
     return tags
+
+
+def champion_info(client, cfg: RegisterParams) -> dict | None:
+    """The current champion's version, recorded fg_iou and split hash (None if none)."""
+    try:
+        version = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
+    except Exception:  # MlflowException: no such model or alias
+        return None
+    fg = version.tags.get("metric_fg_iou")
+    return {"version": int(version.version), "fg_iou": float(fg) if fg else None,
+            "split": version.tags.get("data_splits_md5")}
+
+
+def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
+                 champion: dict | None) -> tuple[bool, str]:
+    """(passed, one line stating every check and its numbers)."""
+    fg, dice = metrics.get("fg_iou"), metrics.get("dice")
+    checks, failures = [], []
+
+    def judge(ok: bool, text: str) -> None:
+        (checks if ok else failures).append(text)
+
+    if fg is None:
+        failures.append("fg_iou undefined")
+    else:
+        judge(fg >= cfg.min_fg_iou, f"fg_iou {fg:.4f} {'>=' if fg >= cfg.min_fg_iou else '<'} "
+              f"min_fg_iou {cfg.min_fg_iou}")
+    if dice is None:
+        failures.append("dice undefined")
+    else:
+        judge(dice >= cfg.min_dice,
+              f"dice {dice:.4f} {'>=' if dice >= cfg.min_dice else '<'} min_dice {cfg.min_dice}")
+    if champion is not None and fg is not None:
+        v = champion["version"]
+        if champion["split"] != split_hash:
+            checks.append(f"champion v{v} validated on another split ({champion['split']} vs "
+                          f"{split_hash}): improvement check not applicable")
+        elif champion["fg_iou"] is None:
+            checks.append(f"champion v{v} has no recorded fg_iou: improvement check skipped")
+        else:
+            need = champion["fg_iou"] + cfg.min_improvement
+            judge(fg >= need, f"fg_iou {fg:.4f} {'>=' if fg >= need else '<'} champion v{v} "
+                  f"{champion['fg_iou']:.4f} + min_improvement {cfg.min_improvement}")
+    passed = not failures
+    return passed, ("passed: " if passed else "failed: ") + "; ".join(failures + checks)
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
+
+
+def _history(client, name: str) -> list[dict]:
+    raw = client.get_registered_model(name).tags.get("alias_history")
+    return json.loads(raw) if raw else []
+
+
+def move_alias(client, name: str, alias: str, version: str, why: str) -> tuple[dict, list[dict]]:
+    """Point `alias` at `version` and record the move; returns (event, history)."""
+    current = client.get_registered_model(name).aliases.get(alias)
+    event = {"alias": alias, "from_version": int(current) if current else None,
+             "to_version": int(version), "who": who(),
+             "when": datetime.now(UTC).isoformat(timespec="seconds"), "why": why}
+    client.set_registered_model_alias(name, alias, version)
+    history = _history(client, name) + [event]
+    while len(json.dumps(history)) > lineage.TAG_LIMIT and len(history) > 1:
+        history.pop(0)  # the full record stays on each version's `alias_event` tag
+    client.set_registered_model_tag(name, "alias_history", json.dumps(history))
+    client.set_model_version_tag(name, version, "alias_event", lineage.truncate(json.dumps(event)))
+    return event, history
 
 
 def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
         validation_path: str | Path = "reports/validation.json",
         models_dir: str | Path = "models", out_path: str | Path = "reports/registry.json") -> dict:
     comparison, cfg = read_json(comparison_path), params.register_
-    best, score = comparison["best_model"], comparison["best_score"]
-    run = read_json(Path(models_dir) / best / "run.json")
-    tags = version_tags(params, best, score, read_json(validation_path))
+    best = comparison["best_model"]
+    metrics = next(row for row in comparison["models"] if row["model"] == best)
+    model_dir = Path(models_dir) / best
+    run = read_json(model_dir / "run.json")
+    tags = version_tags(params, best, metrics, read_json(validation_path),
+                        read_json(model_dir / "config.json"))
 
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
+    champion = champion_info(client, cfg)
+    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
     version = mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
-    passed = score >= cfg.min_fg_iou
-    gate = (f"passed: fg_iou {score:.4f} >= {cfg.min_fg_iou}" if passed
-            else f"failed: fg_iou {score:.4f} < {cfg.min_fg_iou}")
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
-    if passed:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-    record = {"registered_model": cfg.model_name, "version": int(version),
-              "alias": cfg.alias if passed else None, "quality_gate": gate, "model": best,
-              "run_id": run["run_id"], "model_uri": run["model_uri"], "tags": tags}
+    if not passed:
+        client.set_model_version_tag(cfg.model_name, version, "gate_reason", gate)
+    alias = cfg.alias if passed else cfg.challenger_alias
+    event, history = move_alias(client, cfg.model_name, alias, version, gate)
+    record = {"registered_model": cfg.model_name, "version": int(version), "alias": alias,
+              "passed": passed, "quality_gate": gate, "gate_reason": None if passed else gate,
+              "champion_before": champion, "model": best, "run_id": run["run_id"],
+              "model_uri": run["model_uri"], "tags": tags, "alias_event": event,
+              "alias_history": history}
     write_json(out_path, record)
     return {k: record[k] for k in ("registered_model", "version", "alias", "quality_gate")}

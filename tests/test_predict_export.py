@@ -1,0 +1,93 @@
+"""`liverseg predict` and `liverseg export` with the champion of the shared tiny repro."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from liverseg import export
+from liverseg.cli import app
+
+CHAMPION = "models:/liverseg@champion"
+
+
+@pytest.fixture
+def registry(repo_copy, monkeypatch):
+    """Read-only use of the shared repro: its MLflow store and its raw slices."""
+    root, env = repo_copy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    return root
+
+
+def _predict(*args) -> dict:
+    result = CliRunner().invoke(app, ["predict", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # stderr may carry MLflow's warnings
+
+
+def test_predict_slices_and_a_folder_keep_each_input_geometry(registry, tmp_path):
+    images = sorted((registry / "data/raw/images").glob("*.png"))[:2]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    with Image.open(images[0]) as img:  # an RGB JPEG of another size than the model's
+        img.convert("RGB").resize((70, 50)).save(tmp_path / "odd.jpg")
+    summary = _predict("--model", CHAMPION, folder, tmp_path / "odd.jpg", "--out", tmp_path / "out")
+    assert summary["inputs"] == 3
+    rows = pd.read_csv(tmp_path / "out/predictions.csv")
+    assert rows["shape"].tolist() == ["64x64", "64x64", "50x70"]
+    for row in rows.itertuples():
+        mask = np.asarray(Image.open(tmp_path / "out" / row.mask))
+        assert set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() == row.tumour_pixels
+        overlay = Image.open(tmp_path / "out" / row.overlay)
+        assert overlay.mode == "RGB" and overlay.size == (mask.shape[1], mask.shape[0])
+
+
+def test_predict_nifti_keeps_shape_and_affine(registry, tmp_path):
+    affine = np.array([[-0.7, 0, 0, 10], [0, 0.7, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1.0]])
+    hu = np.random.default_rng(0).normal(60, 40, (40, 48, 3)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "case.nii.gz"))
+    _predict("--model", CHAMPION, tmp_path / "case.nii.gz", "--out", tmp_path / "out")
+    mask = nib.load(str(tmp_path / "out/case_mask.nii.gz"))
+    assert mask.shape == hu.shape and np.allclose(mask.affine, affine)
+    row = pd.read_csv(tmp_path / "out/predictions.csv").iloc[0]
+    voxels = int(np.asarray(mask.dataobj).sum())
+    assert row.tumour_pixels == voxels
+    assert np.isclose(row.tumour_volume_ml, voxels * 0.7 * 0.7 * 2.5 / 1000)
+
+
+def test_predict_lits_volume_117(registry, shared_data, tmp_path):
+    volume = shared_data / "lits-117/volume-117.nii.gz"
+    _predict("--model", CHAMPION, volume, "--out", tmp_path)
+    source, mask = nib.load(str(volume)), nib.load(str(tmp_path / "volume-117_mask.nii.gz"))
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+def test_predict_refuses_unknown_inputs(registry, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "notes.txt"), "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 1 and "unsupported input" in result.output
+
+
+def test_onnx_export_matches_torch(registry, tmp_path):
+    import onnxruntime as ort
+
+    summary = export.run(CHAMPION, "onnx", tmp_path / "model.onnx")
+    assert summary["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    size = summary["input"][-1]
+    probs = session.run(None, {"image": np.full((1, 1, size, size), 100, np.float32)})[0]
+    assert probs.shape == (1, 1, size, size) and ((probs >= 0) & (probs <= 1)).all()
+    bad = CliRunner().invoke(app, ["export", "--format", "tflite", "--out",
+                                   str(tmp_path / "m.tflite")])
+    assert bad.exit_code == 1 and "supported formats" in bad.output

@@ -1,0 +1,153 @@
+"""register's quality gate and alias history; `liverseg lineage` against a real repro."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from liverseg import lineage, tracking
+from liverseg.cli import app
+from liverseg.config import RegisterParams, load_params, parse_params
+from liverseg.stages import register
+from tests.conftest import tiny_raw_params
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def test_gate_rejects_a_worse_model_and_names_the_reason():
+    cfg = RegisterParams(min_fg_iou=0.3, min_dice=0.4, min_improvement=0.01)
+    champion = {"version": 4, "fg_iou": 0.60, "split": "s1"}
+    passed, text = register.quality_gate(cfg, {"fg_iou": 0.55, "dice": 0.7}, "s1", champion)
+    assert not passed and "fg_iou 0.5500 < champion v4 0.6000 + min_improvement 0.01" in text
+    passed, text = register.quality_gate(cfg, {"fg_iou": 0.605, "dice": 0.7}, "s1", champion)
+    assert not passed  # better, but not by the margin
+    passed, text = register.quality_gate(cfg, {"fg_iou": 0.62, "dice": 0.7}, "s1", champion)
+    assert passed and text.startswith("passed")
+    passed, text = register.quality_gate(cfg, {"fg_iou": 0.62, "dice": 0.3}, "s1", champion)
+    assert not passed and "dice 0.3000 < min_dice 0.4" in text
+    passed, text = register.quality_gate(cfg, {"fg_iou": None, "dice": None}, "s1", None)
+    assert not passed and "fg_iou undefined" in text
+
+
+def test_gate_does_not_compare_across_validation_splits():
+    cfg = RegisterParams(min_fg_iou=0.3, min_improvement=0.0)
+    champion = {"version": 2, "fg_iou": 0.9, "split": "old"}
+    passed, text = register.quality_gate(cfg, {"fg_iou": 0.5, "dice": 0.6}, "new", champion)
+    assert passed and "another split" in text and "not applicable" in text
+
+
+# ----------------------------------------------------------------------------- registry
+
+@pytest.fixture
+def repo_clone(repo_copy, tmp_path):
+    """A private copy of the shared repro (the shared one must stay as other tests left it),
+    reset to its commit: `dvc exp run` in another test may have edited params.yaml."""
+    src, env = repo_copy
+    root = tmp_path / "repo"
+    shutil.copytree(src, root, symlinks=True)
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], cwd=root, check=True)
+    return root, env
+
+
+def test_champion_stays_against_a_worse_candidate_and_moves_for_a_better_one(
+        repo_clone, monkeypatch):
+    """Three registrations of the clone's best model under a fresh registered-model name."""
+    root, _ = repo_clone
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns/mlflow.db'}")
+    params = load_params(root / "params.yaml")
+    params = _with_register(params, model_name="liverseg_gate_test", min_fg_iou=0.0)
+    first = register.run(params)
+    assert first["alias"] == "champion" and first["version"] == 1
+    # Worse by the gate: it would have to beat champion v1 by 1.0 on the same split.
+    second = register.run(_with_register(params, min_improvement=1.0))
+    assert second["alias"] == "challenger" and "champion v1" in second["quality_gate"]
+    third = register.run(params)  # as good as the champion, margin 0: it moves the alias
+    assert third["alias"] == "champion" and third["version"] == 3
+
+    client = tracking.mlflow().MlflowClient()
+    model = client.get_registered_model("liverseg_gate_test")
+    assert model.aliases == {"champion": 3, "challenger": 2}
+    reason = client.get_model_version("liverseg_gate_test", "2").tags["gate_reason"]
+    assert "min_improvement 1.0" in reason
+    history = json.loads(model.tags["alias_history"])
+    assert [(e["alias"], e["from_version"], e["to_version"]) for e in history] == [
+        ("champion", None, 1), ("challenger", None, 2), ("champion", 1, 3)]
+    assert all(e["who"] and e["when"] and e["why"] for e in history)
+    record = json.loads((root / "reports/registry.json").read_text())
+    assert record["alias_history"] == history and record["champion_before"]["version"] == 1
+    tags = client.get_model_version("liverseg_gate_test", "3").tags
+    assert json.loads(tags["alias_event"]) == history[-1]
+    assert {"params", "params_hash", "model_config", "metrics", "metric_fg_iou",
+            "data_splits_md5", "model_md5", "validation_success"} <= set(tags)
+    assert "missing" not in (tags["data_raw_md5"], tags["model_md5"])
+
+
+def _with_register(params, **update):
+    return params.model_copy(update={"register_": params.register_.model_copy(update=update)})
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+def _lineage(root, env, monkeypatch, *args):
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    result = CliRunner().invoke(app, ["lineage", *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_lineage_of_the_first_champion_reproduces_then_names_what_changed(
+        repo_clone, monkeypatch):
+    root, env = repo_clone
+    # Version 1 came from the first `dvc repro` of this commit (its champion then).
+    info = json.loads(_lineage(root, env, monkeypatch, "1", "--json"))
+    for key in ("model_version", "alias", "git_commit", "git_dirty", "data_hashes",
+                "params_hash", "validation_success", "metrics", "reproducible", "differences"):
+        assert key in info, key
+    assert info["differences"] == [] and info["reproducible"] is True
+    assert info["validation_success"] is True and info["git_dirty"] == "false"
+    assert set(info["data_hashes"]) == {"data_raw_md5", "data_manifest_md5", "data_splits_md5"}
+    assert "missing" not in info["data_hashes"].values() and info["metrics"]["fg_iou"] is not None
+    assert "reproducible: yes" in _lineage(root, env, monkeypatch, "models:/liverseg/1")
+
+    found = json.loads(_lineage(root, env, monkeypatch, "--data-hash",
+                                info["data_hashes"]["data_raw_md5"][:12]))
+    assert 1 in [v["model_version"] for v in found["versions"]]
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    image = sorted((root / "data/raw/images").iterdir())[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # an edited data file
+    changed = json.loads(_lineage(root, env, monkeypatch, "1", "--json"))
+    assert changed["reproducible"] is False
+    text = "\n".join(changed["differences"])
+    assert "params train.epochs: 1 -> 2" in text
+    assert "workspace has uncommitted changes: params.yaml" in text
+    assert "data/raw: modified" in text
+
+
+def test_lineage_resolves_aliases_and_run_ids(repo_clone, monkeypatch):
+    root, env = repo_clone
+    champion = json.loads(_lineage(root, env, monkeypatch, "models:/liverseg@champion",
+                                   "--json", "--no-dvc-status"))
+    assert "champion" in champion["alias"]
+    by_run = json.loads(_lineage(root, env, monkeypatch, champion["run_id"], "--json",
+                                 "--no-dvc-status"))
+    assert by_run["run_id"] == champion["run_id"]
+    bad = CliRunner().invoke(app, ["lineage", "not-a-model"])
+    assert bad.exit_code == 1 and "expected models:/" in bad.output
+
+
+def test_params_hash_matches_a_fresh_parse_of_params_yaml(tmp_path):
+    raw = tiny_raw_params()
+    assert lineage.params_hash(parse_params(raw).dump()) == lineage.params_hash(
+        parse_params(yaml.safe_load(yaml.safe_dump(raw))).dump())
