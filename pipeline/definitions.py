@@ -11,14 +11,24 @@ for _var, _value in {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1",
 import dagster as dg  # noqa: E402
 
 from pipeline.assets import build_assets  # noqa: E402
-from pipeline.resources import DvcResource, MlflowResource  # noqa: E402
+from pipeline.checks import build_checks  # noqa: E402
+from pipeline.dvc_graph import load_stages  # noqa: E402
+from pipeline.resources import REPO_ROOT, resources_from_env  # noqa: E402
 from pipeline.schedules import retrain_job, retrain_schedule  # noqa: E402
+from pipeline.sensors import data_source_sensor, record_run_failure  # noqa: E402
+
+stages = load_stages(REPO_ROOT)
 
 defs = dg.Definitions(
-    assets=build_assets(),
+    assets=build_assets(REPO_ROOT),
+    asset_checks=build_checks(stages),
     jobs=[retrain_job],
     schedules=[retrain_schedule()],
-    resources={"dvc": DvcResource(), "mlflow": MlflowResource()},
-    # Stages share one DVC workspace and its lock: run them one at a time, in order.
+    sensors=[data_source_sensor, record_run_failure],
+    resources=resources_from_env(),
+    # In-process: one run = one process in one DVC workspace. The stages must run one at a
+    # time anyway (DVC's repo lock; the pool enforces it across runs too), so a process per
+    # step would only add start-up time. Runs spread over machines through the run
+    # launcher instead (docs/SCALING.md).
     executor=dg.in_process_executor,
 )

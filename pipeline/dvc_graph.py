@@ -50,8 +50,8 @@ def _interpolate(value, context: dict):
         return VAR.sub(lambda m: str(_lookup(context, m.group(1))), value)
     if isinstance(value, list):
         return [_interpolate(v, context) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v, context) for k, v in value.items()}
+    if isinstance(value, dict):  # keys too: `- reports/training/${item.model}.csv: {...}`
+        return {_interpolate(k, context): _interpolate(v, context) for k, v in value.items()}
     return value
 
 

@@ -1,4 +1,9 @@
-"""Resources: how Dagster reaches DVC and MLflow (configuration, not code, per deployment)."""
+"""Resources: how Dagster reaches DVC and MLflow (configuration, not code, per deployment).
+
+Every field can come from an environment variable (`ENV` below), so the same definitions run
+on a laptop (defaults: this checkout, the SQLite store in mlruns/) and on a cluster (a
+tracking server, an object-store DVC remote) without editing code.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# resource key -> field -> environment variable that sets it (when the variable is set).
+ENV = {
+    "dvc": {"repo_root": "LIVERSEG_REPO_ROOT", "executable": "LIVERSEG_DVC",
+            "remote": "LIVERSEG_DVC_REMOTE"},
+    "mlflow": {"tracking_uri": "MLFLOW_TRACKING_URI", "ui_url": "LIVERSEG_MLFLOW_UI_URL"},
+}
+
 
 def _default_dvc() -> str:
     """The dvc next to this interpreter (the Makefile links it there), else the one on PATH."""
@@ -24,11 +36,17 @@ class DvcResource(dg.ConfigurableResource):
 
     repo_root: str = str(REPO_ROOT)
     executable: str = _default_dvc()
-    remote: str | None = None  # e.g. an S3 remote name for `dvc push` after a run
+    # A DVC remote name (e.g. an S3 remote in .dvc/config): each stage pulls its outputs
+    # from it first (an unchanged stage then costs nothing on a fresh machine) and pushes
+    # them after, so the next run, wherever it is launched, finds them.
+    remote: str | None = None
 
-    def repro(self, stage: str, env: dict[str, str], log) -> None:
-        # --single-item: Dagster owns the ordering; each asset runs exactly its stage.
-        cmd = [self.executable, "repro", "--single-item", stage]
+    @property
+    def root(self) -> Path:
+        return Path(self.repo_root)
+
+    def _run(self, args: list[str], env: dict[str, str], log) -> None:
+        cmd = [self.executable, *args]
         log.info(f"running: {' '.join(cmd)}")
         # The stage commands (`liverseg ...`) live beside this interpreter.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -40,11 +58,38 @@ class DvcResource(dg.ConfigurableResource):
             raise dg.Failure(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}",
                              metadata={"output": dg.MetadataValue.text(proc.stderr[-4000:])})
 
+    def repro(self, stage: str, env: dict[str, str], log) -> None:
+        if self.remote:
+            self._run(["pull", "--allow-missing", "-r", self.remote, stage], env, log)
+        # --single-item: Dagster owns the ordering; each asset runs exactly its stage.
+        self._run(["repro", "--single-item", stage], env, log)
+        if self.remote:
+            self._run(["push", "-r", self.remote, stage], env, log)
+
 
 class MlflowResource(dg.ConfigurableResource):
     """Where runs and the registry live; empty means the embedded SQLite store."""
 
     tracking_uri: str = ""
+    # Where a browser sees the runs: the tracking server itself when tracking_uri is
+    # http(s); for the SQLite store, what `mlflow ui` serves by default.
+    ui_url: str = "http://127.0.0.1:5000"
 
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.tracking_uri} if self.tracking_uri else {}
+
+    def browser_url(self) -> str:
+        http = self.tracking_uri.startswith(("http://", "https://"))
+        return self.tracking_uri if http else self.ui_url
+
+
+def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    """The resources, with dg.EnvVar for each variable that is set (the UI shows its name).
+
+    EnvVar is resolved when a run starts, so a deployment changes the value without a
+    code change; unset variables keep the defaults above (an unset EnvVar would be an error).
+    """
+    environ = os.environ if environ is None else environ
+    fields = {key: {f: dg.EnvVar(var) for f, var in spec.items() if environ.get(var)}
+              for key, spec in ENV.items()}
+    return {"dvc": DvcResource(**fields["dvc"]), "mlflow": MlflowResource(**fields["mlflow"])}

@@ -1,0 +1,132 @@
+"""Asset checks on the stage outputs: plain file reads, so a check can be re-run alone.
+
+Blocking checks (validation, split leakage) fail with severity ERROR when the data must
+not flow on: Dagster then skips every downstream asset of the run. The GX suite itself ran
+in the validate stage (GX 1.x); its result is reports/validation.json, which is read here
+rather than re-validated, so the check and the stage can never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from pipeline.assets import asset_key
+from pipeline.dvc_graph import Stage
+from pipeline.metadata import csv_rows, read_json
+from pipeline.resources import DvcResource
+
+WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
+
+
+def _params(root: Path) -> dict:
+    file = root / "params.yaml"
+    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+
+
+def validation_result(root: Path) -> dg.AssetCheckResult:
+    """Pass: the suite passed. WARN: rows failed but quarantine holds them within policy.
+    ERROR (blocks downstream): no report, counts that do not reconcile, a failure that is
+    not attributable to slices, or more quarantine than validate.* allows."""
+    v = read_json(root / "reports/validation.json")
+    if not v:
+        return dg.AssetCheckResult(passed=False, severity=ERROR,
+                                   description="reports/validation.json is missing")
+    cfg = _params(root).get("validate", {})
+    n, accepted, quarantined = v.get("ingested", 0), v.get("accepted", 0), v.get("quarantined", 0)
+    failed = [r for r in v.get("rules", []) if not r.get("success")]
+    meta = {"ingested": n, "accepted": accepted, "quarantined": quarantined,
+            "failed_rules": ", ".join(r["rule"] for r in failed) or "none"}
+    limit = cfg.get("max_quarantine_fraction", 0.1)
+    problems = [msg for bad, msg in [
+        (n == 0, "no slices ingested"),
+        (n != accepted + quarantined,
+         f"counts do not reconcile: {n} != {accepted} + {quarantined}"),
+        (any(not r.get("failing_slices") for r in failed),
+         "a rule failed without naming slices (nothing to quarantine)"),
+        (v.get("policy", cfg.get("policy")) == "fail" and quarantined > 0,
+         "validate.policy=fail and slices failed"),
+        (quarantined > limit * n,
+         f"quarantined {quarantined}/{n} > max_quarantine_fraction {limit}"),
+    ] if bad]
+    if problems:
+        return dg.AssetCheckResult(passed=False, severity=ERROR, metadata=meta,
+                                   description="; ".join(problems))
+    if not v.get("success"):
+        return dg.AssetCheckResult(passed=False, severity=WARN, metadata=meta,
+                                   description=f"{quarantined} slices quarantined (within policy)")
+    return dg.AssetCheckResult(passed=True, metadata=meta, description="the suite passed")
+
+
+def leakage_result(root: Path) -> dg.AssetCheckResult:
+    """Recomputed from the split CSVs: no patient may appear in two splits."""
+    splits = {p.stem: csv_rows(p) for p in sorted((root / "data/splits").glob("*.csv"))}
+    if not splits.get("train") or not splits.get("val"):
+        return dg.AssetCheckResult(passed=False, severity=ERROR,
+                                   description="data/splits/{train,val}.csv missing or empty")
+    owners: dict[str, set[str]] = {}
+    for name, rows in splits.items():
+        for row in rows:
+            owners.setdefault(row["patient_id"], set()).add(name)
+    leaked = {p: sorted(s) for p, s in sorted(owners.items()) if len(s) > 1}
+    meta = {f"{name}_patients": len({r["patient_id"] for r in rows})
+            for name, rows in splits.items()}
+    meta["leaked_patients"] = ", ".join(f"{p} ({'/'.join(s)})" for p, s in leaked.items()) or "none"
+    return dg.AssetCheckResult(passed=not leaked, severity=ERROR, metadata=meta,
+                               description=f"{len(leaked)} patients in more than one split"
+                               if leaked else "every patient is in exactly one split")
+
+
+def quality_gate_result(root: Path, model: str) -> dg.AssetCheckResult:
+    """The register stage's gate, per model (WARN: a weak baseline is not an error)."""
+    metrics = read_json(root / f"reports/metrics/{model}.json")
+    gate = _params(root).get("register", {})
+    thresholds = {"fg_iou": gate.get("min_fg_iou", 0.0), "dice": gate.get("min_dice", 0.0)}
+    if not metrics:
+        return dg.AssetCheckResult(passed=False, severity=WARN,
+                                   description=f"reports/metrics/{model}.json is missing")
+    # null = undefined (no foreground anywhere): it cannot pass a gate.
+    failing = [f"{k} {metrics.get(k)} < {t}" for k, t in thresholds.items()
+               if metrics.get(k) is None or metrics[k] < t]
+    meta = {k: metrics.get(k) for k in thresholds if metrics.get(k) is not None}
+    meta |= {f"min_{k}": t for k, t in thresholds.items()}
+    return dg.AssetCheckResult(passed=not failing, severity=WARN, metadata=meta,
+                               description="; ".join(failing) or "passes the register gate")
+
+
+def report_result(root: Path) -> dg.AssetCheckResult:
+    html = root / "reports/report.html"
+    ok = html.is_file() and html.stat().st_size > 0 and "<html" in html.read_text()[:2000].lower()
+    return dg.AssetCheckResult(
+        passed=ok, severity=ERROR, description=None if ok else "reports/report.html missing",
+        metadata={"report": dg.MetadataValue.path(str(html))} if ok else {})
+
+
+def build_checks(stages: dict[str, Stage]) -> list[dg.AssetChecksDefinition]:
+    """The checks for the stages that exist in dvc.yaml (matrix items included)."""
+    checks = []
+
+    def add(stage_name: str, name: str, fn, blocking: bool = False, description: str = ""):
+        @dg.asset_check(asset=asset_key(stage_name), name=name, blocking=blocking,
+                        description=description)
+        def _check(dvc: DvcResource) -> dg.AssetCheckResult:
+            return fn(dvc.root)
+
+        checks.append(_check)
+
+    if "validate" in stages:
+        add("validate", "gx_validation", validation_result, blocking=True,
+            description="Great Expectations suite result (reports/validation.json), blocking")
+    if "split" in stages:
+        add("split", "no_patient_leakage", leakage_result, blocking=True,
+            description="No patient in two splits (recomputed from data/splits/*.csv), blocking")
+    for name in stages:
+        if name.startswith("evaluate@"):
+            model = name.split("@", 1)[1]
+            add(name, "quality_gate", lambda root, m=model: quality_gate_result(root, m),
+                description="fg_iou >= register.min_fg_iou and dice >= register.min_dice")
+    if "report" in stages:
+        add("report", "report_present", report_result, description="reports/report.html exists")
+    return checks

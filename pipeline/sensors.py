@@ -1,0 +1,103 @@
+"""Sensors: retrain when the configured data source changes; record every failed run.
+
+Both are STOPPED by default, like the schedule: a team turns them on in the UI
+(Automation tab) for the deployment that should retrain on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from pipeline.resources import REPO_ROOT, DvcResource
+from pipeline.schedules import retrain_job
+
+FILE_SOURCES = ("folder", "archive", "nifti")
+
+
+def _files(path: Path) -> list[tuple[str, int, int]]:
+    """(relative name, size, mtime) of every file under `path` (or of `path` itself)."""
+    if path.is_file():
+        st = path.stat()
+        return [(path.name, st.st_size, st.st_mtime_ns)]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            st = full.stat()
+            out.append((full.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def source_fingerprint(root: Path) -> str:
+    """What ingest reads, hashed: params `seed` + `data` (the phantom, a pinned Kaggle
+    version) and, for folder/archive/nifti sources, the names, sizes and mtimes of the files
+    under data.path. Cheap (no file contents read), so the sensor can tick every minute;
+    DVC's md5 of data/raw stays the exact record of what was ingested."""
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    data = params.get("data", {}) or {}
+    state: dict = {"seed": params.get("seed"), "data": data}
+    if data.get("source") in FILE_SOURCES and data.get("path"):
+        path = (root / Path(data["path"]).expanduser()).resolve()
+        state["files"] = _files(path) if path.exists() else f"missing: {path}"
+    blob = json.dumps(state, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dg.sensor(name="data_source_changed", job=retrain_job, minimum_interval_seconds=60,
+           default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Runs the pipeline when the configured data source changes "
+                       "(params `data`, or the files under data.path).")
+def data_source_sensor(context: dg.SensorEvaluationContext, dvc: DvcResource):
+    fingerprint = source_fingerprint(dvc.root)
+    cursor = json.loads(context.cursor) if context.cursor else None
+    if cursor is None:  # first tick: remember the source; what is there now is no change
+        context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": 0}))
+        return dg.SkipReason(f"recorded the data source fingerprint {fingerprint}")
+    if cursor["fingerprint"] == fingerprint:
+        return dg.SkipReason(f"data source unchanged ({fingerprint})")
+    changes = cursor["changes"] + 1
+    context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": changes}))
+    # The run key makes a retried tick launch one run, not two; the counter lets a source
+    # that changes back to an earlier state still trigger.
+    return dg.RunRequest(run_key=f"data-change-{changes}-{fingerprint}",
+                         tags={"liverseg/trigger": "data_source_changed",
+                               "liverseg/data_fingerprint": fingerprint})
+
+
+def failures_log(instance_root: str | None = None) -> Path:
+    home = os.environ.get("DAGSTER_HOME") or instance_root or str(REPO_ROOT / ".dagster_home")
+    return Path(home) / "failures.jsonl"
+
+
+def _messages(error) -> str:
+    """The error and its causes, outermost first (Dagster wraps the op's own exception)."""
+    chain = []
+    while error is not None:
+        chain.append(error.message.strip())
+        error = error.cause
+    return " <- ".join(chain)
+
+
+@dg.run_failure_sensor(name="record_run_failure", default_status=dg.DefaultSensorStatus.STOPPED,
+                       description="Appends every failed run to $DAGSTER_HOME/failures.jsonl.")
+def record_run_failure(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    steps = {e.step_key: _messages(e.event_specific_data.error)
+             for e in context.get_step_failure_events()
+             if e.step_key and e.event_specific_data and e.event_specific_data.error}
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run.run_id,
+              "job": run.job_name, "tags": dict(run.tags),
+              "message": context.failure_event.message, "failed_steps": steps}
+    path = failures_log(getattr(context.instance, "root_directory", None))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:  # one JSON line per failure: append-only, greppable
+        f.write(json.dumps(record, default=str) + "\n")
+    context.log.error(f"run {run.run_id} of {run.job_name} failed: {record['message']}")
