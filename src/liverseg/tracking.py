@@ -2,15 +2,32 @@
 
 Embedded default: a SQLite store and an artifact folder under `mlruns/` in the working
 directory (git-ignored). `MLFLOW_TRACKING_URI` points it at a server instead.
+
+A tracking server is probed once, with a short timeout and no retries, before MLflow is
+used: an unreachable server fails the stage in seconds, before any epoch runs, instead of
+after MLflow's own retries (minutes) or hours of training. Everything recorded about the
+server (run.json, logs, errors) carries the URI with its credentials masked.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+
+from liverseg.redact import install_log_redaction, redact
 
 EXPERIMENT = "liverseg"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+PROBE_TIMEOUT_ENV = "LIVERSEG_TRACKING_TIMEOUT"  # seconds for the reachability probe
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached; the message names it (credentials masked)."""
 
 
 def tracking_uri() -> str:
@@ -18,18 +35,63 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
+def public_tracking_uri() -> str:
+    """The tracking URI as it may be written down: passwords and tokens masked."""
+    return redact(tracking_uri())
+
+
+def check_reachable(uri: str, timeout: float | None = None) -> None:
+    """Fail fast unless an http(s) tracking server answers (any HTTP status counts)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return  # local stores (sqlite, file) need no network
+    timeout = timeout or float(os.environ.get(PROBE_TIMEOUT_ENV, "10"))
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    request = urllib.request.Request(urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")))
+    if parts.username:  # urllib does not take credentials from the URL
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: reachable (auth and routing are MLflow's to report)
+    except (OSError, ValueError) as exc:  # URLError, refused, timeout, bad host
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {redact(uri)} is unreachable ({redact(str(reason))}, "
+            f"timeout {timeout:g}s): start it, fix MLFLOW_TRACKING_URI, or unset it to use "
+            f"the local store mlruns/") from None
+
+
 def mlflow():
     """Import and configure mlflow: telemetry off, tracking URI set, experiment chosen."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    install_log_redaction()  # MLflow logs run URLs that embed the tracking URI
+    uri = tracking_uri()
+    check_reachable(uri)
     import mlflow as _mlflow
 
-    uri = tracking_uri()
     _mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:") and _mlflow.get_experiment_by_name(EXPERIMENT) is None:
         artifacts = Path.cwd() / "mlruns" / "artifacts"
         _mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
     _mlflow.set_experiment(EXPERIMENT)
     return _mlflow
+
+
+@contextmanager
+def start_run(mlf, run_name: str, run_id: str | None = None):
+    """Continue run `run_id` when it still exists (a resumed training), else start one."""
+    if run_id is not None:
+        try:
+            mlf.get_run(run_id)
+        except Exception:  # deleted store or run: a new run is better than no record
+            print(f"MLflow run {run_id} not found; starting a new run", flush=True)
+            run_id = None
+    with mlf.start_run(run_id=run_id, run_name=None if run_id else run_name) as active:
+        yield active
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:

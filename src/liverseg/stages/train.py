@@ -4,6 +4,14 @@ Writes `models/<model>/model.safetensors` (the best epoch by validation foregrou
 `models/<model>/config.json` (the resolved config), `models/<model>/run.json` (the MLflow
 run) and `reports/training/<model>.csv` (one row per epoch: losses, IoU, mIoU, pixel
 accuracy for train and validation; DVC plots read it).
+
+Resumable: after every epoch the whole training state (model, optimiser, scheduler, best
+weights, history, MLflow run id) is replaced atomically in `.checkpoints/<model>/<key>.pt`
+(see `checkpoint.TrainingCheckpoint`); a rerun after a kill continues from the last
+finished epoch in the same MLflow run and ends bitwise equal to an uninterrupted run on
+CPU, because every random stream (python, numpy, torch, the loader's shuffle generator,
+albumentations) is re-seeded from (seed, epoch) at the start of each epoch, so an epoch's
+randomness never depends on what ran before it. The checkpoint is deleted on success.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ import numpy as np
 import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from liverseg import checkpoint, tracking
+from liverseg import checkpoint, redact, tracking
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, eval_transform, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
@@ -33,6 +42,21 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 32-bit seed for one epoch, a pure function of (seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator, loader: DataLoader) -> None:
+    """Re-seed every random stream an epoch uses, so a resumed epoch replays exactly."""
+    value = epoch_seed(seed, epoch)
+    seed_everything(value)
+    generator.manual_seed(value)  # the loader's shuffle order (and its workers' seeds)
+    transform = getattr(loader.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):  # albumentations keeps its own generator
+        transform.set_random_seed(value)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -100,19 +124,25 @@ def run(
     raw_dir: str | Path = "data/raw",
     models_dir: str | Path = "models",
     history_dir: str | Path = "reports/training",
+    checkpoint_dir: str | Path = checkpoint.CHECKPOINT_ROOT,
 ) -> dict:
     if model_name not in params.models:
         raise ValueError(f"model {model_name!r} is not listed in params.yaml `models`: "
                          f"{params.models}")
-    splits_dir, raw_dir = Path(splits_dir), Path(raw_dir)
-    out_dir, history_path = Path(models_dir) / model_name, Path(history_dir) / f"{model_name}.csv"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with redact.redacted_errors():  # no credential reaches an error message
+        return _train(params, model_name, Path(splits_dir), Path(raw_dir),
+                      Path(models_dir) / model_name, Path(history_dir) / f"{model_name}.csv",
+                      Path(checkpoint_dir))
+
+
+def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out_dir: Path,
+           history_path: Path, checkpoint_root: Path) -> dict:
+    mlf = tracking.mlflow()  # first: an unreachable server fails before any real work
+    cfg = params.train
     stats = read_json(splits_dir / "stats.json")
     generator = seed_everything(params.seed)
-    device = pick_device(params.train.device)
+    device = pick_device(cfg.device)
     train_loader, val_loader = make_loaders(params, splits_dir, raw_dir, stats, generator)
-
-    cfg = params.train
     model = build_model(model_name, encoder=params.model.encoder,
                         encoder_weights=params.model.encoder_weights,
                         in_channels=params.model.in_channels,
@@ -121,44 +151,75 @@ def run(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
     loss_fn = make_loss(cfg.loss)
-    config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"])
 
-    mlf = tracking.mlflow()  # before the first epoch: an unreachable server fails fast
-    history, best = [], {"epoch": 0, "val_fg_iou": -math.inf}
-    started = time.perf_counter()
-    with mlf.start_run(run_name=model_name) as active:
-        mlf.set_tags({"model": model_name, "stage": f"train@{model_name}"})
-        mlf.log_params(tracking.flatten(params.dump()) | {"model_name": model_name,
-                       "n_parameters": sum(p.numel() for p in model.parameters())})
-        for epoch in range(1, cfg.epochs + 1):
+    ckpt = checkpoint.TrainingCheckpoint(
+        checkpoint_root, model_name, checkpoint.run_key(params, model_name, splits_dir, raw_dir))
+    state = ckpt.load() or {"epoch": 0, "history": [], "run_id": None, "seconds": 0.0,
+                            "best": {"epoch": 0, "val_fg_iou": -math.inf}}
+    if state["epoch"]:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        print(f"{model_name}: resuming after epoch {state['epoch']} from {ckpt.path}", flush=True)
+
+    started = time.perf_counter() - state["seconds"]
+    with tracking.start_run(mlf, model_name, state["run_id"]) as active:
+        if state["run_id"] == active.info.run_id:
+            mlf.set_tag("resumed_after_epoch", state["epoch"])
+        else:
+            mlf.set_tags(redact.redact_mapping({"model": model_name,
+                                                "stage": f"train@{model_name}"}))
+            mlf.log_params(redact.redact_mapping(tracking.flatten(params.dump()) | {
+                "model_name": model_name,
+                "n_parameters": sum(p.numel() for p in model.parameters())}))
+        state["run_id"] = active.info.run_id
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            seed_epoch(params.seed, epoch, generator, train_loader)
             train = run_epoch(model, train_loader, loss_fn, device, optimizer, scheduler,
                               desc=f"{model_name} epoch {epoch}/{cfg.epochs}")
             val = run_epoch(model, val_loader, loss_fn, device, desc="validate")
             row = epoch_row(epoch, train, val, scheduler.get_last_lr()[0])
-            history.append(row)
+            state["history"].append(row)
+            # Logged before the checkpoint: a kill in between replays this epoch and logs
+            # the same values again at the same step, rather than losing them.
             mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"
                              and not math.isnan(v)}, step=epoch)
             score = -1.0 if math.isnan(val["fg_iou"]) else val["fg_iou"]
-            if score > best["val_fg_iou"]:
-                best = {"epoch": epoch, "val_fg_iou": score}
-                checkpoint.save_weights(model, out_dir / checkpoint.WEIGHTS)
+            if score > state["best"]["val_fg_iou"]:
+                state["best"] = {"epoch": epoch, "val_fg_iou": score}
+                state["best_model"] = checkpoint.cpu_state(model)
+            state |= {"epoch": epoch, "seconds": time.perf_counter() - started,
+                      "model": checkpoint.cpu_state(model),
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            ckpt.save(state)
             print(f"{model_name} epoch {epoch}: train loss {train['loss']:.4f}, "
                   f"val loss {val['loss']:.4f}, val fg IoU {val['fg_iou']:.4f}", flush=True)
-
-        seconds = time.perf_counter() - started
-        config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
-                   "train_seconds": round(seconds, 1), "device": str(device)}
-        checkpoint.save_config(config, out_dir / checkpoint.CONFIG)
-        with atomic_path(history_path) as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
-        mlf.log_metrics({"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
-                         "train_seconds": seconds})
-        mlf.log_artifact(str(history_path))
-        example = next(iter(val_loader))[0][:1].numpy()
-        model_uri = tracking.log_model(mlf, out_dir, example)
-        run_info = {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
-                    "model_uri": model_uri,
-                    "tracking_uri": tracking.tracking_uri()}
+        run_info = _finish(mlf, active, params, model_name, state, out_dir, history_path,
+                           stats, device, val_loader)
     write_json(out_dir / "run.json", run_info)
-    return {"model": model_name, **best, "epochs": cfg.epochs, "seconds": round(seconds, 1),
+    ckpt.remove()  # only now: everything the checkpoint protected is written
+    best, seconds = state["best"], round(state["seconds"], 1)
+    return {"model": model_name, **best, "epochs": cfg.epochs, "seconds": seconds,
             "device": str(device), "run_id": run_info["run_id"]}
+
+
+def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: Path,
+            history_path: Path, stats: dict, device, val_loader) -> dict:
+    """Write the best weights, config and curves; log them and the model to MLflow."""
+    best, seconds = state["best"], state["seconds"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / checkpoint.WEIGHTS) as tmp:
+        save_file(state["best_model"], str(tmp))
+    config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"])
+    config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
+               "train_seconds": round(seconds, 1), "device": str(device)}
+    checkpoint.save_config(config, out_dir / checkpoint.CONFIG)
+    with atomic_path(history_path) as tmp:
+        pd.DataFrame(state["history"]).to_csv(tmp, index=False)
+    mlf.log_metrics({"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
+                     "train_seconds": seconds})
+    mlf.log_artifact(str(history_path))
+    example = next(iter(val_loader))[0][:1].numpy()
+    model_uri = tracking.log_model(mlf, out_dir, example)
+    return {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,
+            "model_uri": model_uri, "tracking_uri": tracking.public_tracking_uri()}
