@@ -40,3 +40,14 @@ def test_cli_rejects_bad_params_at_once(tmp_path):
     assert proc.returncode == 1
     assert "train.epochz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_cli_lists_every_model_with_its_parameter_count():
+    from liverseg.models import MODEL_NAMES
+
+    proc = subprocess.run([sys.executable, "-m", "liverseg.cli", "models", "-p",
+                           str(REPO / "params.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(MODEL_NAMES)
+    assert all(int(line.split()[1].replace(",", "")) > 1_000_000 for line in lines)

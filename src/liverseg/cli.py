@@ -178,11 +178,16 @@ def export(
 
 
 @app.command()
-def models() -> None:
-    """List the model names the registry can build."""
-    from liverseg.models import MODEL_NAMES
+def models(params: Path = PARAMS) -> None:
+    """List the models the registry builds, with parameter counts at the configured encoder."""
+    from liverseg.config import load_params
+    from liverseg.models import MODEL_NAMES, build_model
 
-    typer.echo("\n".join(MODEL_NAMES))
+    cfg = load_params(params).model
+    for name in MODEL_NAMES:
+        net = build_model(name, encoder=cfg.encoder, in_channels=cfg.in_channels,
+                          options=cfg.options_for(name))
+        typer.echo(f"{name:15s} {sum(p.numel() for p in net.parameters()):>12,d} parameters")
 
 
 def main() -> None:  # pragma: no cover - `python -m liverseg.cli`
