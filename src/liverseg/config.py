@@ -125,10 +125,14 @@ class SplitParams(Strict):
 
 
 class EnhancedPanParams(Strict):
+    """Every component the paper adds to PAN is a switch, so ablations are configurations."""
+
     se: bool = True
     aspp: bool = True
     attention: bool = True
     residual: bool = True
+    aspp_rates: list[int] = Field(default_factory=lambda: [6, 12, 18], min_length=1)
+    decoder_channels: int = Field(64, ge=8)
 
 
 class ModelParams(Strict):
