@@ -125,7 +125,7 @@ def workspace(tmp_path_factory) -> dict:
                                              index=False)
         metrics = metrics_row(model, i)
         write_json(reports / "metrics" / f"{model}.json", metrics)
-        rows.append({k: metrics[k] for k, _, _ in report.COMPARISON_COLUMNS})
+        rows.append({k: metrics.get(k) for k, _, _ in report.COMPARISON_COLUMNS})
     rows[1]["precision"] = float("nan")  # compare writes NaN (not null) for undefined values
     (reports / "comparison.json").write_text(json.dumps({
         "rank_by": "fg_iou", "best_model": MODELS[0], "best_score": 0.71,

@@ -39,10 +39,12 @@ PER_IMAGE_COLUMNS = ["slice_id", "fg_iou", "tp", "fp", "fn", "truth_pixels"]
 # (key, header, format spec); "d" specs accept floats such as 7.0 (pandas turns int columns
 # holding a null into floats).
 COMPARISON_COLUMNS = [
-    ("model", "Model", None), ("fg_iou", "FG IoU", ".4f"), ("miou", "mIoU", ".4f"),
+    ("model", "Model", None), ("fg_iou", "FG IoU", ".4f"), ("fg_iou_ci", "FG IoU 95% CI", "ci"),
+    ("miou", "mIoU", ".4f"),
     ("dice", "Dice", ".4f"), ("precision", "Precision", ".4f"), ("recall", "Recall", ".4f"),
     ("pixel_accuracy", "Pixel acc.", ".4f"), ("per_image_fg_iou_mean", "Per-image FG IoU", ".4f"),
-    ("n_parameters", "Parameters", ",d"), ("images_per_second", "Images/s", ".1f"),
+    ("n_parameters", "Parameters", ",d"), ("gflops", "GFLOPs", ".3f"),
+    ("images_per_second", "Images/s", ".1f"),
     ("best_epoch", "Best epoch", "d"),
 ]
 
@@ -74,6 +76,8 @@ def fmt(value, spec: str | None = ".4f") -> str:
         return "yes" if value else "no"
     if spec is None or isinstance(value, str):
         return str(value)
+    if spec == "ci":  # a [low, high] bootstrap interval
+        return "n/a" if any(is_missing(v) for v in value) else f"[{value[0]:.4f}, {value[1]:.4f}]"
     if spec.endswith("d"):
         value = int(value)
     return format(value, spec)
