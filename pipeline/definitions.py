@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from liverseg.offline import disable_telemetry
 
-for _var, _value in {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1",
-                     "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-    os.environ.setdefault(_var, _value)
+disable_telemetry()  # before dagster is imported
 
 import dagster as dg  # noqa: E402
 

@@ -9,17 +9,14 @@ exit 1 instead of a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import typer
 
-# Nothing phones home or waits on the network (set before the libraries are imported).
-for _var, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "False",
-                     "NO_ALBUMENTATIONS_UPDATE": "1", "DAGSTER_DISABLE_TELEMETRY": "1",
-                     "DVC_NO_ANALYTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-    os.environ.setdefault(_var, _value)
+from liverseg.offline import disable_telemetry
+
+disable_telemetry()  # before the stage's libraries are imported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Liver-tumour segmentation pipeline: one command per DVC stage.")
