@@ -126,3 +126,24 @@ def test_msd_split_keeps_volumes_apart_and_a_slice_split_leaks(shared_data, work
     naive = {"train": everything.iloc[:400], "val": everything.iloc[400:]}
     with pytest.raises(LeakageError, match="patient .* is in both"):
         check_no_leakage(naive)
+    # The README's reference split: volume % 5 == 4 -> val, == 0 -> test, the rest train.
+    ref = p.model_copy(update={"split": p.split.model_validate(
+        {"patient_modulo": {"modulus": 5, "val": [4], "test": [0]}})})
+    counts = split.run(ref)
+    assert counts["train"] + counts["val"] + counts["test"] == 527
+    for name, residues in (("train", {1, 2, 3}), ("val", {4}), ("test", {0})):
+        frame = pd.read_csv(workdir / f"data/splits/{name}.csv", dtype={"patient_id": str})
+        assert {int(v) % 5 for v in frame.patient_id} <= residues, name
+        assert name == "test" or len(frame) > 0  # this copy of MSD has no volume % 5 == 0
+
+
+def test_patient_modulo_rule_needs_numeric_ids_and_disjoint_residues():
+    from liverseg.config import ConfigError, parse_params
+
+    rule = parse_params({"split": {"patient_modulo": {"modulus": 5, "val": [4]}}})
+    assert split.assign_by_modulo(["009", "014", "3"], rule.split.patient_modulo) == {
+        "009": "val", "014": "val", "3": "train"}
+    with pytest.raises(ValueError, match="numeric patient ids.*'p1'"):
+        split.assign_by_modulo(["p1"], rule.split.patient_modulo)
+    with pytest.raises(ConfigError, match="both val and test"):
+        parse_params({"split": {"patient_modulo": {"modulus": 5, "val": [4], "test": [4]}}})

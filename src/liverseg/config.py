@@ -110,12 +110,30 @@ class ValidateParams(Strict):
     min_image_std: float = Field(1.0, ge=0)  # below it the image is blank
 
 
+class PatientModulo(Strict):
+    """A fixed split by numeric patient id: ``int(id) % modulus`` in ``val`` -> val, in
+    ``test`` -> test, anything else -> train (MSD's reference: val {4}, test {0})."""
+
+    modulus: int = Field(gt=1)
+    val: list[int]
+    test: list[int] = []
+
+    @model_validator(mode="after")
+    def _disjoint(self):
+        if set(self.val) & set(self.test):
+            raise ValueError(f"patient_modulo: residues {sorted(set(self.val) & set(self.test))}"
+                             " are in both val and test")
+        return self
+
+
 class SplitParams(Strict):
     val_fraction: float = Field(0.25, gt=0, lt=1)  # of the patients
     test_fraction: float = Field(0.0, ge=0, lt=1)  # 0: no test split (test.csv is empty)
     # patient: no patient in two splits. slab: for data with too few patients (one LiTS
     # volume), contiguous slice ranges per patient (train first, then val, then test).
     group_by: Literal["patient", "slab"] = "patient"
+    # group_by patient only: a fixed rule instead of the seeded fractions (reference splits)
+    patient_modulo: PatientModulo | None = None
 
     @model_validator(mode="after")
     def _leaves_train(self):

@@ -72,6 +72,16 @@ def assign_slabs(frame: pd.DataFrame, val_fraction: float, test_fraction: float)
     return side
 
 
+def assign_by_modulo(patients: list[str], rule) -> dict[str, str]:
+    """Patient -> split by ``int(patient_id) % rule.modulus`` (a published reference split)."""
+    bad = [p for p in patients if not str(p).isdigit()]
+    if bad:
+        raise ValueError(f"split.patient_modulo needs numeric patient ids; got {bad[:5]}")
+    residue = {p: int(p) % rule.modulus for p in patients}
+    return {p: "val" if r in rule.val else "test" if r in rule.test else "train"
+            for p, r in residue.items()}
+
+
 def check_no_leakage(splits: dict[str, pd.DataFrame], group: str = "patient_id") -> None:
     """Raise if a group (patient, or slice in slab mode) or identical image content (when
     hashes are given) is in two splits."""
@@ -110,6 +120,9 @@ def run(
     cfg = params.split
     if cfg.group_by == "slab":
         side = assign_slabs(accepted, cfg.val_fraction, cfg.test_fraction)
+    elif cfg.patient_modulo:
+        side = accepted["patient_id"].map(
+            assign_by_modulo(list(accepted["patient_id"].unique()), cfg.patient_modulo))
     else:
         positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
         by_patient = assign_patients(list(accepted["patient_id"].unique()), cfg.val_fraction,
@@ -123,7 +136,9 @@ def run(
     mean, std = pixel_stats(Path(raw_dir), splits["train"]["image"])
     stats = {"mean": mean, "std": std, "seed": params.seed, "leakage_checked": True,
              "grouped_by": cfg.group_by,
-             "stratified_by": "patient has foreground" if cfg.group_by == "patient" else None}
+             "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else "seeded fractions",
+             "stratified_by": "patient has foreground" if cfg.group_by == "patient"
+             and not cfg.patient_modulo else None}
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}

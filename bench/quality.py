@@ -1,0 +1,120 @@
+"""Quality benchmark on real CT data, run on demand: `python bench/quality.py liver|tumor`.
+
+Clones the committed code (HEAD) into a work directory, writes params.yaml there as
+params.yaml + the preset in bench/quality.yaml, runs the whole pipeline with `dvc repro`
+(ingest .. report, so the report of the run is in <workdir>/reports/report.html) and
+collects one row per model into bench/results/quality-<dataset>.csv, with a JSON beside it
+that says how it was measured (machine, commit, command, params). Needs `make install`.
+Options: --models / --epochs to run a smaller version (then the file name says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+COLUMNS = ["model", "fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "sec_per_epoch",
+           "epochs", "params", "best_epoch"]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def preset_params(dataset: str, models: list[str] | None, epochs: int | None) -> dict:
+    presets = yaml.safe_load((REPO / "bench" / "quality.yaml").read_text())
+    if dataset not in presets or dataset == "common":
+        raise SystemExit(f"unknown dataset {dataset!r}; bench/quality.yaml has "
+                         f"{sorted(set(presets) - {'common'})}")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = merge(merge(params, presets["common"]), presets[dataset])
+    data_path = (REPO / params["data"]["path"]).resolve()
+    if not data_path.exists():
+        raise SystemExit(f"{data_path} not found: the benchmark reads ../shared/data")
+    params["data"]["path"] = str(data_path)
+    if models:
+        params["models"] = models
+    if epochs:
+        params["train"]["epochs"] = epochs
+    return params
+
+
+def prepare_workdir(workdir: Path, params: dict) -> str:
+    if not (workdir / ".git").exists():
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(workdir)], check=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    subprocess.run(["git", "-C", str(workdir), "fetch", "--quiet", str(REPO), head], check=True)
+    subprocess.run(["git", "-C", str(workdir), "checkout", "--quiet", "--force", head],
+                   check=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return head
+
+
+def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
+    rows = []
+    for name in models:
+        metrics = json.loads((workdir / "reports/metrics" / f"{name}.json").read_text())
+        config = json.loads((workdir / "models" / name / "config.json").read_text())
+        epochs = config["params"]["train"]["epochs"]
+        rows.append({"model": name, "fg_iou": metrics["fg_iou"], "dice": metrics["dice"],
+                     "miou": metrics["miou"], "image_iou": metrics["per_image_fg_iou_mean"],
+                     "pixel_accuracy": metrics["pixel_accuracy"],
+                     "sec_per_epoch": round(config["train_seconds"] / epochs, 2),
+                     "epochs": epochs, "params": metrics["n_parameters"],
+                     "best_epoch": metrics["best_epoch"]})
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values("fg_iou", ascending=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", help="a preset of bench/quality.yaml: liver | tumor")
+    parser.add_argument("--models", type=lambda s: s.split(","), help="comma-separated subset")
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--workdir", type=Path, help="default: bench/.work/<dataset>")
+    args = parser.parse_args()
+
+    params = preset_params(args.dataset, args.models, args.epochs)
+    workdir = (args.workdir or REPO / "bench" / ".work" / args.dataset).resolve()
+    commit = prepare_workdir(workdir, params)
+    env = os.environ | {"PYTHONPATH": str(workdir / "src"),  # the clone's code, not REPO's
+                        "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    started = time.time()
+    subprocess.run(["dvc", "repro"], cwd=workdir, env=env, check=True)
+    table = collect(workdir, params["models"])
+
+    full = not (args.models or args.epochs)
+    stem = f"quality-{args.dataset}" + ("" if full else "-partial")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table.to_csv(RESULTS / f"{stem}.csv", index=False)
+    facts = {"command": " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:])]),
+             "commit": commit, "wall_seconds": round(time.time() - started),
+             "machine": {"platform": platform.platform(), "cpu": platform.processor(),
+                         "cores": os.cpu_count(), "torch": torch.__version__,
+                         "threads": torch.get_num_threads(),
+                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
+                         else None},
+             "params": params, "report": str(workdir / "reports" / "report.html")}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(facts, indent=2) + "\n")
+    print(table.to_markdown(index=False, floatfmt=".4f"))
+
+
+if __name__ == "__main__":
+    main()
