@@ -14,7 +14,7 @@ from liverseg import lineage, tracking
 from liverseg.cli import app
 from liverseg.config import RegisterParams, load_params, parse_params
 from liverseg.stages import register
-from tests.conftest import tiny_raw_params
+from tests.conftest import sh, tiny_raw_params
 
 # ----------------------------------------------------------------------------- the gate
 
@@ -86,6 +86,55 @@ def test_champion_stays_against_a_worse_candidate_and_moves_for_a_better_one(
     assert {"params", "params_hash", "model_config", "metrics", "metric_fg_iou",
             "data_splits_md5", "model_md5", "validation_success"} <= set(tags)
     assert "missing" not in (tags["data_raw_md5"], tags["model_md5"])
+
+
+def _repro_with(root, env, **sections) -> dict:
+    """Edit params.yaml, rerun the whole pipeline, return what register wrote."""
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section] = raw[section] | values if isinstance(values, dict) else values
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sh(["dvc", "repro"], root, env)
+    return json.loads((root / "reports/registry.json").read_text())
+
+
+@pytest.mark.slow
+def test_pipeline_reruns_move_the_champion_for_a_better_model_and_keep_it_against_a_worse(
+        repo_clone, monkeypatch):
+    """Two more `dvc repro` runs on the same split after the first (v1, champion): a better
+    model (more epochs) and then a genuinely worse one (learning rate 1000x too small)."""
+    root, env = repo_clone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    first = json.loads((root / "reports/registry.json").read_text())
+    assert first["version"] == 1 and first["alias"] == "champion"
+    fg = {1: _best_score(root)}
+
+    better = _repro_with(root, env, models=["unet_cbam"], train={"epochs": 6})
+    fg[2] = _best_score(root)
+    assert fg[2] > fg[1], fg  # the premise: this run really is better
+    assert better["version"] == 2 and better["alias"] == "champion"
+
+    worse = _repro_with(root, env, train={"epochs": 1, "lr": 3e-6})
+    fg[3] = _best_score(root)
+    assert fg[3] < fg[2], fg
+    assert worse["version"] == 3 and worse["alias"] == "challenger"
+    assert f"< champion v2 {fg[2]:.4f}" in worse["quality_gate"]
+
+    client = tracking.mlflow().MlflowClient()
+    model = client.get_registered_model("liverseg")
+    assert model.aliases == {"champion": 2, "challenger": 3}
+    assert "champion v2" in client.get_model_version("liverseg", "3").tags["gate_reason"]
+    moves = [(e["alias"], e["from_version"], e["to_version"])
+             for e in json.loads(model.tags["alias_history"])]
+    assert moves == [("champion", None, 1), ("champion", 1, 2), ("challenger", None, 3)]
+    html = (root / "reports/report.html").read_text()  # the report shows every move
+    history = html.split('id="alias-history"')[1].split("</table>")[0]
+    assert "<td>Champion now</td><td>version 2</td>" in html
+    assert history.count("<td>champion</td>") == 2 and history.count("<td>challenger</td>") == 1
+
+
+def _best_score(root) -> float:
+    return json.loads((root / "reports/comparison.json").read_text())["best_score"]
 
 
 def _with_register(params, **update):

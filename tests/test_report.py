@@ -136,7 +136,14 @@ def workspace(tmp_path_factory) -> dict:
         "tags": {"git_commit": "deadbeef", "git_dirty": "true", "data_raw_md5": "r1.dir",
                  "data_manifest_md5": "m1", "data_splits_md5": "s1.dir",
                  "params_hash": "0123456789abcdef", "validation_success": "false",
-                 "note": "<b>escaped</b>"}})
+                 "note": "<b>escaped</b>"},
+        "alias_history": [
+            {"alias": "champion", "from_version": None, "to_version": 1, "who": "ci@host",
+             "when": "2026-11-01T03:00:00+00:00", "why": "passed: fg_iou 0.6000 >= 0.5"},
+            {"alias": "champion", "from_version": 1, "to_version": 2, "who": "ci@host",
+             "when": "2026-11-08T03:00:00+00:00", "why": "passed: fg_iou 0.7100 >= 0.5"},
+            {"alias": "challenger", "from_version": None, "to_version": 3, "who": "ci@host",
+             "when": "2026-11-15T03:00:00+00:00", "why": "failed: fg_iou 0.4100 < 0.5"}]})
 
     params = make_params(MODELS)
     summary = report.run(params, raw_dir=raw, splits_dir=splits, reports_dir=reports)
@@ -178,6 +185,11 @@ def test_content(workspace):
     html = workspace["html"]
     assert "n/a" in html  # null precision (metrics) and NaN precision (comparison)
     assert "no alias: gate failed" in html
+    # The champion (v2) and every alias move, newest first, with who/when/why.
+    assert "<td>Champion now</td><td>version 2</td>" in html
+    history = html.split('id="alias-history"')[1].split("</table>")[0]
+    assert history.index("2026-11-15") < history.index("2026-11-08") < history.index("2026-11-01")
+    assert "failed: fg_iou 0.4100 &lt; 0.5" in history and history.count("ci@host") == 3
     assert "git checkout deadbeef &amp;&amp; dvc pull &amp;&amp; dvc repro" in html
     assert "p05_0000" in html  # quarantine table
     for role in ("best", "median", "worst"):

@@ -453,8 +453,17 @@ def lineage_context(registry: dict) -> dict:
         ("Params hash", tags.get("params_hash", "missing")),
         ("Validation success", tags.get("validation_success", "unknown")),
     ]
+    history = registry.get("alias_history") or []
+    champion = next((e["to_version"] for e in reversed(history) if e["alias"] == "champion"),
+                    None)
+    rows.insert(3, ("Champion now", f"version {champion}" if champion else "none"))
     return {
         "rows": Table(["Field", "Value"], [[k, fmt(v, None)] for k, v in rows]),
+        # The registry keeps no alias history (mlflow#2169): register records every move.
+        "history": Table(["When (UTC)", "Alias", "From version", "To version", "Who", "Why"],
+                         [[e["when"], e["alias"], fmt(e["from_version"], None),
+                           str(e["to_version"]), e["who"], e["why"]]
+                          for e in reversed(history)]),
         "tags": Table(["Tag", "Value"], [[k, str(v)] for k, v in sorted(tags.items())]),
         "command": f"git checkout {commit} && dvc pull && dvc repro",
         "dirty": tags.get("git_dirty") == "true",
