@@ -5,7 +5,8 @@ params.yaml + the preset in bench/quality.yaml, runs the whole pipeline with `dv
 (ingest .. report, so the report of the run is in <workdir>/reports/report.html) and
 collects one row per model into bench/results/quality-<dataset>.csv, with a JSON beside it
 that says how it was measured (machine, commit, command, params). Needs `make install`.
-Options: --models / --epochs run less than the preset (the JSON then says
+Ablations: `--set model.enhanced_pan.aspp=false --name quality-tumor-no-aspp` (any params key,
+as `dvc exp run -S`). Options: --models / --epochs run less than the preset (the JSON then says
 "complete_preset": false, and the CSV's rows and `epochs` column say what ran).
 """
 
@@ -39,7 +40,20 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def preset_params(dataset: str, models: list[str] | None, epochs: int | None) -> dict:
+def set_key(params: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML), like `dvc exp run -S`."""
+    key, _, value = assignment.partition("=")
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise SystemExit(f"--set {assignment}: params.yaml has no section {key!r}")
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+
+
+def preset_params(dataset: str, models: list[str] | None, epochs: int | None,
+                  assignments: list[str]) -> dict:
     presets = yaml.safe_load((REPO / "bench" / "quality.yaml").read_text())
     if dataset not in presets or dataset == "common":
         raise SystemExit(f"unknown dataset {dataset!r}; bench/quality.yaml has "
@@ -54,6 +68,8 @@ def preset_params(dataset: str, models: list[str] | None, epochs: int | None) ->
         params["models"] = models
     if epochs:
         params["train"]["epochs"] = epochs
+    for assignment in assignments:
+        set_key(params, assignment)
     return params
 
 
@@ -89,11 +105,15 @@ def main() -> None:
     parser.add_argument("dataset", help="a preset of bench/quality.yaml: liver | tumor")
     parser.add_argument("--models", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
-    parser.add_argument("--workdir", type=Path, help="default: bench/.work/<dataset>")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more params override, e.g. model.enhanced_pan.aspp=false")
+    parser.add_argument("--name", help="results file stem; default quality-<dataset>")
+    parser.add_argument("--workdir", type=Path, help="default: bench/.work/<name>")
     args = parser.parse_args()
 
-    params = preset_params(args.dataset, args.models, args.epochs)
-    workdir = (args.workdir or REPO / "bench" / ".work" / args.dataset).resolve()
+    params = preset_params(args.dataset, args.models, args.epochs, args.set)
+    stem = args.name or f"quality-{args.dataset}"
+    workdir = (args.workdir or REPO / "bench" / ".work" / stem).resolve()
     commit = prepare_workdir(workdir, params)
     env = os.environ | {"PYTHONPATH": str(workdir / "src"),  # the clone's code, not REPO's
                         "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
@@ -101,13 +121,13 @@ def main() -> None:
     subprocess.run(["dvc", "repro"], cwd=workdir, env=env, check=True)
     table = collect(workdir, params["models"])
 
-    stem = f"quality-{args.dataset}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     table.to_csv(RESULTS / f"{stem}.csv", index=False)
     facts = {"command": " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:])]),
              "commit": commit,
              # False when --models/--epochs ran less than the preset: the table says what ran
-             "complete_preset": not (args.models or args.epochs), "wall_seconds": round(time.time() - started),
+             "complete_preset": not (args.models or args.epochs or args.set),
+             "wall_seconds": round(time.time() - started),
              "machine": {"platform": platform.platform(), "cpu": platform.processor(),
                          "cores": os.cpu_count(), "torch": torch.__version__,
                          "threads": torch.get_num_threads(),

@@ -105,6 +105,19 @@ def test_enhanced_pan_options_are_applied() -> None:
         assert model.eval()(torch.randn(2, 1, 64, 64)).shape == (2, 3, 64, 64)
 
 
+def test_enhanced_pan_decoder_stride_2_adds_a_finer_level() -> None:
+    pan4 = build_model("enhanced_pan")
+    pan2 = build_model("enhanced_pan", options={"decoder_stride": 2})
+    assert len(pan2.net.levels) == len(pan4.net.levels) + 1
+    seen = []
+    pan2.net.attention.register_forward_hook(lambda m, i, o: seen.append(o.shape[-2:]))
+    with torch.no_grad():
+        assert pan2.eval()(torch.randn(2, 1, 70, 90)).shape == (2, 1, 70, 90)
+    assert seen == [(40, 48)]  # padded to 80x96, decoded at 1/2
+    with pytest.raises(ValueError, match="decoder_stride must be 2 or 4"):
+        build_model("enhanced_pan", options={"decoder_stride": 8})
+
+
 def test_unknown_model_name_raises() -> None:
     with pytest.raises(ValueError, match="no_such_net") as err:
         build_model("no_such_net")

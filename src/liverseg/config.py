@@ -151,6 +151,7 @@ class EnhancedPanParams(Strict):
     residual: bool = True
     aspp_rates: list[int] = Field(default_factory=lambda: [6, 12, 18], min_length=1)
     decoder_channels: int = Field(64, ge=8)
+    decoder_stride: Literal[2, 4] = 4  # 4: PAN as published; 2: one more level (small lesions)
 
 
 class ModelParams(Strict):

@@ -1,10 +1,16 @@
 """Enhanced Pyramid Attention Network: PAN (FPA + GAU) plus switchable SE, ASPP, residual
 refinement and softmax spatial attention, on an smp encoder (EfficientNet-B0 by default).
 
-Data flow (encoder output stride 16, features f2..f5 at 1/4, 1/8, 1/16, 1/16)::
+Data flow (encoder output stride 16, features f1..f5 at 1/2, 1/4, 1/8, 1/16, 1/16)::
 
-    f5 -> [ASPP] -> FPA -> GAU(f4) -> GAU(f3) -> GAU(f2) -> [attention] -> 1x1 conv -> x4 up
+    f5 -> [ASPP] -> FPA -> GAU(f4) -> GAU(f3) -> GAU(f2) [-> GAU(f1)] -> [attention]
+       -> 1x1 conv -> x4 (x2) up
     each GAU level: skip -> [SE] -> GAU -> [SE] -> [residual unit]
+
+``decoder_stride`` 4 is PAN as published (the decoder ends at 1/4 of the input). 2 adds one
+more GAU level on the stride-2 features: at 128 px a stride-4 map is 32x32, so a lesion of a
+few pixels is below its resolution; U-Net-style decoders, which reach full resolution, keep
+such lesions. The level costs little (16 skip channels at 1/2).
 
 With every switch off this is the plain PAN decoder of Li et al. 2018 (FPA + three GAUs), up to
 the small deviations documented in ``blocks.FPA``/``blocks.GAU`` and the 1x1 head.
@@ -83,6 +89,7 @@ class EnhancedPAN(nn.Module):
         aspp_rates: atrous rates; (6, 12, 18) is DeepLabv3's choice at stride 16. At 128 px input
             the stride-16 map is 8x8, so rates >= 8 see mostly padding (they behave like 1x1).
         output_stride: encoder output stride (16: last stage dilated, as in PAN/DeepLabv3).
+        decoder_stride: 4 (PAN) or 2 (one more GAU level on the stride-2 encoder features).
     """
 
     def __init__(
@@ -98,10 +105,14 @@ class EnhancedPAN(nn.Module):
         residual: bool = True,
         aspp_rates: Sequence[int] = (6, 12, 18),
         output_stride: int = 16,
+        decoder_stride: int = 4,
     ):
         super().__init__()
         self.encoder = build_encoder(encoder_name, in_channels, encoder_weights, output_stride)
-        skips = self.encoder.out_channels[2:5]  # 1/4, 1/8, 1/16 features
+        if decoder_stride not in (2, 4):
+            raise ValueError(f"decoder_stride must be 2 or 4, got {decoder_stride}")
+        self.first_skip = {4: 2, 2: 1}[decoder_stride]  # features[i] is at stride 2**i
+        skips = self.encoder.out_channels[self.first_skip:5]
         deepest = self.encoder.out_channels[5]
         c = decoder_channels
         self.aspp = ASPP(deepest, c, tuple(aspp_rates)) if aspp else nn.Identity()
@@ -113,7 +124,7 @@ class EnhancedPAN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
         out = self.fpa(self.aspp(features[5]))
-        for level, skip in zip(self.levels, reversed(features[2:5]), strict=True):
+        for level, skip in zip(self.levels, reversed(features[self.first_skip:5]), strict=True):
             out = level(skip, out)
         logits = self.head(self.attention(out))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

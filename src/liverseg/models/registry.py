@@ -65,7 +65,8 @@ def _own(cls: type[nn.Module]) -> Builder:
     return build
 
 
-ENHANCED_PAN_OPTIONS = ("se", "aspp", "attention", "residual", "aspp_rates", "decoder_channels")
+ENHANCED_PAN_OPTIONS = ("se", "aspp", "attention", "residual", "aspp_rates", "decoder_channels",
+                        "decoder_stride")
 
 REGISTRY: dict[str, ModelSpec] = {
     # stride-16 encoder; our FPA handles tiny maps, so only divisibility by 16 is needed
