@@ -177,6 +177,11 @@ class TrainParams(Strict):
     # The paper trains with binary cross-entropy alone ("bce"); with ~1% tumour pixels the
     # default adds soft Dice, the usual answer to that imbalance.
     loss: Literal["bce", "bce_dice"] = "bce_dice"
+    # GPU path (ignored on CPU, where training stays fp32 and bitwise reproducible).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
+    channels_last: bool = True
+    compile: bool = False        # torch.compile the model (minutes of warm-up; pays off on GPU)
+    deterministic: bool = False  # True: deterministic kernels, no cudnn.benchmark (slower)
 
 
 class EvaluateParams(Strict):

@@ -59,14 +59,19 @@ def global_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, floa
 
 
 class ConfusionMeter:
-    """Accumulates pooled counts over batches (the 'global' aggregation)."""
+    """Accumulates pooled counts over batches (the 'global' aggregation).
+
+    The counts live on the inputs' device: no host sync per batch on a GPU; `compute`
+    syncs once.
+    """
 
     def __init__(self) -> None:
         self.counts = torch.zeros(4, dtype=torch.float64)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5):
         stats = confusion(logits.detach(), target, threshold)
-        self.counts += torch.stack([s.sum() for s in stats]).double().cpu()
+        counts = torch.stack([s.sum() for s in stats]).double()
+        self.counts = self.counts.to(counts.device) + counts
         return stats
 
     def compute(self) -> dict[str, float]:

@@ -12,13 +12,22 @@ finished epoch in the same MLflow run and ends bitwise equal to an uninterrupted
 CPU, because every random stream (python, numpy, torch, the loader's shuffle generator,
 albumentations) is re-seeded from (seed, epoch) at the start of each epoch, so an epoch's
 randomness never depends on what ran before it. The checkpoint is deleted on success.
+
+Hardware: on CUDA the step runs under bf16 autocast, in channels_last, with cudnn.benchmark
+(all switchable in `train`; CPU stays fp32). Under `torchrun --nproc_per_node=N` the same
+stage trains data-parallel (see `liverseg.distributed`): `train.batch_size` is per process,
+train metrics are pooled over ranks, every rank validates on the whole validation split, and
+only rank 0 logs, checkpoints and writes outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +35,10 @@ import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from liverseg import checkpoint, redact, tracking
+from liverseg import checkpoint, distributed, redact, tracking
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, eval_transform, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
@@ -59,26 +68,64 @@ def seed_epoch(seed: int, epoch: int, generator: torch.Generator, loader: DataLo
         transform.set_random_seed(value)
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: this rank's device, the autocast dtype, the memory format."""
+
+    ctx: distributed.Context
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
 
-def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, generator):
+def make_runtime(cfg, ctx: distributed.Context) -> Runtime:
+    """Kernel choices for this device: cuDNN autotuning or determinism, bf16 autocast."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cuda = ctx.device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda and not cfg.deterministic
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and cuda and not bf16:
+        raise RuntimeError("train.precision is 'bf16' but this GPU does not support bfloat16")
+    amp = torch.bfloat16 if bf16 and cfg.precision != "fp32" else None
+    return Runtime(ctx, amp, channels_last=cuda and cfg.channels_last)
+
+
+def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, generator,
+                 ctx: distributed.Context):
+    """(train loader, val loader, the train DistributedSampler or None)."""
     size, cfg = params.train.image_size, params.train
     train_tf = train_augmentation(size, params.seed) if cfg.augment else eval_transform(size)
     train = SliceDataset(splits_dir / "train.csv", raw_dir, stats["mean"], stats["std"], train_tf)
     val = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
                        eval_transform(size))
-    if len(train) < cfg.batch_size:
+    if len(train) < cfg.batch_size * ctx.world_size:
         raise ValueError(f"train split has {len(train)} slices, fewer than "
-                         f"train.batch_size={cfg.batch_size}")
+                         f"train.batch_size={cfg.batch_size} x {ctx.world_size} process(es)")
+    cuda = ctx.device.type == "cuda"
+    # Persistent workers keep their augmentation RNG across epochs, which exact resume on
+    # CPU cannot allow (each epoch re-seeds it); on GPU speed wins.
+    common = {"num_workers": cfg.num_workers, "pin_memory": cuda,
+              "persistent_workers": cuda and cfg.num_workers > 0}
+    sampler = DistributedSampler(train, ctx.world_size, ctx.rank, shuffle=True,
+                                 seed=params.seed, drop_last=True) if ctx.distributed else None
     # drop_last: a final batch of one would break batch norm after global pooling.
-    common = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available()}
-    return (DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True,
-                       generator=generator, **common),
-            DataLoader(val, params.evaluate.batch_size, shuffle=False, **common))
+    return (DataLoader(train, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=True, generator=generator, **common),
+            DataLoader(val, params.evaluate.batch_size, shuffle=False, **common), sampler)
 
 
 def make_loss(name: str):
@@ -90,25 +137,35 @@ def make_loss(name: str):
     return lambda logits, target: bce(logits, target) + dice(logits, target)
 
 
-def run_epoch(model, loader, loss_fn, device, optimizer=None, scheduler=None, desc=""):
-    """One pass; trains when an optimizer is given. Returns mean loss + pooled metrics."""
+def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=None, desc=""):
+    """One pass; trains when an optimizer is given. Returns mean loss + pooled metrics.
+
+    Loss and confusion counts stay on the device (one host sync per epoch, not per batch);
+    a training pass pools them over all ranks.
+    """
     training = optimizer is not None
     model.train(training)
-    meter, total_loss, seen = ConfusionMeter(), 0.0, 0
+    meter = ConfusionMeter()
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, images
     with torch.set_grad_enabled(training):
-        for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+        for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2,
+                            disable=not rt.ctx.is_main):
+            x, y = rt.batch(x, y)
+            with rt.autocast():
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-            total_loss += loss.item() * len(x)
-            seen += len(x)
-            meter.update(logits, y)
-    return {"loss": total_loss / max(seen, 1)} | meter.compute()
+            totals += torch.stack([loss.detach().double() * len(x),
+                                   torch.tensor(len(x), dtype=torch.float64, device=rt.device)])
+            meter.update(logits.float(), y)
+    if training:
+        totals, meter.counts = rt.ctx.sum(totals), rt.ctx.sum(meter.counts)
+    loss_sum, seen = totals.tolist()
+    return {"loss": loss_sum / max(seen, 1)} | meter.compute()
 
 
 def epoch_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
@@ -137,16 +194,23 @@ def run(
 
 def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out_dir: Path,
            history_path: Path, checkpoint_root: Path) -> dict:
-    mlf = tracking.mlflow()  # first: an unreachable server fails before any real work
     cfg = params.train
+    ctx = distributed.setup(cfg.device)
+    # First: an unreachable server fails before any real work. Only rank 0 talks to MLflow.
+    mlf = tracking.mlflow() if ctx.is_main else None
     stats = read_json(splits_dir / "stats.json")
     generator = seed_everything(params.seed)
-    device = pick_device(cfg.device)
-    train_loader, val_loader = make_loaders(params, splits_dir, raw_dir, stats, generator)
+    rt = make_runtime(cfg, ctx)
+    train_loader, val_loader, sampler = make_loaders(params, splits_dir, raw_dir, stats,
+                                                     generator, ctx)
     model = build_model(model_name, encoder=params.model.encoder,
                         encoder_weights=params.model.encoder_weights,
                         in_channels=params.model.in_channels,
-                        options=params.model.options_for(model_name)).to(device)
+                        options=params.model.options_for(model_name)).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = ctx.wrap(model)  # DDP when distributed; `model` shares its parameters
+    net = torch.compile(net) if cfg.compile else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
@@ -160,30 +224,24 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"{model_name}: resuming after epoch {state['epoch']} from {ckpt.path}", flush=True)
+        say(ctx, f"{model_name}: resuming after epoch {state['epoch']} from {ckpt.path}")
 
     started = time.perf_counter() - state["seconds"]
-    with tracking.start_run(mlf, model_name, state["run_id"]) as active:
-        if state["run_id"] == active.info.run_id:
-            mlf.set_tag("resumed_after_epoch", state["epoch"])
-        else:
-            mlf.set_tags(redact.redact_mapping({"model": model_name,
-                                                "stage": f"train@{model_name}"}))
-            mlf.log_params(redact.redact_mapping(tracking.flatten(params.dump()) | {
-                "model_name": model_name,
-                "n_parameters": sum(p.numel() for p in model.parameters())}))
-        state["run_id"] = active.info.run_id
+    run = tracking.start_run(mlf, model_name, state["run_id"]) if ctx.is_main \
+        else contextlib.nullcontext()
+    with run as active:
+        if ctx.is_main:
+            _log_start(mlf, active, params, model_name, model, state)
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             seed_epoch(params.seed, epoch, generator, train_loader)
-            train = run_epoch(model, train_loader, loss_fn, device, optimizer, scheduler,
+            train = run_epoch(net, train_loader, loss_fn, rt, optimizer, scheduler,
                               desc=f"{model_name} epoch {epoch}/{cfg.epochs}")
-            val = run_epoch(model, val_loader, loss_fn, device, desc="validate")
+            ctx.broadcast_buffers(model)  # batch-norm statistics as rank 0 has them
+            val = run_epoch(model, val_loader, loss_fn, rt, desc="validate")
             row = epoch_row(epoch, train, val, scheduler.get_last_lr()[0])
             state["history"].append(row)
-            # Logged before the checkpoint: a kill in between replays this epoch and logs
-            # the same values again at the same step, rather than losing them.
-            mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"
-                             and not math.isnan(v)}, step=epoch)
             score = -1.0 if math.isnan(val["fg_iou"]) else val["fg_iou"]
             if score > state["best"]["val_fg_iou"]:
                 state["best"] = {"epoch": epoch, "val_fg_iou": score}
@@ -191,16 +249,43 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
             state |= {"epoch": epoch, "seconds": time.perf_counter() - started,
                       "model": checkpoint.cpu_state(model),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            ckpt.save(state)
-            print(f"{model_name} epoch {epoch}: train loss {train['loss']:.4f}, "
-                  f"val loss {val['loss']:.4f}, val fg IoU {val['fg_iou']:.4f}", flush=True)
-        run_info = _finish(mlf, active, params, model_name, state, out_dir, history_path,
-                           stats, device, val_loader)
-    write_json(out_dir / "run.json", run_info)
-    ckpt.remove()  # only now: everything the checkpoint protected is written
+            if ctx.is_main:
+                # Logged before the checkpoint: a kill in between replays this epoch and logs
+                # the same values again at the same step, rather than losing them.
+                mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"
+                                 and not math.isnan(v)}, step=epoch)
+                ckpt.save(state)
+            say(ctx, f"{model_name} epoch {epoch}: train loss {train['loss']:.4f}, "
+                     f"val loss {val['loss']:.4f}, val fg IoU {val['fg_iou']:.4f}")
+        if ctx.is_main:
+            run_info = _finish(mlf, active, params, model_name, state, out_dir, history_path,
+                               stats, rt.device, val_loader)
+    if ctx.is_main:
+        write_json(out_dir / "run.json", run_info)
+        ckpt.remove()  # only now: everything the checkpoint protected is written
+    distributed.teardown(ctx)
     best, seconds = state["best"], round(state["seconds"], 1)
     return {"model": model_name, **best, "epochs": cfg.epochs, "seconds": seconds,
-            "device": str(device), "run_id": run_info["run_id"]}
+            "device": str(rt.device), "world_size": ctx.world_size,
+            "run_id": state["run_id"] if ctx.is_main else None}
+
+
+def say(ctx: distributed.Context, text: str) -> None:
+    if ctx.is_main:
+        print(text, flush=True)
+
+
+def _log_start(mlf, active, params: Params, model_name: str, model, state: dict) -> None:
+    """Tag a resumed run, or record params of a new one; remember the run id."""
+    if state["run_id"] == active.info.run_id:
+        mlf.set_tag("resumed_after_epoch", state["epoch"])
+    else:
+        mlf.set_tags(redact.redact_mapping({"model": model_name,
+                                            "stage": f"train@{model_name}"}))
+        mlf.log_params(redact.redact_mapping(tracking.flatten(params.dump()) | {
+            "model_name": model_name,
+            "n_parameters": sum(p.numel() for p in model.parameters())}))
+    state["run_id"] = active.info.run_id
 
 
 def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: Path,
