@@ -4,7 +4,12 @@ Measures side by side in one process and prints ratios:
   - training images/s (forward + backward + AdamW step, fixed steps after warm-up) of the
     Enhanced PAN and smp's plain PAN, same encoder, at 128 and 256 px, batch 8;
   - the data pipeline (PNG decode + albumentations + normalisation) in images/s against
-    what the Enhanced PAN consumes in training at 128 px.
+    what the Enhanced PAN consumes in training at 128 px;
+  - inference of the Enhanced PAN at 128 px, batch 8: torch eager against ONNX Runtime (CPU),
+    same inputs, outputs compared;
+  - pipeline overhead in a workspace where the pipeline has run (`--workspace`, default the
+    repository): `dvc repro` with nothing changed, and a Dagster materialisation of the
+    `compare` asset against the bare `liverseg compare` it wraps.
 Writes bench/results/throughput.json with the machine facts. Not part of the test suite.
 """
 
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -68,9 +74,70 @@ def data_throughput(n: int, size: int) -> float:
         return len(ds) / (time.perf_counter() - start)
 
 
+def inference_throughput(size: int, batch: int, steps: int, warmup: int) -> dict:
+    """Images/s of the Enhanced PAN (eval) in torch eager and in ONNX Runtime, same inputs."""
+    import onnxruntime as ort
+
+    model = build_model("enhanced_pan", encoder=Params().model.encoder, in_channels=1,
+                        options=Params().model.options_for("enhanced_pan")).eval()
+    x = torch.randn(batch, 1, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["image"],
+                          external_data=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def eager():
+            with torch.no_grad():
+                return model(x).numpy()
+
+        def onnx():
+            return session.run(None, {"image": x.numpy()})[0]
+
+        out = {name: _images_per_s(fn, batch, steps, warmup)
+               for name, fn in (("torch_eager", eager), ("onnxruntime", onnx))}
+        out["max_abs_diff"] = float(np.abs(eager() - onnx()).max())
+    return out
+
+
+def _images_per_s(fn, batch: int, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def pipeline_overhead(workspace: Path) -> dict | None:
+    """Seconds for `dvc repro` with nothing to do, `liverseg compare`, and a Dagster
+    materialisation of the compare asset (which runs `dvc repro --single-item compare`)."""
+    if not (workspace / "dvc.lock").is_file():
+        print(f"pipeline overhead skipped: no dvc.lock in {workspace} (run the pipeline first)")
+        return None
+    env = os.environ | {"PATH": f"{Path(__file__).parents[1] / '.venv/bin'}:{os.environ['PATH']}",
+                        "DAGSTER_HOME": str(workspace / ".dagster_home")}
+
+    def timed(*cmd: str) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=workspace, env=env, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    timed("dvc", "repro")  # settle anything out of date first
+    out = {"dvc_repro_noop_s": timed("dvc", "repro"),
+           "bare_stage_compare_s": timed("liverseg", "compare"),
+           "dagster_materialize_compare_s": timed(
+               "dagster", "asset", "materialize", "-m", "pipeline.definitions",
+               "--select", "compare")}
+    out["dagster_overhead_s"] = out["dagster_materialize_compare_s"] - out["bare_stage_compare_s"]
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--workspace", type=Path, default=Path(__file__).parents[1],
+                        help="a workspace where the pipeline has run (for the overhead)")
     args = parser.parse_args()
     steps, warmup = (2, 1) if args.quick else (10, 3)
     results: dict = {"machine": {
@@ -92,6 +159,18 @@ def main() -> None:
     results["ratios"]["data_supply/enhanced_pan_consumption@128"] = round(loader / consume, 2)
     print(f"data pipeline (PNG decode + augment), 1 process: {loader:.1f} images/s "
           f"= {loader / consume:.1f}x what the Enhanced PAN consumes at 128px")
+    inference = inference_throughput(128, 8, steps, warmup)
+    results["inference_images_per_s@128"] = {k: round(v, 6 if k == "max_abs_diff" else 2)
+                                             for k, v in inference.items()}
+    ratio = inference["onnxruntime"] / inference["torch_eager"]
+    results["ratios"]["onnxruntime/torch_eager@128"] = round(ratio, 2)
+    print(f"inference enhanced_pan 128px batch 8: eager {inference['torch_eager']:.1f}, "
+          f"onnxruntime {inference['onnxruntime']:.1f} images/s = {ratio:.2f}x "
+          f"(max abs diff {inference['max_abs_diff']:.2g})")
+    overhead = pipeline_overhead(args.workspace.resolve())
+    if overhead:
+        results["pipeline_overhead"] = overhead
+        print(f"pipeline overhead: {overhead}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS / 'throughput.json'}")

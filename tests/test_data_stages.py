@@ -147,3 +147,61 @@ def test_patient_modulo_rule_needs_numeric_ids_and_disjoint_residues():
         split.assign_by_modulo(["p1"], rule.split.patient_modulo)
     with pytest.raises(ConfigError, match="both val and test"):
         parse_params({"split": {"patient_modulo": {"modulus": 5, "val": [4], "test": [4]}}})
+
+
+def _docs_page(root):
+    """Text and HTML of the one GX validation result page under reports/validation."""
+    import re
+
+    (page,) = (root / "reports/validation/validations").glob("**/*.html")
+    html = page.read_text(encoding="utf-8")
+    text = re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", html, flags=re.S)
+    return page, html, " ".join(text.split())
+
+
+def _rule_status(html, rule):
+    """GX puts a rule's status icon just before its text in the result table."""
+    before = html[:html.index(rule)]
+    return "failed" if before.rfind("text-danger") > before.rfind("text-success") else "passed"
+
+
+def test_validate_writes_gx_data_docs_readable_offline(split_data, tiny_params):
+    validate.run(tiny_params)  # a rerun replaces the site: still one result page
+    docs = split_data / "reports/validation"
+    index = (docs / "index.html").read_text(encoding="utf-8")
+    page, html, text = _docs_page(split_data)
+    assert len(index) > 5000 and len(html) > 20000
+    assert "Status: Succeeded" in text and "Unsuccessful Expectations 0" in text
+    assert _rule_status(html, "mask is binary (0/255)") == "passed"
+    assert validate.OFFLINE_CSS.strip() in html  # status icons without the CDN's Font Awesome
+    assert f'href="{page.relative_to(docs).as_posix()}"' in index  # a link that needs no JS
+    assert (docs / "expectations/manifest.html").is_file()
+    assert not list(split_data.glob("reports/.validation*"))  # no temporary left behind
+
+
+def test_data_docs_show_quarantined_rules_as_failed(workdir, tiny_params):
+    ingest.run(tiny_params)
+    index = _break_dataset(workdir / "data/raw")
+    params = tiny_params.model_copy(update={"validate_": tiny_params.validate_.model_copy(
+        update={"max_quarantine_fraction": 0.5})})
+    validate.run(params)
+    _, html, text = _docs_page(workdir)
+    assert "Status: Failed" in text and "Unsuccessful Expectations 3" in text
+    assert "of 24 total rows" in text and index.slice_id[0] in text
+    assert _rule_status(html, "mask is binary (0/255)") == "failed"
+    assert _rule_status(html, "no duplicate image content") == "failed"
+    assert _rule_status(html, "slice id is unique") == "passed"
+
+
+def test_failed_data_docs_build_keeps_the_previous_site(split_data, tiny_params, monkeypatch):
+    before = (split_data / "reports/validation/index.html").read_bytes()
+
+    def broken(site):
+        (site / "index.html").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(validate, "_link_runs_from_index", broken)
+    with pytest.raises(OSError, match="disk full"):
+        validate.run(tiny_params)
+    assert (split_data / "reports/validation/index.html").read_bytes() == before
+    assert not list(split_data.glob("reports/.validation*"))

@@ -7,11 +7,17 @@ detail; the path is the user's source file), never dropped. Policy `fail` stops 
 first bad row instead, listing every failing file and rule; `quarantine` still fails when
 more than `validate.max_quarantine_fraction` of the items are bad. Counts reconcile:
 ingested = accepted + quarantined.
+
+The run also leaves GX's own Data Docs in `reports/validation/` (index.html, the result
+page under validations/, the suite under expectations/, GX's static files), written to a
+temporary directory and swapped in whole, even when the stage then fails.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,7 @@ import pandas as pd
 
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
-from liverseg.io import atomic_path, load_gray, sha256_file, write_json
+from liverseg.io import atomic_dir, atomic_path, load_gray, sha256_file, write_json
 
 QUARANTINE_COLUMNS = ["path", "rule", "detail", "slice_id"]
 
@@ -102,27 +108,73 @@ def expectations(cfg: ValidateParams) -> dict:
     }
 
 
-def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None
-              ) -> tuple[bool, list[dict]]:
-    """Validate with GX; return overall success and, per rule, the failing slice ids."""
+RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["slice_id"]}
+DOCS_SITE = "liverseg"
+# GX's pages take Bootstrap and Font Awesome from CDNs; without them the status column of the
+# result table would be blank. These rules come before the CDN's, which win when online.
+OFFLINE_CSS = """\
+.fa-check-circle:empty::before { content: "\\2714"; }
+.fa-times:empty::before { content: "\\2718"; }
+.text-success { color: #28a745; }
+.text-danger { color: #dc3545; }
+"""
+
+
+def data_docs_site(base_directory: str | Path) -> dict:
+    """GX site config: Data Docs as plain files under `base_directory`."""
+    # No how-to buttons: their walkthrough is GX onboarding, not part of this run's result.
+    return {"class_name": "SiteBuilder", "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(Path(base_directory).resolve())}}
+
+
+def add_data_docs_site(context, site_dir: Path, plugins_dir: Path):
+    """Register a Data Docs site writing to `site_dir`; return the action that builds it."""
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    styles = plugins_dir / "custom_data_docs" / "styles"
+    styles.mkdir(parents=True, exist_ok=True)
+    (styles / "data_docs_custom_styles.css").write_text(OFFLINE_CSS)
+    context.variables.plugins_directory = str(plugins_dir)  # GX inlines that CSS in each page
+    context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs_site(site_dir))
+    return UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])
+
+
+def _add_suite(context, cfg: ValidateParams):
+    import great_expectations as gx
+
+    suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
+    for name, expectation in expectations(cfg).items():
+        expectation.description = name
+        suite.add_expectation(expectation)
+    return suite
+
+
+def _validate(manifest: pd.DataFrame, cfg: ValidateParams | None,
+              site_dir: Path | None = None, plugins_dir: Path | None = None):
+    """Run the suite through a GX Checkpoint; with `site_dir`, it also writes Data Docs there."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("liverseg")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": manifest})
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
-    for name, expectation in expectations(cfg or ValidateParams()).items():
-        expectation.description = name
-        suite.add_expectation(expectation)
-    result = batch.validate(suite, result_format={
-        "result_format": "COMPLETE", "unexpected_index_column_names": ["slice_id"]})
+    batch_definition = (context.data_sources.add_pandas("liverseg")
+                        .add_dataframe_asset("manifest")
+                        .add_batch_definition_whole_dataframe("all"))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(
+        name="manifest", data=batch_definition, suite=_add_suite(context, cfg or ValidateParams())))
+    actions = [add_data_docs_site(context, site_dir, plugins_dir)] if site_dir else []
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[definition], actions=actions,
+        result_format=RESULT_FORMAT))
+    result = checkpoint.run(batch_parameters={"dataframe": manifest},
+                            run_id=gx.RunIdentifier(run_name="liverseg-validate"))
+    (suite_result,) = result.run_results.values()
+    return suite_result
+
+
+def _rules(result) -> tuple[bool, list[dict]]:
     report = []
     for res in result.results:
         failing = sorted({row["slice_id"] for row in res.result.get("unexpected_index_list") or []})
@@ -130,6 +182,48 @@ def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None
                        "expectation": res.expectation_config.type,
                        "success": bool(res.success), "failing_slices": failing})
     return bool(result.success), report
+
+
+def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None
+              ) -> tuple[bool, list[dict]]:
+    """Validate with GX; return overall success and, per rule, the failing slice ids."""
+    return _rules(_validate(manifest, cfg))
+
+
+def run_suite_with_data_docs(manifest: pd.DataFrame, cfg: ValidateParams | None,
+                             docs_dir: str | Path) -> tuple[bool, list[dict]]:
+    """run_suite, also writing GX Data Docs of the run to `docs_dir`, replaced as a whole."""
+    with atomic_dir(docs_dir) as site, tempfile.TemporaryDirectory() as plugins:
+        result = _validate(manifest, cfg, site, Path(plugins))
+        _link_runs_from_index(site)
+        _drop_unreferenced_static(site)
+    return _rules(result)
+
+
+def _drop_unreferenced_static(site: Path) -> None:
+    """GX copies ~3.4 MB of onboarding images into every site; keep only files a page or
+    stylesheet names (fonts, the logo), so each run's docs stay small."""
+    pages = " ".join(p.read_text(encoding="utf-8", errors="replace")
+                     for p in site.rglob("*") if p.suffix in {".html", ".css"})
+    for path in (site / "static").rglob("*") if (site / "static").is_dir() else []:
+        if path.is_file() and path.suffix not in {".html", ".css"} and path.name not in pages:
+            path.unlink()
+
+
+def _link_runs_from_index(site: Path) -> None:
+    """Add plain links to the result pages to GX's index.html.
+
+    GX fills the index's run table with jQuery/bootstrap-table from CDNs, so offline it is
+    empty; the result pages themselves are static HTML.
+    """
+    index = site / "index.html"
+    pages = sorted(p.relative_to(site).as_posix() for p in site.glob("validations/**/*.html"))
+    links = "".join(f'<li><a href="{escape(p)}">{escape(p)}</a></li>' for p in pages)
+    block = f'<div class="container"><p>Validation results:</p><ul>{links}</ul></div>\n'
+    html = index.read_text(encoding="utf-8")
+    at = html.rfind("</body>")
+    index.write_text(html[:at] + block + html[at:] if at >= 0 else html + block,
+                     encoding="utf-8")
 
 
 # Which file a rule is about, so quarantine.csv names the file to fix.
@@ -185,10 +279,11 @@ def run(
     manifest_path: str | Path = "data/manifest.parquet",
     report_path: str | Path = "reports/validation.json",
     quarantine_path: str | Path = "data/quarantine.csv",
+    docs_dir: str | Path = "reports/validation",
 ) -> dict:
     cfg = params.validate_
     manifest = build_manifest(raw_dir)
-    success, rules = run_suite(manifest, cfg)
+    success, rules = run_suite_with_data_docs(manifest, cfg, docs_dir)
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
