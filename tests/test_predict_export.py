@@ -91,3 +91,24 @@ def test_onnx_export_matches_torch(registry, tmp_path):
     bad = CliRunner().invoke(app, ["export", "--format", "tflite", "--out",
                                    str(tmp_path / "m.tflite")])
     assert bad.exit_code == 1 and "supported formats" in bad.output
+
+
+def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
+    """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, at a
+    size other than the trained one: the signature's free H, W accept it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    image = np.random.default_rng(0).uniform(0, 255, (1, 1, 40, 56)).round()
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": image.tolist()}))
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.run(
+        [str(mlflow), "models", "predict", "-m", CHAMPION, "-i", str(tmp_path / "input.json"),
+         "-t", "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
+        cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probs = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
+    assert probs.shape == (1, 1, 40, 56) and ((probs >= 0) & (probs <= 1)).all()
