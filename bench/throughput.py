@@ -3,8 +3,8 @@
 Measures side by side in one process and prints ratios:
   - training images/s (forward + backward + AdamW step, fixed steps after warm-up) of the
     Enhanced PAN and smp's plain PAN, same encoder, at 128 and 256 px, batch 8;
-  - the data pipeline (PNG decode + albumentations + normalisation) in images/s against
-    what the Enhanced PAN consumes in training at 128 px;
+  - the data pipeline (PNG decode or the decoded-slice cache, + albumentations +
+    normalisation) in images/s against what the Enhanced PAN consumes in training at 128 px;
   - inference of the Enhanced PAN at 128 px, batch 8: torch eager against ONNX Runtime (CPU),
     same inputs, outputs compared;
   - pipeline overhead in a workspace where the pipeline has run (`--workspace`, default the
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from liverseg.config import Params
@@ -54,8 +55,11 @@ def train_throughput(name: str, size: int, batch: int, steps: int, warmup: int) 
     return steps * batch / (time.perf_counter() - start)
 
 
-def data_throughput(n: int, size: int) -> float:
-    """Decoded + augmented images/s from PNG files, single process (num_workers=0)."""
+def data_throughput(n: int, size: int) -> dict[str, float]:
+    """Decoded + augmented images/s, single process (num_workers=0): from PNG files, and
+    from the split stage's memory-mapped decoded-slice cache."""
+    from liverseg.data import slice_cache
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
@@ -67,11 +71,17 @@ def data_throughput(n: int, size: int) -> float:
             rows.append(f"{i},p,{i},images/{i}.png,masks/{i}.png,0\n")
         (root / "split.csv").write_text("slice_id,patient_id,slice_index,image,mask,fg_fraction\n"
                                         + "".join(rows))
-        ds = SliceDataset(root / "split.csv", root, 0.2, 0.2, train_augmentation(size, 0))
-        start = time.perf_counter()
-        for i in range(len(ds)):
-            ds[i]
-        return len(ds) / (time.perf_counter() - start)
+        out = {}
+        for source, use_cache in (("png", False), ("cache", True)):
+            if use_cache:
+                slice_cache.write(pd.read_csv(root / "split.csv"), root, root / "split.csv")
+            ds = SliceDataset(root / "split.csv", root, 0.2, 0.2, train_augmentation(size, 0),
+                              use_cache=use_cache)
+            start = time.perf_counter()
+            for i in range(len(ds)):
+                ds[i]
+            out[source] = len(ds) / (time.perf_counter() - start)
+        return out
 
 
 def inference_throughput(size: int, batch: int, steps: int, warmup: int) -> dict:
@@ -155,10 +165,12 @@ def main() -> None:
         print(f"  ratio enhanced_pan / pan at {size}px: {ratio:.2f}")
     loader = data_throughput(40 if args.quick else 200, 128)
     consume = results["train_images_per_s"]["enhanced_pan@128"]
-    results["data_images_per_s@128"] = round(loader, 1)
-    results["ratios"]["data_supply/enhanced_pan_consumption@128"] = round(loader / consume, 2)
-    print(f"data pipeline (PNG decode + augment), 1 process: {loader:.1f} images/s "
-          f"= {loader / consume:.1f}x what the Enhanced PAN consumes at 128px")
+    for source, ips in loader.items():
+        results[f"data_images_per_s@128_{source}"] = round(ips, 1)
+        results["ratios"][f"data_supply_{source}/enhanced_pan_consumption@128"] = round(
+            ips / consume, 2)
+        print(f"data pipeline ({source} + augment), 1 process: {ips:.1f} images/s "
+              f"= {ips / consume:.1f}x what the Enhanced PAN consumes at 128px")
     inference = inference_throughput(128, 8, steps, warmup)
     results["inference_images_per_s@128"] = {k: round(v, 6 if k == "max_abs_diff" else 2)
                                              for k, v in inference.items()}

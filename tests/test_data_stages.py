@@ -205,3 +205,29 @@ def test_failed_data_docs_build_keeps_the_previous_site(split_data, tiny_params,
         validate.run(tiny_params)
     assert (split_data / "reports/validation/index.html").read_bytes() == before
     assert not list(split_data.glob("reports/.validation*"))
+
+
+def test_split_writes_a_decoded_cache_that_the_loader_reads_byte_for_byte(split_data):
+    import numpy as np
+    import torch
+
+    from liverseg.data import slice_cache
+    from liverseg.data.dataset import SliceDataset, eval_transform
+
+    splits = split_data / "data/splits"
+    stats = json.loads((splits / "stats.json").read_text())
+    assert stats["decoded_cache"] == {"train": True, "val": True, "test": False}  # test empty
+    images, masks = (np.array(a) for a in slice_cache.open_cache(
+        splits / "val.csv", len(pd.read_csv(splits / "val.csv"))))  # copies: no open maps
+    assert images.dtype == masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    args = (splits / "val.csv", split_data / "data/raw", stats["mean"], stats["std"],
+            eval_transform(64))
+    cached, decoded = SliceDataset(*args), SliceDataset(*args, use_cache=False)
+    assert cached.cache is not None and decoded.cache is None
+    for i in range(len(cached)):
+        for a, b in zip(cached[i][:2], decoded[i][:2], strict=True):
+            assert torch.equal(a, b), i
+    del cached  # unmap before the file is rewritten below
+    np.save(slice_cache.paths(splits / "val.csv")[0], images[:-1])  # out of step with the CSV
+    with pytest.raises(ValueError, match="rerun `liverseg split`"):
+        SliceDataset(*args)

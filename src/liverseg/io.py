@@ -59,10 +59,18 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces `path` as a whole on success."""
+    """Yield a fresh temporary directory `.<name>.*.tmp` that replaces `path` on success.
+
+    Readers never see a partial directory: `path` is the old one, briefly absent, then the
+    new one (DVC deletes a stage's outputs before its command anyway). Temporaries left by
+    a killed earlier run are removed first; two writers of one output in one workspace are
+    excluded by DVC's output lock.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from liverseg.data import slice_cache  # noqa: E402
 from liverseg.io import load_gray  # noqa: E402
 
 
@@ -35,20 +36,28 @@ def eval_transform(image_size: int) -> A.Compose:
 
 
 class SliceDataset(Dataset):
-    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 0/1, slice_id)."""
+    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 0/1, slice_id).
+
+    Reads the split's decoded-slice cache when the split stage wrote one (see
+    `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding.
+    """
 
     def __init__(self, split_csv: str | Path, raw_dir: str | Path, mean: float, std: float,
-                 transform: A.Compose | None = None):
+                 transform: A.Compose | None = None, use_cache: bool = True):
         self.rows = pd.read_csv(split_csv, dtype={"patient_id": str, "slice_id": str})
         self.raw_dir, self.mean, self.std, self.transform = Path(raw_dir), mean, std, transform
+        self.cache = slice_cache.open_cache(split_csv, len(self.rows)) if use_cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row = self.rows.iloc[i]
-        image = load_gray(self.raw_dir / row["image"])
-        mask = (load_gray(self.raw_dir / row["mask"]) > 127).astype(np.uint8)
+        if self.cache is not None:
+            image, mask = np.array(self.cache[0][i]), np.array(self.cache[1][i])
+        else:
+            image = load_gray(self.raw_dir / row["image"])
+            mask = (load_gray(self.raw_dir / row["mask"]) > 127).astype(np.uint8)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

@@ -4,7 +4,8 @@ No patient and no identical image content is in two splits (checked, not assumed
 stage fails otherwise). Patients are stratified by whether any of their slices has
 foreground, so every split gets its share of positive patients where there are enough.
 The train split's pixel mean and standard deviation are saved so every later stage
-normalises the same way.
+normalises the same way, and each split's slices are decoded once into a memory-mappable
+cache (`liverseg.data.slice_cache`) that training reads instead of the PNGs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from liverseg.config import Params
+from liverseg.data import slice_cache
 from liverseg.io import atomic_dir, load_gray, write_json
 
 SPLITS = ("train", "val", "test")
@@ -143,7 +145,10 @@ def run(
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
     with atomic_dir(out_dir) as tmp:
+        stats["decoded_cache"] = {}
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
+            stats["decoded_cache"][name] = slice_cache.write(frame, Path(raw_dir),
+                                                             tmp / f"{name}.csv")
         write_json(tmp / "stats.json", stats)
     return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}

@@ -1,0 +1,51 @@
+"""The decoded-slice cache: each split's slices decoded once, as memory-mappable arrays.
+
+The split stage writes `data/splits/<split>.images.npy` (uint8 [N, H, W], as decoded from
+the PNGs) and `<split>.masks.npy` (uint8 0/1), rows in the order of `<split>.csv`, inside
+the same DVC output as the CSVs, so the three never disagree. `SliceDataset` maps them
+(`np.load(mmap_mode="r")`) instead of decoding PNGs every epoch; the pixels are the same
+bytes, so training results do not change. A split whose slices differ in size has no cache
+(the loader then decodes the files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from liverseg.io import load_gray
+
+
+def paths(split_csv: str | Path) -> tuple[Path, Path]:
+    split_csv = Path(split_csv)
+    stem = split_csv.with_suffix("")
+    return stem.with_name(f"{stem.name}.images.npy"), stem.with_name(f"{stem.name}.masks.npy")
+
+
+def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path) -> bool:
+    """Decode every slice of `frame` into the cache beside `split_csv`; False if the sizes
+    differ (no cache written)."""
+    if frame.empty:
+        return False
+    images = [load_gray(raw_dir / rel) for rel in frame["image"]]
+    if len({im.shape for im in images}) > 1:
+        return False
+    masks = [(load_gray(raw_dir / rel) > 127).astype(np.uint8) for rel in frame["mask"]]
+    image_path, mask_path = paths(split_csv)
+    np.save(image_path, np.stack(images))
+    np.save(mask_path, np.stack(masks))
+    return True
+
+
+def open_cache(split_csv: str | Path, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Memory-mapped (images, masks) for the split, or None when there is no cache."""
+    image_path, mask_path = paths(split_csv)
+    if not (image_path.is_file() and mask_path.is_file()):
+        return None
+    images, masks = np.load(image_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+    if len(images) != rows or len(masks) != rows:
+        raise ValueError(f"{image_path}: {len(images)} cached slices but {split_csv} has "
+                         f"{rows} rows; rerun `liverseg split`")
+    return images, masks
