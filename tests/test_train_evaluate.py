@@ -90,3 +90,20 @@ def test_gate_failure_registers_as_challenger_with_reason(trained, tiny_params):
     client = tracking.mlflow().MlflowClient()
     assert client.get_registered_model("liverseg").aliases == {"challenger": 1}
     assert "min_fg_iou 1.0" in client.get_model_version("liverseg", "1").tags["gate_reason"]
+
+
+def test_every_registered_model_trains_and_evaluates_through_the_stages(split_data,
+                                                                         tiny_params):
+    """The train and evaluate stages, unchanged, for every registry name (one 64 px epoch;
+    PAN's wrapper pads to its 128 px minimum). MLflow model logging included."""
+    from liverseg.models import MODEL_NAMES
+
+    params = tiny_params.model_copy(update={"models": list(MODEL_NAMES)})
+    for name in MODEL_NAMES:
+        summary = train.run(params, name)
+        metrics = evaluate.run(params, name)
+        assert summary["epochs"] == 1 and summary["model"] == name
+        assert 0.0 <= metrics["miou"] <= 1.0, name
+    compare.run(params)
+    table = pd.read_csv(split_data / "reports/comparison.csv")
+    assert sorted(table.model) == sorted(MODEL_NAMES) and (table.n_parameters > 0).all()
