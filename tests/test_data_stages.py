@@ -147,6 +147,10 @@ def test_patient_modulo_rule_needs_numeric_ids_and_disjoint_residues():
         split.assign_by_modulo(["p1"], rule.split.patient_modulo)
     with pytest.raises(ConfigError, match="both val and test"):
         parse_params({"split": {"patient_modulo": {"modulus": 5, "val": [4], "test": [4]}}})
+    with pytest.raises(ConfigError, match=r"residues \[7\] are not in 0..4"):
+        parse_params({"split": {"patient_modulo": {"modulus": 5, "val": [7]}}})
+    with pytest.raises(ConfigError, match="needs group_by: patient"):
+        parse_params({"split": {"group_by": "slab", "patient_modulo": {"modulus": 5, "val": [4]}}})
 
 
 def _docs_page(root):

@@ -26,9 +26,12 @@ def test_cuda_runtime_uses_bf16_channels_last_and_cudnn_benchmark():
     assert rt.amp is torch.bfloat16 and rt.channels_last and torch.backends.cudnn.benchmark
     x, _ = rt.batch(torch.randn(2, 1, 64, 64), torch.zeros(2, 1, 64, 64))
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
-    fp32 = train.make_runtime(TrainParams(precision="fp32", deterministic=True),
-                              distributed.setup("cuda"))
-    assert fp32.amp is None and not torch.backends.cudnn.benchmark
+    try:
+        fp32 = train.make_runtime(TrainParams(precision="fp32", deterministic=True),
+                                  distributed.setup("cuda"))
+        assert fp32.amp is None and not torch.backends.cudnn.benchmark
+    finally:  # process-wide: later tests run the default, non-deterministic path
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.gpu

@@ -84,7 +84,8 @@ def load_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
                                     f"to load it (weights are only read as safetensors)") from None
 
 
-def run_key(params, model_name: str, splits_dir: str | Path, raw_dir: str | Path) -> str:
+def run_key(params, model_name: str, splits_dir: str | Path, raw_dir: str | Path,
+            world_size: int = 1) -> str:
     """Identity of a training run: resolved params, model and the data it trains on.
 
     A checkpoint is resumed only under the same key, so a changed config or split never
@@ -93,14 +94,18 @@ def run_key(params, model_name: str, splits_dir: str | Path, raw_dir: str | Path
     """
     files = [Path(splits_dir) / n for n in ("train.csv", "val.csv", "stats.json")]
     files.append(Path(raw_dir) / "slices.csv")
+    # world size: the LR schedule's length and the shards depend on the process count
     identity = {"format": STATE_FORMAT, "model": model_name, "params": params.dump(),
+                **({"world_size": world_size} if world_size > 1 else {}),
                 "data": {f.name: sha256_file(f) if f.is_file() else None for f in files}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a state dict (a snapshot that later steps do not change)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    # contiguous: channels_last weights (the GPU path) are strided; safetensors refuses those
+    return {k: v.detach().to("cpu", copy=True).contiguous()
+            for k, v in module.state_dict().items()}
 
 
 class TrainingCheckpoint:

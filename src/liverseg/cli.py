@@ -9,6 +9,7 @@ exit 1 instead of a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _run(stage: str, *args) -> None:
     except (ConfigError, FileNotFoundError, ValueError, TrackingUnavailable) as exc:
         typer.secho(f"liverseg {stage}: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command()

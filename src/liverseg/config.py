@@ -115,14 +115,17 @@ class PatientModulo(Strict):
     ``test`` -> test, anything else -> train (MSD's reference: val {4}, test {0})."""
 
     modulus: int = Field(gt=1)
-    val: list[int]
+    val: list[int] = Field(min_length=1)
     test: list[int] = []
 
     @model_validator(mode="after")
-    def _disjoint(self):
+    def _residues(self):
         if set(self.val) & set(self.test):
             raise ValueError(f"patient_modulo: residues {sorted(set(self.val) & set(self.test))}"
                              " are in both val and test")
+        outside = sorted(r for r in self.val + self.test if not 0 <= r < self.modulus)
+        if outside:
+            raise ValueError(f"patient_modulo: residues {outside} are not in 0..{self.modulus - 1}")
         return self
 
 
@@ -139,6 +142,8 @@ class SplitParams(Strict):
     def _leaves_train(self):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave patients for train")
+        if self.patient_modulo and self.group_by != "patient":
+            raise ValueError("patient_modulo splits by patient: it needs group_by: patient")
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,12 +31,17 @@ class Context:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP around the model when distributed (gradients all-reduced in backward)."""
+    def wrap(self, model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+        """DDP around the model when distributed (gradients all-reduced in backward).
+
+        DDP must be told when some parameters never get a gradient (PSPNet reads its encoder
+        to depth 3 only; smp's efficientnet-b0 never uses its head conv), else it fails on
+        the second step; `example` finds out, as the check costs time on every step."""
         if not self.distributed:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=has_unused_parameters(model, example))
 
     def broadcast_buffers(self, model: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm running statistics) everywhere: each rank updated its
@@ -49,6 +55,18 @@ class Context:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+
+def has_unused_parameters(model: torch.nn.Module, example: torch.Tensor) -> bool:
+    """True if a backward pass from `example` leaves some trainable parameter without a
+    gradient. Runs in eval mode (batch-norm statistics untouched); gradients are cleared."""
+    was_training = model.training
+    model.eval()
+    model(example).float().sum().backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return unused
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -69,7 +87,10 @@ def setup(device_choice: str) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Long timeout: the other ranks wait in teardown's barrier while rank 0 uploads the
+        # model to MLflow, which can take longer than the default 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(hours=1))
     return Context(dist.get_rank(), world_size, device)
 
 

@@ -59,7 +59,7 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory `.<name>.*.tmp` that replaces `path` on success.
+    """Yield a fresh temporary directory `.<name>.*.dirtmp` that replaces `path` on success.
 
     Readers never see a partial directory: `path` is the old one, briefly absent, then the
     new one (DVC deletes a stage's outputs before its command anyway). Temporaries left by
@@ -68,9 +68,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    for stale in path.parent.glob(f".{path.name}.*.dirtmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".dirtmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp

@@ -27,15 +27,18 @@ def paths(split_csv: str | Path) -> tuple[Path, Path]:
 def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path) -> bool:
     """Decode every slice of `frame` into the cache beside `split_csv`; False if the sizes
     differ (no cache written)."""
-    if frame.empty:
+    if frame.empty or frame["width"].nunique() > 1 or frame["height"].nunique() > 1:
         return False
-    images = [load_gray(raw_dir / rel) for rel in frame["image"]]
-    if len({im.shape for im in images}) > 1:
-        return False
-    masks = [(load_gray(raw_dir / rel) > 127).astype(np.uint8) for rel in frame["mask"]]
+    shape = (len(frame), int(frame["height"].iloc[0]), int(frame["width"].iloc[0]))
     image_path, mask_path = paths(split_csv)
-    np.save(image_path, np.stack(images))
-    np.save(mask_path, np.stack(masks))
+    # Filled slice by slice into the mapped files: memory stays at one slice, not the split.
+    images = np.lib.format.open_memmap(image_path, mode="w+", dtype=np.uint8, shape=shape)
+    masks = np.lib.format.open_memmap(mask_path, mode="w+", dtype=np.uint8, shape=shape)
+    for i, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
+        images[i] = load_gray(raw_dir / image)  # a size other than the manifest's raises
+        masks[i] = load_gray(raw_dir / mask) > 127
+    images.flush()
+    masks.flush()
     return True
 
 

@@ -147,7 +147,9 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
     event, history = move_alias(client, cfg.model_name, alias, version, gate)
     record = {"registered_model": cfg.model_name, "version": int(version), "alias": alias,
               "passed": passed, "quality_gate": gate, "gate_reason": None if passed else gate,
-              "champion_before": champion, "model": best, "run_id": run["run_id"],
+              "champion_before": champion,
+              "champion_version": int(version) if passed else (champion or {}).get("version"),
+              "model": best, "run_id": run["run_id"],
               "model_uri": run["model_uri"], "tags": tags, "alias_event": event,
               "alias_history": history}
     write_json(out_path, record)

@@ -454,8 +454,8 @@ def lineage_context(registry: dict) -> dict:
         ("Validation success", tags.get("validation_success", "unknown")),
     ]
     history = registry.get("alias_history") or []
-    champion = next((e["to_version"] for e in reversed(history) if e["alias"] == "champion"),
-                    None)
+    champion = registry.get("champion_version") or next(
+        (e["to_version"] for e in reversed(history) if e["alias"] == "champion"), None)
     rows.insert(3, ("Champion now", f"version {champion}" if champion else "none"))
     return {
         "rows": Table(["Field", "Value"], [[k, fmt(v, None)] for k, v in rows]),

@@ -22,7 +22,7 @@ from liverseg.io import atomic_dir, load_gray, write_json
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
-           "image_sha256"]
+           "image_sha256", "height", "width"]
 
 
 class LeakageError(AssertionError, ValueError):  # ValueError: the CLI prints it cleanly
@@ -131,6 +131,10 @@ def run(
                                      params.seed, cfg.test_fraction, strata=positive)
         side = accepted["patient_id"].map(by_patient)
     splits = {name: accepted[side == name][COLUMNS] for name in SPLITS}
+    empty = [name for name in ("train", "val") if splits[name].empty]
+    if empty:
+        raise ValueError(f"split: the {' and '.join(empty)} split would be empty "
+                         f"({len(accepted)} accepted slices); check the split section of params")
     check_no_leakage(splits, "patient_id" if cfg.group_by == "patient" else "slice_id")
     if sum(len(f) for f in splits.values()) != len(accepted):
         raise AssertionError("split lost slices")

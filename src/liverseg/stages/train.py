@@ -53,14 +53,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 32-bit seed for one epoch, a pure function of (seed, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A well-mixed 32-bit seed for one epoch (and rank), a pure function of its inputs."""
+    entropy = [seed, epoch] + ([rank] if rank else [])  # rank 0: as a single process
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def seed_epoch(seed: int, epoch: int, generator: torch.Generator, loader: DataLoader) -> None:
-    """Re-seed every random stream an epoch uses, so a resumed epoch replays exactly."""
-    value = epoch_seed(seed, epoch)
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator, loader: DataLoader,
+               rank: int = 0) -> None:
+    """Re-seed every random stream an epoch uses, so a resumed epoch replays exactly.
+    Other ranks get their own streams (different augmentations of their own shard)."""
+    value = epoch_seed(seed, epoch, rank)
     seed_everything(value)
     generator.manual_seed(value)  # the loader's shuffle order (and its workers' seeds)
     transform = getattr(loader.dataset, "transform", None)
@@ -97,7 +100,7 @@ def make_runtime(cfg, ctx: distributed.Context) -> Runtime:
         torch.use_deterministic_algorithms(True, warn_only=True)
     cuda = ctx.device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda and not cfg.deterministic
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     if cfg.precision == "bf16" and cuda and not bf16:
         raise RuntimeError("train.precision is 'bf16' but this GPU does not support bfloat16")
     amp = torch.bfloat16 if bf16 and cfg.precision != "fp32" else None
@@ -145,8 +148,8 @@ def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=Non
     """
     training = optimizer is not None
     model.train(training)
-    meter = ConfusionMeter()
-    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, images
+    meter, seen = ConfusionMeter(), 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     with torch.set_grad_enabled(training):
         for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2,
                             disable=not rt.ctx.is_main):
@@ -159,13 +162,15 @@ def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=Non
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-            totals += torch.stack([loss.detach().double() * len(x),
-                                   torch.tensor(len(x), dtype=torch.float64, device=rt.device)])
+            loss_sum += loss.detach().double() * len(x)
+            seen += len(x)
             meter.update(logits.float(), y)
+    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
+                                                 device=rt.device)])
     if training:
         totals, meter.counts = rt.ctx.sum(totals), rt.ctx.sum(meter.counts)
-    loss_sum, seen = totals.tolist()
-    return {"loss": loss_sum / max(seen, 1)} | meter.compute()
+    loss_total, seen = totals.tolist()
+    return {"loss": loss_total / max(seen, 1)} | meter.compute()
 
 
 def epoch_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
@@ -209,7 +214,10 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
                         options=params.model.options_for(model_name)).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = ctx.wrap(model)  # DDP when distributed; `model` shares its parameters
+    # DDP when distributed; `model` shares its parameters
+    example = torch.zeros(2, params.model.in_channels, cfg.image_size, cfg.image_size,
+                          device=rt.device)
+    net = ctx.wrap(model, example)
     net = torch.compile(net) if cfg.compile else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -217,7 +225,8 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     loss_fn = make_loss(cfg.loss)
 
     ckpt = checkpoint.TrainingCheckpoint(
-        checkpoint_root, model_name, checkpoint.run_key(params, model_name, splits_dir, raw_dir))
+        checkpoint_root, model_name,
+        checkpoint.run_key(params, model_name, splits_dir, raw_dir, ctx.world_size))
     state = ckpt.load() or {"epoch": 0, "history": [], "run_id": None, "seconds": 0.0,
                             "best": {"epoch": 0, "val_fg_iou": -math.inf}}
     if state["epoch"]:
@@ -235,7 +244,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            seed_epoch(params.seed, epoch, generator, train_loader)
+            seed_epoch(params.seed, epoch, generator, train_loader, ctx.rank)
             train = run_epoch(net, train_loader, loss_fn, rt, optimizer, scheduler,
                               desc=f"{model_name} epoch {epoch}/{cfg.epochs}")
             ctx.broadcast_buffers(model)  # batch-norm statistics as rank 0 has them
