@@ -101,36 +101,41 @@ def _repro_with(root, env, **sections) -> dict:
 @pytest.mark.slow
 def test_pipeline_reruns_move_the_champion_for_a_better_model_and_keep_it_against_a_worse(
         repo_clone, monkeypatch):
-    """Two more `dvc repro` runs on the same split after the first (v1, champion): a better
-    model (more epochs) and then a genuinely worse one (learning rate 1000x too small)."""
+    """Two more `dvc repro` runs on the same split: a better model (more epochs) and then a
+    genuinely worse one (learning rate 1000x too small). Versions are counted from what the
+    shared repro (and the tests before this one) registered."""
     root, env = repo_clone
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    first = json.loads((root / "reports/registry.json").read_text())
-    assert first["version"] == 1 and first["alias"] == "champion"
-    fg = {1: _best_score(root)}
+    client = tracking.mlflow().MlflowClient()
+    champion = client.get_model_version_by_alias("liverseg", "champion")
+    fg = {"champion": float(champion.tags["metric_fg_iou"])}
+    latest = json.loads((root / "reports/registry.json").read_text())["version"]
 
     better = _repro_with(root, env, models=["unet_cbam"], train={"epochs": 6})
-    fg[2] = _best_score(root)
-    assert fg[2] > fg[1], fg  # the premise: this run really is better
-    assert better["version"] == 2 and better["alias"] == "champion"
+    fg["better"] = _best_score(root)
+    assert fg["better"] > fg["champion"], fg  # the premise: this run really is better
+    assert better["version"] == latest + 1 and better["alias"] == "champion"
 
     worse = _repro_with(root, env, train={"epochs": 1, "lr": 3e-6})
-    fg[3] = _best_score(root)
-    assert fg[3] < fg[2], fg
-    assert worse["version"] == 3 and worse["alias"] == "challenger"
-    assert f"< champion v2 {fg[2]:.4f}" in worse["quality_gate"]
+    fg["worse"] = _best_score(root)
+    assert fg["worse"] < fg["better"], fg
+    assert worse["version"] == latest + 2 and worse["alias"] == "challenger"
+    assert f"< champion v{latest + 1} {fg['better']:.4f}" in worse["quality_gate"]
 
-    client = tracking.mlflow().MlflowClient()
     model = client.get_registered_model("liverseg")
-    assert model.aliases == {"champion": 2, "challenger": 3}
-    assert "champion v2" in client.get_model_version("liverseg", "3").tags["gate_reason"]
+    assert model.aliases == {"champion": latest + 1, "challenger": latest + 2}
+    reason = client.get_model_version("liverseg", str(latest + 2)).tags["gate_reason"]
+    assert f"champion v{latest + 1}" in reason
     moves = [(e["alias"], e["from_version"], e["to_version"])
              for e in json.loads(model.tags["alias_history"])]
-    assert moves == [("champion", None, 1), ("champion", 1, 2), ("challenger", None, 3)]
-    html = (root / "reports/report.html").read_text()  # the report shows every move
+    assert moves[-2] == ("champion", int(champion.version), latest + 1)
+    assert moves[-1][::2] == ("challenger", latest + 2)
+    html = (root / "reports/report.html").read_text()  # the report shows both moves
     history = html.split('id="alias-history"')[1].split("</table>")[0]
-    assert "<td>Champion now</td><td>version 2</td>" in html
-    assert history.count("<td>champion</td>") == 2 and history.count("<td>challenger</td>") == 1
+    assert f"<td>Champion now</td><td>version {latest + 1}</td>" in html
+    rows = history.split("<tr>")[2:4]  # newest first, after the header row
+    assert "<td>challenger</td>" in rows[0] and f"<td>{latest + 2}</td>" in rows[0]
+    assert "<td>champion</td>" in rows[1] and f"<td>{latest + 1}</td>" in rows[1]
 
 
 def _best_score(root) -> float:
