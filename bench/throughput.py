@@ -67,9 +67,10 @@ def data_throughput(n: int, size: int) -> dict[str, float]:
         for i, sl in enumerate(phantom.generate(max(n // 10, 1), 10, size, 3, 12.0, 0)):
             save_png(root / f"images/{i}.png", sl.image)
             save_png(root / f"masks/{i}.png", (sl.labels == phantom.TUMOUR).astype(np.uint8) * 255)
-            rows.append(f"{i},p,{i},images/{i}.png,masks/{i}.png,0\n")
-        (root / "split.csv").write_text("slice_id,patient_id,slice_index,image,mask,fg_fraction\n"
-                                        + "".join(rows))
+            rows.append(f"{i},p,{i},images/{i}.png,masks/{i}.png,0,{size},{size}\n")
+        (root / "split.csv").write_text(
+            "slice_id,patient_id,slice_index,image,mask,fg_fraction,height,width\n"
+            + "".join(rows))
         out = {}
         for source, use_cache in (("png", False), ("cache", True)):
             if use_cache:
