@@ -9,7 +9,6 @@ LIVERSEG_REQUIRE_CHROMIUM is set (CI installs Debian's `chromium` package and se
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from pipeline.assets import asset_key
 from pipeline.dvc_graph import load_stages
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -98,12 +97,7 @@ def test_asset_graph_in_a_browser(repo_copy, tmp_path):
         _chromium(f"--screenshot={SCREENSHOT}", page)
         assert SCREENSHOT.stat().st_size > 20_000  # a rendered graph, not a blank page
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=20)
         log.close()
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, sh, tiny_raw_params
+from tests.conftest import REPO, sh, stop_process_group, tiny_raw_params
 
 pytestmark = pytest.mark.fault
 
@@ -396,9 +396,4 @@ def test_make_ui_listens_on_loopback_only(tmp_path):
         assert ("127.0.0.1", port) in sockets
         assert all(ipaddress.ip_address(host).is_loopback for host, _ in sockets), sockets
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=30)
