@@ -1,15 +1,17 @@
 """GPU training throughput, run on demand on a CUDA machine: `python bench/gpu_throughput.py`.
 
-The Enhanced PAN at 256x256 (batch 32 by default), forward + backward + AdamW step, after
+The Enhanced PAN at 256x256 (batch 64 by default), forward + backward + AdamW step, after
 warm-up: fp32 eager against the train stage's GPU path (bf16 autocast + channels_last), and
 with `--compile` also that path under torch.compile. Prints images/s and the ratios; writes
-bench/results/gpu-throughput.json with the device facts.
+bench/results/gpu.json (issue 8's contract: `amp_vs_fp32`, plus the device facts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def images_per_s(size: int, batch: int, steps: int, warmup: int, amp: bool,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
@@ -60,9 +62,11 @@ def main() -> None:
     variants = {"fp32_eager": (False, False, False), "bf16_channels_last": (True, True, False)}
     if args.compile:
         variants["bf16_channels_last_compile"] = (True, True, True)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "size": args.size, "batch": args.batch, "steps": args.steps,
-               "train_images_per_s": {}, "ratios": {}}
+    results = {"machine": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "cpu": platform.processor(),
+                           "cpu_count": os.cpu_count()},
+               "model": "enhanced_pan", "size": args.size, "batch": args.batch,
+               "steps": args.steps, "train_images_per_s": {}, "ratios": {}}
     for name, (amp, cl, comp) in variants.items():
         ips = images_per_s(args.size, args.batch, args.steps, 5 if not comp else 10, amp, cl, comp)
         results["train_images_per_s"][name] = round(ips, 1)
@@ -70,8 +74,13 @@ def main() -> None:
         results["ratios"][f"{name}/fp32_eager"] = round(ratio, 2)
         print(f"enhanced_pan {args.size}px batch {args.batch} {name:28s} {ips:8.1f} images/s "
               f"({ratio:.2f}x fp32 eager)", flush=True)
+    ips = results["train_images_per_s"]
+    results["amp_vs_fp32"] = round(ips["bf16_channels_last"] / ips["fp32_eager"], 2)
+    if args.compile:
+        results["amp_compile_vs_fp32"] = round(
+            ips["bf16_channels_last_compile"] / ips["fp32_eager"], 2)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu-throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """MLflow, imported lazily so training also runs where only torch/timm/smp exist.
 
+`LIVERSEG_TRACKING=off` trains and evaluates without MLflow at all (a GPU box without it,
+a quick experiment): nothing is logged, `run.json` says `"tracking": "off"`, and the
+register stage refuses such a model, since there is no run to trace it to.
+
 Embedded default: a SQLite store and an artifact folder under `mlruns/` in the working
 directory (git-ignored). `MLFLOW_TRACKING_URI` points it at a server instead.
 
@@ -24,10 +28,18 @@ from liverseg.redact import install_log_redaction, redact
 EXPERIMENT = "liverseg"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 PROBE_TIMEOUT_ENV = "LIVERSEG_TRACKING_TIMEOUT"  # seconds for the reachability probe
+TRACKING_ENV = "LIVERSEG_TRACKING"  # on (default) | off
 
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached; the message names it (credentials masked)."""
+
+
+def enabled() -> bool:
+    value = os.environ.get(TRACKING_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{TRACKING_ENV}={value!r}: expected on or off")
+    return value == "on"
 
 
 def tracking_uri() -> str:
@@ -71,7 +83,11 @@ def mlflow():
     install_log_redaction()  # MLflow logs run URLs that embed the tracking URI
     uri = tracking_uri()
     check_reachable(uri)
-    import mlflow as _mlflow
+    try:
+        import mlflow as _mlflow
+    except ImportError as exc:
+        raise TrackingUnavailable(f"MLflow is not installed ({exc}): install it, or set "
+                                  f"{TRACKING_ENV}=off to run without tracking") from None
 
     _mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:") and _mlflow.get_experiment_by_name(EXPERIMENT) is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -9,7 +10,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over t
 
 import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
@@ -39,12 +39,14 @@ class SliceDataset(Dataset):
     """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 0/1, slice_id).
 
     Reads the split's decoded-slice cache when the split stage wrote one (see
-    `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding.
+    `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding. `rows` are
+    the CSV's rows as dicts of strings (the csv module: the training path needs no pandas).
     """
 
     def __init__(self, split_csv: str | Path, raw_dir: str | Path, mean: float, std: float,
                  transform: A.Compose | None = None, use_cache: bool = True):
-        self.rows = pd.read_csv(split_csv, dtype={"patient_id": str, "slice_id": str})
+        with open(split_csv, newline="") as fh:
+            self.rows = list(csv.DictReader(fh))
         self.raw_dir, self.mean, self.std, self.transform = Path(raw_dir), mean, std, transform
         self.cache = slice_cache.open_cache(split_csv, len(self.rows)) if use_cache else None
 
@@ -52,7 +54,7 @@ class SliceDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        row = self.rows.iloc[i]
+        row = self.rows[i]
         if self.cache is not None:
             image, mask = np.array(self.cache[0][i]), np.array(self.cache[1][i])
         else:

@@ -11,11 +11,14 @@ bytes, so training results do not change. A split whose slices differ in size ha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from liverseg.io import load_gray
+
+if TYPE_CHECKING:  # the loader imports this module; training needs no pandas
+    import pandas as pd
 
 
 def paths(split_csv: str | Path) -> tuple[Path, Path]:

@@ -73,9 +73,9 @@ def per_image_summary(per_image: pd.DataFrame) -> dict:
     return out
 
 
-def per_volume_summary(per_image: pd.DataFrame, patients: pd.Series) -> dict:
+def per_volume_summary(per_image: pd.DataFrame, patients: list[str]) -> dict:
     """Counts pooled within each patient (volume), then fg_iou/dice averaged over patients."""
-    counts = per_image[["tp", "fp", "fn", "tn"]].groupby(patients.to_numpy()).sum()
+    counts = per_image[["tp", "fp", "fn", "tn"]].groupby(np.asarray(patients)).sum()
     per_volume = [global_metrics(*row) for row in counts.itertuples(index=False)]
     out = {"n_volumes": len(per_volume)}
     for key in ("fg_iou", "dice"):
@@ -107,7 +107,7 @@ def run(
         "ci_level": 0.95,
         "bootstrap_resamples": params.evaluate.bootstrap,
         **per_image_summary(per_image),
-        **per_volume_summary(per_image, dataset.rows["patient_id"]),
+        **per_volume_summary(per_image, [r["patient_id"] for r in dataset.rows]),
         "n_images": len(per_image),
         "n_empty_both": int(per_image["fg_iou"].isna().sum()),
         "n_parameters": sum(p.numel() for p in model.parameters()),
@@ -129,9 +129,13 @@ def run(
             np.savez_compressed(fh, slice_id=per_image["slice_id"].to_numpy(str), masks=masks)
 
     run_id = read_json(model_dir / "run.json")["run_id"]
-    mlf = tracking.mlflow()
-    with mlf.start_run(run_id=run_id):
-        mlf.log_metrics({f"eval_{k}": v for k, v in metrics.items()
-                         if isinstance(v, float | int) and not isinstance(v, bool)})
+    if run_id is None or not tracking.enabled():
+        print(f"{model_name}: metrics written, not logged to MLflow "
+              f"({'trained without tracking' if run_id is None else 'LIVERSEG_TRACKING=off'})")
+    else:
+        mlf = tracking.mlflow()
+        with mlf.start_run(run_id=run_id):
+            mlf.log_metrics({f"eval_{k}": v for k, v in metrics.items()
+                             if isinstance(v, float | int) and not isinstance(v, bool)})
     return {k: metrics[k] for k in ("model", "fg_iou", "fg_iou_ci", "miou", "dice",
                                     "pixel_accuracy")}

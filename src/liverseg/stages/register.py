@@ -132,6 +132,10 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
     metrics = next(row for row in comparison["models"] if row["model"] == best)
     model_dir = Path(models_dir) / best
     run = read_json(model_dir / "run.json")
+    if run.get("model_uri") is None:
+        raise ValueError(f"{model_dir / 'run.json'}: {best} was trained with "
+                         f"{tracking.TRACKING_ENV}=off, so there is no MLflow run to register; "
+                         "retrain it with tracking on")
     tags = version_tags(params, best, metrics, read_json(validation_path),
                         read_json(model_dir / "config.json"))
 

@@ -2,8 +2,9 @@
 
 Writes `models/<model>/model.safetensors` (the best epoch by validation foreground IoU),
 `models/<model>/config.json` (the resolved config), `models/<model>/run.json` (the MLflow
-run) and `reports/training/<model>.csv` (one row per epoch: losses, IoU, mIoU, pixel
-accuracy for train and validation; DVC plots read it).
+run; `"tracking": "off"` under LIVERSEG_TRACKING=off) and `reports/training/<model>.csv`
+(one row per epoch: losses, IoU, mIoU, pixel accuracy for train and validation; DVC plots
+read it).
 
 Resumable: after every epoch the whole training state (model, optimiser, scheduler, best
 weights, history, MLflow run id) is replaced atomically in `.checkpoints/<model>/<key>.pt`
@@ -18,11 +19,15 @@ Hardware: on CUDA the step runs under bf16 autocast, in channels_last, with cudn
 stage trains data-parallel (see `liverseg.distributed`): `train.batch_size` is per process,
 train metrics are pooled over ranks, every rank validates on the whole validation split, and
 only rank 0 logs, checkpoints and writes outputs.
+
+Imports: torch, timm, smp, albumentations (with its pydantic and PyYAML), numpy and
+safetensors; MLflow only when tracking is on. A bare GPU image can train.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 import random
@@ -31,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import save_file
@@ -202,7 +206,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     cfg = params.train
     ctx = distributed.setup(cfg.device)
     # First: an unreachable server fails before any real work. Only rank 0 talks to MLflow.
-    mlf = tracking.mlflow() if ctx.is_main else None
+    mlf = tracking.mlflow() if ctx.is_main and tracking.enabled() else None
     stats = read_json(splits_dir / "stats.json")
     generator = seed_everything(params.seed)
     rt = make_runtime(cfg, ctx)
@@ -236,10 +240,10 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
         say(ctx, f"{model_name}: resuming after epoch {state['epoch']} from {ckpt.path}")
 
     started = time.perf_counter() - state["seconds"]
-    run = tracking.start_run(mlf, model_name, state["run_id"]) if ctx.is_main \
+    run = tracking.start_run(mlf, model_name, state["run_id"]) if mlf \
         else contextlib.nullcontext()
     with run as active:
-        if ctx.is_main:
+        if mlf:
             _log_start(mlf, active, params, model_name, model, state)
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             if sampler is not None:
@@ -258,11 +262,12 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
             state |= {"epoch": epoch, "seconds": time.perf_counter() - started,
                       "model": checkpoint.cpu_state(model),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            if ctx.is_main:
-                # Logged before the checkpoint: a kill in between replays this epoch and logs
-                # the same values again at the same step, rather than losing them.
+            # Logged before the checkpoint: a kill in between replays this epoch and logs
+            # the same values again at the same step, rather than losing them.
+            if mlf:
                 mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"
                                  and not math.isnan(v)}, step=epoch)
+            if ctx.is_main:
                 ckpt.save(state)
             say(ctx, f"{model_name} epoch {epoch}: train loss {train['loss']:.4f}, "
                      f"val loss {val['loss']:.4f}, val fg IoU {val['fg_iou']:.4f}")
@@ -299,7 +304,8 @@ def _log_start(mlf, active, params: Params, model_name: str, model, state: dict)
 
 def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: Path,
             history_path: Path, stats: dict, device, val_loader) -> dict:
-    """Write the best weights, config and curves; log them and the model to MLflow."""
+    """Write the best weights, config and curves; log them and the model to MLflow (when
+    tracking is on)."""
     best, seconds = state["best"], state["seconds"]
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / checkpoint.WEIGHTS) as tmp:
@@ -308,8 +314,12 @@ def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: 
     config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                "train_seconds": round(seconds, 1), "device": str(device)}
     checkpoint.save_config(config, out_dir / checkpoint.CONFIG)
-    with atomic_path(history_path) as tmp:
-        pd.DataFrame(state["history"]).to_csv(tmp, index=False)
+    with atomic_path(history_path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(state["history"][0]))
+        writer.writeheader()
+        writer.writerows(state["history"])
+    if mlf is None:
+        return {"run_id": None, "model_uri": None, "tracking": "off"}
     mlf.log_metrics({"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                      "train_seconds": seconds})
     mlf.log_artifact(str(history_path))
