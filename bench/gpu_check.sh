@@ -5,7 +5,9 @@
 # albumentations, numpy, safetensors). Steps: the tests marked `gpu`; three epochs of the
 # Enhanced PAN on the embedded phantom through the real stages (ingest, validate, split,
 # train, evaluate) on CUDA; the training throughput at 256x256 of bf16 autocast +
-# channels_last (+ torch.compile) against fp32 eager -> bench/results/gpu.json.
+# channels_last (+ torch.compile with --compile) against fp32 eager -> bench/results/gpu.json.
+# The data stages need great-expectations and pandas: on a bare GPU image, bring them as
+# wheels (README "GPU check").
 set -euo pipefail
 repo=$PWD
 export PYTHONPATH="$repo/src:$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,4 +33,4 @@ PY
 (cd "$work" && for stage in ingest validate split; do python3 -m liverseg "$stage"; done \
   && time python3 -m liverseg train enhanced_pan && python3 -m liverseg evaluate enhanced_pan)
 
-python3 bench/gpu_throughput.py --compile "$@"
+python3 bench/gpu_throughput.py "$@"  # add --compile to time torch.compile too
