@@ -77,3 +77,12 @@ def test_tracking_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LIVERSEG_TRACKING", "maybe")
     with pytest.raises(ValueError, match="LIVERSEG_TRACKING='maybe'"):
         tracking.enabled()
+
+
+def test_missing_mlflow_with_tracking_on_says_how_to_proceed(workdir, monkeypatch):
+    from liverseg import tracking
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now fails
+    monkeypatch.delenv("LIVERSEG_TRACKING", raising=False)
+    with pytest.raises(tracking.TrackingUnavailable, match="set LIVERSEG_TRACKING=off"):
+        tracking.mlflow()
