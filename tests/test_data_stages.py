@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from liverseg.io import load_gray
 from liverseg.stages import ingest, split, validate
 from liverseg.stages.split import LeakageError, check_no_leakage
 from liverseg.stages.validate import ValidationFailed
@@ -70,7 +71,11 @@ def test_split_is_grouped_deterministic_and_has_stats(split_data, tiny_params):
     stats = json.loads((split_data / "data/splits/stats.json").read_text())
     assert not set(train.patient_id) & set(val.patient_id)
     assert len(train) + len(val) == 24 and val.patient_id.nunique() == 3  # ceil(0.34 * 6)
-    assert 0 < stats["mean"] < 1 and stats["std"] > 0
+    # Read from the decoded cache; equal to the train PNGs' own pixel statistics.
+    pixels = np.concatenate([load_gray(split_data / "data/raw" / rel).ravel()
+                             for rel in train.image]) / 255.0
+    assert stats["mean"] == pytest.approx(pixels.mean(), abs=1e-12)
+    assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
     before = val.slice_id.tolist()
     split.run(tiny_params)
     assert pd.read_csv(split_data / "data/splits/val.csv").slice_id.tolist() == before

@@ -11,6 +11,7 @@ cache (`liverseg.data.slice_cache`) that training reads instead of the PNGs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +100,11 @@ def check_no_leakage(splits: dict[str, pd.DataFrame], group: str = "patient_id")
                 seen[value] = name
 
 
-def pixel_stats(raw_dir: Path, images: pd.Series) -> tuple[float, float]:
+def pixel_stats(images: Iterable[np.ndarray]) -> tuple[float, float]:
     """Mean and std of the [0, 1]-scaled pixels, pooled over every train image."""
     total = total_sq = count = 0.0
-    for rel in images:
-        x = load_gray(raw_dir / rel).astype(np.float64) / 255.0
+    for image in images:
+        x = image.astype(np.float64) / 255.0
         total, total_sq, count = total + x.sum(), total_sq + (x**2).sum(), count + x.size
     mean = total / count
     return float(mean), float(math.sqrt(max(total_sq / count - mean**2, 1e-12)))
@@ -139,8 +140,7 @@ def run(
     if sum(len(f) for f in splits.values()) != len(accepted):
         raise AssertionError("split lost slices")
 
-    mean, std = pixel_stats(Path(raw_dir), splits["train"]["image"])
-    stats = {"mean": mean, "std": std, "seed": params.seed, "leakage_checked": True,
+    stats = {"seed": params.seed, "leakage_checked": True,
              "grouped_by": cfg.group_by,
              "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else "seeded fractions",
              "stratified_by": "patient has foreground" if cfg.group_by == "patient"
@@ -154,5 +154,10 @@ def run(
             frame.to_csv(tmp / f"{name}.csv", index=False)
             stats["decoded_cache"][name] = slice_cache.write(frame, Path(raw_dir),
                                                              tmp / f"{name}.csv")
-        write_json(tmp / "stats.json", stats)
+        # From the cache just written when there is one: each PNG is decoded once.
+        cache = slice_cache.open_cache(tmp / "train.csv", len(splits["train"]))
+        train_images = cache[0] if cache else (load_gray(Path(raw_dir) / rel)
+                                               for rel in splits["train"]["image"])
+        mean, std = pixel_stats(train_images)
+        write_json(tmp / "stats.json", {"mean": mean, "std": std} | stats)
     return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}
