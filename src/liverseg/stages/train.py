@@ -317,7 +317,8 @@ def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: 
     with atomic_path(history_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(state["history"][0]))
         writer.writeheader()
-        writer.writerows(state["history"])
+        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v  # as pandas
+                          for k, v in row.items()} for row in state["history"])
     if mlf is None:
         return {"run_id": None, "model_uri": None, "tracking": "off"}
     mlf.log_metrics({"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
