@@ -7,10 +7,11 @@ from liverseg.metrics import (
     CI_METRICS,
     ConfusionMeter,
     bootstrap_ci,
+    class_metrics,
     confusion,
+    foreground_counts,
     global_metrics,
     hd95,
-    per_image_iou,
     per_image_metrics,
 )
 
@@ -35,10 +36,12 @@ def test_meter_pools_pixels_and_per_image_marks_empty_pairs():
     logits = torch.full((2, 1, 4, 4), -10.0)
     logits[0, 0, :2, :1] = 10  # 2 of them found
     meter = ConfusionMeter()
-    tp, fp, fn, _ = meter.update(logits, target)
+    counts = meter.update(logits, target)
     assert math.isclose(meter.compute()["fg_iou"], 2 / 4)
-    ious = per_image_iou(tp, fp, fn)
+    ious = [m["fg_iou"] for m in per_image_metrics(counts)]
     assert math.isclose(ious[0], 0.5) and math.isnan(ious[1])
+    # the binary counts, read back from the per-class ones: TP, FP, FN, TN of image 0
+    assert foreground_counts(counts)[0].tolist() == [2, 0, 2, 12]
 
 
 # ----------------------------------------------------------------------------- per image
@@ -61,32 +64,32 @@ def _pair(pred_pixels, truth_pixels, size=8):
 
 def test_empty_truth_false_positives_score_zero_recall_undefined():
     pred, truth = _pair([(1, 1), (1, 2)], [])
-    (m,) = per_image_metrics(*_counts(pred, truth))
+    (m,) = per_image_metrics(_counts(pred, truth))
     assert m["fg_iou"] == 0.0 and m["dice"] == 0.0 and m["precision"] == 0.0
     assert math.isnan(m["recall"]) and math.isnan(hd95(pred[0], truth[0]))
 
 
 def test_empty_prediction_misses_score_zero_precision_undefined():
     pred, truth = _pair([], [(3, 3), (3, 4), (4, 4)])
-    (m,) = per_image_metrics(*_counts(pred, truth))
+    (m,) = per_image_metrics(_counts(pred, truth))
     assert m["fg_iou"] == 0.0 and m["dice"] == 0.0 and m["recall"] == 0.0
     assert math.isnan(m["precision"]) and math.isnan(hd95(pred[0], truth[0]))
 
 
 def test_both_empty_is_undefined_everywhere():
     pred, truth = _pair([], [])
-    (m,) = per_image_metrics(*_counts(pred, truth))
+    (m,) = per_image_metrics(_counts(pred, truth))
     assert all(math.isnan(v) for v in m.values())
     assert math.isnan(hd95(pred[0], truth[0]))
 
 
 def test_one_pixel_object_hit_and_miss():
     pred, truth = _pair([(2, 2)], [(2, 2)])
-    (hit,) = per_image_metrics(*_counts(pred, truth))
+    (hit,) = per_image_metrics(_counts(pred, truth))
     assert hit == {"fg_iou": 1.0, "dice": 1.0, "precision": 1.0, "recall": 1.0}
     assert hd95(pred[0], truth[0]) == 0.0
     pred, truth = _pair([(0, 0)], [(3, 4)])
-    (miss,) = per_image_metrics(*_counts(pred, truth))
+    (miss,) = per_image_metrics(_counts(pred, truth))
     assert miss["fg_iou"] == 0.0 and miss["dice"] == 0.0
     assert hd95(pred[0], truth[0]) == 5.0  # a 3-4-5 triangle, in pixels
     assert math.isclose(hd95(pred[0], truth[0], spacing=(2.0, 1.0)), math.sqrt(6**2 + 4**2))
@@ -105,9 +108,9 @@ def test_per_image_and_global_disagree():
     pred, truth = np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
     truth[0, :10, :10] = pred[0, :10, :10] = 1  # 100 px, all found
     truth[1, 5, 5], pred[1, 12, 12] = 1, 1  # missed, plus one false positive
-    tp, fp, fn, tn = _counts(pred, truth)
-    pooled = global_metrics(*(float(c.sum()) for c in (tp, fp, fn, tn)))
-    per_image = [m["fg_iou"] for m in per_image_metrics(tp, fp, fn, tn)]
+    counts = _counts(pred, truth)
+    pooled = class_metrics(counts.sum(0))
+    per_image = [m["fg_iou"] for m in per_image_metrics(counts)]
     assert math.isclose(pooled["fg_iou"], 100 / 102)
     assert per_image == [1.0, 0.0] and np.mean(per_image) == 0.5
 
@@ -124,3 +127,55 @@ def test_bootstrap_ci_is_seeded_brackets_the_estimate_and_handles_edge_cases():
     assert same["fg_iou_ci"] == [0.5, 0.5]  # identical images: no spread
     assert bootstrap_ci(counts, 0, seed=1) == {f"{k}_ci": None for k in CI_METRICS}
     assert bootstrap_ci(np.array([[0, 0, 0, 10]]), 20, seed=0)["fg_iou_ci"] is None
+
+
+# ----------------------------------------------------------------------------- three classes
+
+
+def _one_hot_logits(pred: np.ndarray, classes: int = 3) -> torch.Tensor:
+    """Logits whose argmax is `pred` ([N, H, W] class indices)."""
+    return torch.nn.functional.one_hot(torch.as_tensor(pred).long(), classes).permute(
+        0, 3, 1, 2).float() * 10
+
+
+def test_three_class_metrics_by_hand():
+    """A 4x4 slice: truth has 6 liver and 2 tumour pixels; the prediction finds 4 of the
+    liver and 1 tumour pixel, calls one liver pixel tumour and one background pixel liver."""
+    truth = np.zeros((1, 4, 4), np.int64)
+    truth[0, 0, :] = 1
+    truth[0, 1, :2] = 1  # 6 liver
+    truth[0, 2, :2] = 2  # 2 tumour
+    pred = np.zeros_like(truth)
+    pred[0, 0, :] = 1
+    pred[0, 1, 0] = 2  # liver called tumour
+    pred[0, 2, 0] = 2  # tumour found; (2, 1) missed -> background
+    pred[0, 3, 3] = 1  # background called liver
+    # pixel (1, 1): liver missed -> background
+    counts = confusion(_one_hot_logits(pred), torch.as_tensor(truth)[:, None].float())
+    assert counts.shape == (1, 3, 4)
+    m = class_metrics(counts.sum(0), ("background", "liver", "tumour"))
+    liver, tumour = 4 / (4 + 1 + 2), 1 / (1 + 1 + 1)  # TP / (TP + FP + FN)
+    background = 7 / (7 + 2 + 1)  # 7 found, 2 missed liver/tumour, 1 called liver
+    assert math.isclose(m["iou_liver"], liver) and math.isclose(m["iou_tumour"], tumour)
+    assert math.isclose(m["fg_iou"], (liver + tumour) / 2)
+    assert math.isclose(m["bg_iou"], background)
+    assert math.isclose(m["miou"], (background + liver + tumour) / 3)
+    assert math.isclose(m["dice_tumour"], 2 / 4)
+    assert math.isclose(m["pixel_accuracy"], (7 + 4 + 1) / 16)
+    # Foreground against background (the CSV's counts): 7 of 8 found, 1 false, 2 missed.
+    assert foreground_counts(counts)[0].tolist() == [6, 1, 2, 7]
+
+
+def test_three_class_per_image_leaves_out_a_class_absent_from_both_masks():
+    truth = np.zeros((1, 4, 4), np.int64)
+    truth[0, :2] = 1  # liver only, found exactly: tumour is 0/0 on this slice
+    (m,) = per_image_metrics(confusion(_one_hot_logits(truth), torch.as_tensor(truth)[:, None]),
+                             ("background", "liver", "tumour"))
+    assert m["fg_iou"] == 1.0 and m["iou_liver"] == 1.0 and math.isnan(m["iou_tumour"])
+
+
+def test_bootstrap_of_binary_counts_equals_its_two_class_form():
+    counts = np.array([[100, 0, 0, 900], [0, 1, 1, 998], [10, 5, 5, 980], [3, 0, 9, 988]])
+    two_class = np.stack([counts[:, [3, 2, 1, 0]], counts], axis=1)
+    assert bootstrap_ci(counts, 200, seed=3) == bootstrap_ci(two_class, 200, seed=3)
+    assert class_metrics(two_class.sum(0)) == global_metrics(*counts.sum(0))

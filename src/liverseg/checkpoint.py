@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from liverseg.io import atomic_path, sha256_file, write_json
+from liverseg.labels import TARGETS, out_channels
 from liverseg.models import SegmentationModel, build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -40,6 +41,8 @@ def model_config(params, name: str, mean: float, std: float) -> dict:
         "model": name,
         "encoder": params.model.encoder,
         "in_channels": params.model.in_channels,
+        "num_classes": params.model.num_classes,
+        "classes": list(TARGETS[params.data.target]),
         "options": params.model.options_for(name),
         "image_size": params.train.image_size,
         "normalisation": {"mean": mean, "std": std, "scale": 255.0},
@@ -50,7 +53,9 @@ def model_config(params, name: str, mean: float, std: float) -> dict:
 
 def build_from_config(config: dict, encoder_weights: str | None = None) -> SegmentationModel:
     return build_model(config["model"], encoder=config["encoder"], encoder_weights=encoder_weights,
-                       in_channels=config["in_channels"], options=config["options"])
+                       in_channels=config["in_channels"],
+                       classes=out_channels(config.get("num_classes", 2)),  # older: binary
+                       options=config["options"])
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:

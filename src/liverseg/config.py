@@ -49,8 +49,9 @@ class FolderParams(Strict):
     mask_suffix: str = ""  # mask stem = image stem + suffix (e.g. "_mask")
     # Searched in the file stem; group `patient` is required, `slice` optional.
     patient_regex: str = r"(?P<patient>[^_]+)_(?P<slice>\d+)$"
-    # Label value -> 0/1; null: masks are 0/1 or 0/255 (JPEG noise tolerated).
-    mask_mapping: dict[int, Literal[0, 1]] | None = None
+    # Label value -> class index (0/1; 0/1/2 for data.target liver_tumour); null: masks
+    # are 0/1 or 0/255 (JPEG noise tolerated).
+    mask_mapping: dict[int, Literal[0, 1, 2]] | None = None
     mask_threshold: int = Field(127, ge=0, le=254)
     max_ambiguous_fraction: float = Field(0.05, ge=0, le=1)
     # 16-bit input: window mapped to 0..255; null = each image's own min..max.
@@ -87,7 +88,8 @@ class KaggleParams(Strict):
 class DataParams(Strict):
     source: Literal["phantom", "folder", "archive", "nifti", "kaggle"] = "phantom"
     path: str | None = None  # folder, archive file or NIfTI folder (not used by phantom/kaggle)
-    target: Literal["tumour", "liver"] = "tumour"
+    # tumour | liver: binary masks; liver_tumour: three classes (background, liver, tumour)
+    target: Literal["tumour", "liver", "liver_tumour"] = "tumour"
     max_pixels: int = Field(40_000_000, ge=1024)  # per image; larger is refused as a bomb
     phantom: PhantomParams = PhantomParams()
     folder: FolderParams = FolderParams()
@@ -99,6 +101,14 @@ class DataParams(Strict):
     def _path_when_needed(self):
         if self.source in ("folder", "archive", "nifti") and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source}")
+        folder_like = self.source in ("folder", "archive", "kaggle")
+        mapped = set((self.folder.mask_mapping or {}).values())
+        if folder_like and self.target == "liver_tumour" and not mapped >= {1, 2}:
+            raise ValueError("data.target liver_tumour from 2D masks needs "
+                             "data.folder.mask_mapping onto classes 0/1/2, e.g. {0: 0, 1: 1, 2: 2}")
+        if folder_like and self.target != "liver_tumour" and 2 in mapped:
+            raise ValueError(f"data.folder.mask_mapping maps onto class 2, but data.target "
+                             f"{self.target} is binary (classes 0/1)")
         return self
 
 
@@ -163,6 +173,9 @@ class ModelParams(Strict):
     encoder: str = "tu-efficientnet_b0"
     encoder_weights: str | None = None
     in_channels: int = Field(1, ge=1)
+    # 2: binary (one sigmoid logit); 3: background/liver/tumour (softmax), which needs
+    # data.target liver_tumour. Checked against the data's classes again at training.
+    num_classes: Literal[2, 3] = 2
     enhanced_pan: EnhancedPanParams = EnhancedPanParams()
 
     def options_for(self, name: str) -> dict:
@@ -180,7 +193,8 @@ class TrainParams(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
     # The paper trains with binary cross-entropy alone ("bce"); with ~1% tumour pixels the
-    # default adds soft Dice, the usual answer to that imbalance.
+    # default adds soft Dice, the usual answer to that imbalance. With model.num_classes 3
+    # each is its softmax form: cross-entropy (+ multi-class soft Dice).
     loss: Literal["bce", "bce_dice"] = "bce_dice"
     # GPU path (ignored on CPU, where training stays fp32 and bitwise reproducible).
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
@@ -239,6 +253,17 @@ class Params(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"model listed twice in {names}")
         return names
+
+    @model_validator(mode="after")
+    def _classes_agree(self):
+        from liverseg.labels import TARGETS
+
+        classes = TARGETS[self.data.target]
+        if self.model.num_classes != len(classes):
+            raise ValueError(f"model.num_classes is {self.model.num_classes} but data.target "
+                             f"{self.data.target} has {len(classes)} classes {list(classes)}; "
+                             "num_classes 3 goes with data.target liver_tumour")
+        return self
 
     def dump(self) -> dict:
         """The resolved config as plain data, with the same keys as params.yaml."""

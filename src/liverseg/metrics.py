@@ -1,23 +1,31 @@
 """Segmentation metrics, with their aggregation and empty-mask rule stated.
 
-Binary masks, foreground = 1. Counts come from `segmentation_models_pytorch.metrics`.
+Counts are per image and per class, [N, C, 4] = (TP, FP, FN, TN) of each class against the
+rest, background first (`confusion`, from `segmentation_models_pytorch.metrics`). A binary
+model (one sigmoid logit, foreground = probability > threshold) has C = 2; the three-class
+model (background, liver, tumour; argmax of the softmax) has C = 3. For C = 2 every headline
+number below is the usual binary one.
 
 Global (the headline numbers, pixels pooled over the whole split):
-  fg_iou          TP / (TP + FP + FN)
-  bg_iou          TN / (TN + FN + FP)
-  miou            (fg_iou + bg_iou) / 2   -- the paper's mIoU over background and foreground
-  dice            2TP / (2TP + FP + FN)
-  precision       TP / (TP + FP);  recall  TP / (TP + FN)
-  pixel_accuracy  (TP + TN) / all pixels
+  IoU_c           TP_c / (TP_c + FP_c + FN_c)            (per class; Dice_c likewise)
+  fg_iou          mean of IoU_c over the foreground classes (binary: TP / (TP + FP + FN))
+  bg_iou          IoU of the background
+  miou            mean of IoU_c over all classes, background included (the paper's mIoU)
+  dice            mean of Dice_c = 2TP_c / (2TP_c + FP_c + FN_c) over the foreground classes
+  precision       TP / (TP + FP);  recall  TP / (TP + FN)   (foreground classes, mean)
+  pixel_accuracy  correctly classified pixels / all pixels
+  iou_<class>, dice_<class>   each foreground class's own, when there are 3 classes
 Pooling means slices with an empty truth mask still count: every false-positive pixel on
 them lowers fg_iou. A ratio whose denominator is 0 over the whole split is NaN (reported
-as null), never silently 0 or 1.
+as null), never silently 0 or 1, and a mean over classes with a NaN is NaN.
 
 Per image (the CSV; `per_image_<metric>_mean` in the JSON): fg_iou, dice, precision, recall
 and hd95 of one slice. Empty-mask rule (as nnU-Net and MONAI): a ratio that is 0/0 on a
 slice is NaN and excluded from the mean -- fg_iou/dice when truth and prediction are both
 empty (counted in `n_empty_both`), precision when nothing is predicted, recall when the
-truth is empty. HD95 (pixels) only where both masks are non-empty (`n_hd95` slices).
+truth is empty. With several foreground classes a slice's value is the mean over the
+classes defined on it (a class absent from both masks of that slice is left out). HD95
+(pixels) of the foreground (any class) only where both masks have some (`n_hd95` slices).
 
 Per volume (patient): counts pooled over a patient's slices, then averaged over patients.
 
@@ -34,11 +42,25 @@ import segmentation_models_pytorch as smp
 import torch
 from scipy import ndimage
 
+COUNT_NAMES = ("tp", "fp", "fn", "tn")
 
-def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5):
-    """Per-image TP, FP, FN, TN counts (each shaped [N, 1]) for sigmoid logits."""
-    return smp.metrics.get_stats(logits.sigmoid(), target.long(), mode="binary",
-                                 threshold=threshold)
+
+def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+              ) -> torch.Tensor:
+    """Per-image, per-class counts [N, C, 4] (TP, FP, FN, TN), background first.
+
+    `logits` [N, K, H, W]: K = 1 is a binary (sigmoid) head, thresholded, giving C = 2;
+    otherwise the argmax over K = C classes. `target` [N, 1, H, W] holds class indices.
+    """
+    target = target.long()
+    if logits.shape[1] == 1:
+        tp, fp, fn, tn = smp.metrics.get_stats(logits.sigmoid(), target, mode="binary",
+                                               threshold=threshold)
+        return torch.stack([torch.cat([tn, tp], 1), torch.cat([fn, fp], 1),
+                            torch.cat([fp, fn], 1), torch.cat([tp, tn], 1)], dim=-1)
+    stats = smp.metrics.get_stats(logits.argmax(1), target[:, 0], mode="multiclass",
+                                  num_classes=logits.shape[1])
+    return torch.stack(stats, dim=-1)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -46,6 +68,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def global_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """One class against the rest (the binary case: the foreground)."""
     fg_iou, bg_iou = _ratio(tp, tp + fp + fn), _ratio(tn, tn + fn + fp)
     return {
         "fg_iou": fg_iou,
@@ -58,31 +81,53 @@ def global_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, floa
     }
 
 
+def _mean(values: list[float], skip_nan: bool = False) -> float:
+    if skip_nan:
+        values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def class_metrics(counts, classes: tuple[str, ...] | None = None,
+                  skip_nan: bool = False) -> dict[str, float]:
+    """The headline metrics from one set of per-class counts [C, 4] (see the module doc).
+    `skip_nan`: average over the defined classes only (the per-image rule)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    per_class = [global_metrics(*c) for c in counts]
+    fg = per_class[1:]
+    out = {"fg_iou": _mean([m["fg_iou"] for m in fg], skip_nan),
+           "bg_iou": per_class[0]["fg_iou"],
+           "miou": _mean([m["fg_iou"] for m in per_class], skip_nan)}
+    out |= {key: _mean([m[key] for m in fg], skip_nan)
+            for key in ("dice", "precision", "recall")}
+    out["pixel_accuracy"] = _ratio(counts[:, 0].sum(), counts[0].sum())
+    if classes and len(classes) > 2:
+        for name, m in zip(classes[1:], fg, strict=True):
+            out |= {f"iou_{name}": m["fg_iou"], f"dice_{name}": m["dice"]}
+    return out
+
+
 class ConfusionMeter:
-    """Accumulates pooled counts over batches (the 'global' aggregation).
+    """Accumulates pooled per-class counts over batches (the 'global' aggregation).
 
     The counts live on the inputs' device: no host sync per batch on a GPU; `compute`
     syncs once.
     """
 
-    def __init__(self) -> None:
-        self.counts = torch.zeros(4, dtype=torch.float64)
+    def __init__(self, classes: tuple[str, ...] = ("background", "foreground")) -> None:
+        self.classes = tuple(classes)
+        self.counts = torch.zeros(len(classes), 4, dtype=torch.float64)
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5):
+    def update(self, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+               ) -> torch.Tensor:
         stats = confusion(logits.detach(), target, threshold)
-        counts = torch.stack([s.sum() for s in stats]).double()
-        self.counts = self.counts.to(counts.device) + counts
+        if stats.shape[1] != len(self.classes):
+            raise ValueError(f"the model scores {stats.shape[1]} classes but the data has "
+                             f"{len(self.classes)} {list(self.classes)}")
+        self.counts = self.counts.to(stats.device) + stats.sum(0).double()
         return stats
 
     def compute(self) -> dict[str, float]:
-        return global_metrics(*self.counts.tolist())
-
-
-def per_image_iou(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> list[float]:
-    """Foreground IoU per image; NaN where truth and prediction are both empty."""
-    den = (tp + fp + fn).flatten().double()
-    iou = tp.flatten().double() / den
-    return [float("nan") if d == 0 else float(v) for v, d in zip(iou, den, strict=True)]
+        return class_metrics(self.counts.cpu().numpy(), self.classes)
 
 
 def nan_to_none(metrics: dict) -> dict:
@@ -93,19 +138,29 @@ def nan_to_none(metrics: dict) -> dict:
 # ----------------------------------------------------------------------------- per image
 
 
-def per_image_metrics(tp, fp, fn, tn) -> list[dict[str, float]]:
-    """fg_iou, dice, precision and recall of each image from its confusion counts.
+def per_image_metrics(counts, classes: tuple[str, ...] | None = None
+                      ) -> list[dict[str, float]]:
+    """fg_iou, dice, precision and recall of each image from its counts [N, C, 4].
 
     Empty-mask rule, per ratio: a 0/0 is NaN (undefined), never 0 or 1. So fg_iou and dice
     are NaN only when truth and prediction are both empty; precision is NaN when nothing
-    was predicted, recall when the truth is empty. NaNs are excluded from per-image means.
+    was predicted, recall when the truth is empty. NaNs are excluded from per-image means,
+    and from a slice's mean over classes. With 3 classes each class's IoU is added.
     """
+    keys = ("fg_iou", "dice", "precision", "recall")
     rows = []
-    for t, f_p, f_n, t_n in zip(*(torch.as_tensor(c).flatten().tolist() for c in (tp, fp, fn, tn)),
-                                strict=True):
-        m = global_metrics(t, f_p, f_n, t_n)
-        rows.append({k: m[k] for k in ("fg_iou", "dice", "precision", "recall")})
+    for image in np.asarray(torch.as_tensor(counts).cpu(), dtype=np.float64):
+        m = class_metrics(image, classes, skip_nan=True)
+        rows.append({k: m[k] for k in keys} | {k: v for k, v in m.items() if k[:4] == "iou_"})
     return rows
+
+
+def foreground_counts(counts) -> np.ndarray:
+    """[N, C, 4] -> [N, 4]: foreground (any class but background) against background; the
+    binary counts themselves when C = 2."""
+    counts = np.asarray(torch.as_tensor(counts).cpu())
+    tn, fn, fp, tp = counts[:, 0].T  # background's counts, read from the foreground's side
+    return np.stack([tp, fp, fn, tn], axis=1)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -138,21 +193,25 @@ def bootstrap_ci(counts: np.ndarray, resamples: int, seed: int, level: float = 0
                  keys: tuple[str, ...] = CI_METRICS) -> dict[str, list[float] | None]:
     """Percentile bootstrap CIs of the pooled (global) metrics, resampling images.
 
-    `counts` is [N, 4] per-image TP, FP, FN, TN. Each resample draws N images with
-    replacement and recomputes the pooled metric, so the interval reflects the spread
-    between images, the unit that was sampled. Resamples where a metric is undefined are
-    dropped; an interval with no defined resample (or resamples=0) is None.
+    `counts` is [N, C, 4] per-image, per-class TP, FP, FN, TN (or [N, 4], a binary model's
+    foreground counts). Each resample draws N images with replacement and recomputes the
+    pooled metric, so the interval reflects the spread between images, the unit that was
+    sampled. Resamples where a metric is undefined are dropped; an interval with no defined
+    resample (or resamples=0) is None.
     """
     counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim == 2:  # binary foreground counts: add the background's view of them
+        counts = np.stack([counts[:, [3, 2, 1, 0]], counts], axis=1)
     if resamples <= 0 or len(counts) == 0:
         return {f"{k}_ci": None for k in keys}
     rng = np.random.default_rng(seed)
     pooled = counts[rng.integers(0, len(counts), (resamples, len(counts)))].sum(axis=1)
-    tp, fp, fn, tn = pooled.T
+    tp, fp, fn = pooled[..., 0], pooled[..., 1], pooled[..., 2]  # [resamples, C]
     with np.errstate(divide="ignore", invalid="ignore"):
-        fg = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
-        bg = np.where(tn + fp + fn > 0, tn / (tn + fp + fn), np.nan)
-        values = {"fg_iou": fg, "dice": 2 * fg / (1 + fg), "miou": (fg + bg) / 2}
+        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
+        values = {"fg_iou": iou[:, 1:].mean(axis=1),
+                  "dice": (2 * iou[:, 1:] / (1 + iou[:, 1:])).mean(axis=1),
+                  "miou": iou.mean(axis=1)}
     alpha = (1 - level) / 2 * 100
     out = {}
     for key in keys:

@@ -6,9 +6,11 @@ windowed as in training: level 50, width 400). Each slice is resized to the mode
 size, predicted, and the probabilities resized back, so masks have the input's geometry;
 NIfTI masks keep the input's affine and header.
 
-Outputs in DIR: `<name>_mask.png|.nii.gz` (0/1 for NIfTI, 0/255 for PNG), `<name>_overlay.png`
-(for a volume: the slice with the largest predicted tumour area) and `predictions.csv`, one
-row per input with the tumour area (pixels, and mm^2 when spacing is known) or volume (ml).
+Outputs in DIR: `<name>_mask.png|.nii.gz` (class indices for NIfTI: 0/1, or 0/1/2 =
+background/liver/tumour as LiTS labels them; PNG values as `liverseg.labels` stores masks:
+0/255 or 0/128/255), `<name>_overlay.png` (for a volume: the slice with the largest predicted
+foreground) and `predictions.csv`, one row per input with each class's size in pixels and,
+for a volume, in ml (from the header's voxel spacing).
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from liverseg import checkpoint
+from liverseg import checkpoint, labels
 from liverseg.io import atomic_path, load_gray
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-OVERLAY_RGB = np.array([255, 40, 40], np.float32)
+CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -57,7 +59,8 @@ def load(ref: str) -> tuple[torch.nn.Module, dict]:
 
 
 class Normalised(torch.nn.Module):
-    """Raw pixel values 0..255 in, foreground probabilities out: the pyfunc's contract."""
+    """Raw pixel values 0..255 in, probabilities out (foreground [N, 1, H, W] for a binary
+    model, each class [N, C, H, W] for a multi-class one): the pyfunc's contract."""
 
     def __init__(self, model: torch.nn.Module, config: dict):
         super().__init__()
@@ -66,7 +69,7 @@ class Normalised(torch.nn.Module):
         self.mean, self.std = float(norm["mean"]), float(norm["std"])
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.model((raw / self.scale - self.mean) / self.std).sigmoid()
+        return labels.probabilities(self.model((raw / self.scale - self.mean) / self.std))
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, slices: np.ndarray) -> np.ndarray:
-        """[N, H, W] raw 0..255 -> [N, H, W] probabilities, in the input's geometry."""
+        """[N, H, W] raw 0..255 -> [N, K, H, W] probabilities, in the input's geometry."""
         size, out = self.config["image_size"], []
         channels = self.config["in_channels"]
         for start in range(0, len(slices), self.batch_size):
@@ -88,11 +91,17 @@ class Predictor:
             h, w = x.shape[-2:]
             x = F.interpolate(x[:, None], (size, size), mode="bilinear", align_corners=False)
             probs = self.net(x.expand(-1, channels, -1, -1))
-            out.append(F.interpolate(probs, (h, w), mode="bilinear", align_corners=False)[:, 0])
+            out.append(F.interpolate(probs, (h, w), mode="bilinear", align_corners=False))
         return torch.cat(out).numpy()
 
     def masks(self, slices: np.ndarray) -> np.ndarray:
-        return (self.probabilities(slices) > self.config["threshold"]).astype(np.uint8)
+        """[N, H, W] class indices (uint8)."""
+        probs = torch.from_numpy(self.probabilities(slices))
+        return labels.to_classes(probs, self.config["threshold"]).numpy().astype(np.uint8)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.config.get("classes", labels.BINARY))  # older configs: binary
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -132,12 +141,25 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 # ----------------------------------------------------------------------------- outputs
 
 
-def overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGB uint8: the slice in gray, predicted tumour tinted red."""
+def overlay(gray: np.ndarray, mask: np.ndarray, classes: tuple[str, ...] = labels.BINARY
+            ) -> np.ndarray:
+    """RGB uint8: the slice in gray, each predicted class tinted (tumour red, liver green)."""
     rgb = np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
-    sel = mask.astype(bool)
-    rgb[sel] = 0.5 * rgb[sel] + 0.5 * OVERLAY_RGB
+    for k, name in enumerate(classes[1:], start=1):
+        sel = mask == k
+        rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.array(CLASS_RGB[name], np.float32)
     return rgb.clip(0, 255).astype(np.uint8)
+
+
+def class_sizes(mask: np.ndarray, classes: tuple[str, ...],
+                voxel_mm3: float | None = None) -> dict:
+    """`<class>_pixels` per foreground class, and `<class>_volume_ml` for a volume."""
+    out = {}
+    for k, name in enumerate(classes[1:], start=1):
+        n = int((mask == k).sum())
+        out[f"{name}_pixels"] = n
+        out[f"{name}_volume_ml"] = None if voxel_mm3 is None else n * voxel_mm3 / 1000.0
+    return out
 
 
 def _save_rgb(path: Path, rgb: np.ndarray) -> None:
@@ -156,12 +178,12 @@ def _save_gray(path: Path, array: np.ndarray) -> None:
 
 def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     gray = load_gray(path)
-    mask = predictor.masks(gray[None])[0]
+    mask, classes = predictor.masks(gray[None])[0], predictor.classes
     stem = _stem(path)
-    _save_gray(out_dir / f"{stem}_mask.png", mask * 255)
-    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(gray, mask))
+    _save_gray(out_dir / f"{stem}_mask.png", labels.encode(mask, len(classes)))
+    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(gray, mask, classes))
     return {"input": str(path), "kind": "image", "shape": "x".join(map(str, gray.shape)),
-            "tumour_pixels": int(mask.sum()), "tumour_area_mm2": None, "tumour_volume_ml": None,
+            **class_sizes(mask, classes),
             "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
 
 
@@ -181,13 +203,13 @@ def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     stem = _stem(path)
     with atomic_path(out_dir / f"{stem}_mask.nii.gz") as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
-    areas = mask.sum(axis=(0, 1))
+    areas = (mask > 0).sum(axis=(0, 1))
     best = int(areas.argmax()) if areas.any() else mask.shape[-1] // 2
-    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], mask[..., best]))
-    zooms = [float(z) for z in header.get_zooms()[:3]]
+    classes = predictor.classes
+    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], mask[..., best], classes))
+    voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
     return {"input": str(path), "kind": "volume", "shape": "x".join(map(str, mask.shape)),
-            "tumour_pixels": int(mask.sum()), "tumour_area_mm2": None,
-            "tumour_volume_ml": float(mask.sum() * np.prod(zooms) / 1000.0),
+            **class_sizes(mask, classes, voxel_mm3),
             "mask": f"{stem}_mask.nii.gz", "overlay": f"{stem}_overlay.png",
             "overlay_slice": best}
 
@@ -210,4 +232,4 @@ def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path) -> dict:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return {"model": model_ref, "inputs": len(rows), "out": str(out_dir),
             "summary": str(out_dir / "predictions.csv"),
-            "tumour_pixels": sum(r["tumour_pixels"] for r in rows)}
+            **{k: sum(r[k] for r in rows) for k in rows[0] if k.endswith("_pixels")}}

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from liverseg import labels  # noqa: E402
 from liverseg.data import slice_cache  # noqa: E402
 from liverseg.io import load_gray  # noqa: E402
 
@@ -36,7 +37,8 @@ def eval_transform(image_size: int) -> A.Compose:
 
 
 class SliceDataset(Dataset):
-    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 0/1, slice_id).
+    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 class indices (0/1 for
+    a binary target), slice_id).
 
     Reads the split's decoded-slice cache when the split stage wrote one (see
     `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding. `rows` are
@@ -44,10 +46,12 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, split_csv: str | Path, raw_dir: str | Path, mean: float, std: float,
-                 transform: A.Compose | None = None, use_cache: bool = True):
+                 transform: A.Compose | None = None, use_cache: bool = True,
+                 num_classes: int = 2):
         with open(split_csv, newline="") as fh:
             self.rows = list(csv.DictReader(fh))
         self.raw_dir, self.mean, self.std, self.transform = Path(raw_dir), mean, std, transform
+        self.num_classes = num_classes
         self.cache = slice_cache.open_cache(split_csv, len(self.rows)) if use_cache else None
 
     def __len__(self) -> int:
@@ -59,7 +63,7 @@ class SliceDataset(Dataset):
             image, mask = np.array(self.cache[0][i]), np.array(self.cache[1][i])
         else:
             image = load_gray(self.raw_dir / row["image"])
-            mask = (load_gray(self.raw_dir / row["mask"]) > 127).astype(np.uint8)
+            mask = labels.decode(load_gray(self.raw_dir / row["mask"]), self.num_classes)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

@@ -81,20 +81,24 @@ def decode_mask(path: str | Path, max_pixels: int) -> np.ndarray:
     return raw
 
 
-def binarize_mask(raw: np.ndarray, mapping: dict[int, int] | None, threshold: int,
-                  max_ambiguous: float) -> tuple[np.ndarray, str | None]:
-    """Foreground as bool, plus a problem (None when the values are allowed).
+def mask_classes(raw: np.ndarray, mapping: dict[int, int] | None, threshold: int,
+                 max_ambiguous: float) -> tuple[np.ndarray, str | None]:
+    """The mask's classes (bool foreground, or class indices through a mapping), plus a
+    problem (None when the values are allowed).
 
     Without a mapping a mask is 0/1, or 0/255 with JPEG noise (foreground > threshold,
-    few pixels far from both ends). With a mapping every value must be one of its keys.
+    few pixels far from both ends). With a mapping every value must be one of its keys;
+    unknown values become background in the returned array, and the problem names them.
     """
     values = np.unique(raw)
     if mapping is not None:
         unknown = [int(v) for v in values if int(v) not in mapping]
-        fg_values = [k for k, v in mapping.items() if v]
         problem = (f"values {unknown} are not in data.folder.mask_mapping {sorted(mapping)}"
                    if unknown else None)
-        return np.isin(raw, fg_values), problem
+        classes = np.zeros(raw.shape, np.uint8)
+        for value, cls in mapping.items():
+            classes[raw == value] = cls
+        return classes, problem
     if values.max(initial=0) <= 1:
         return raw == 1, None
     ambiguous = float(((raw > 32) & (raw < 223)).mean())

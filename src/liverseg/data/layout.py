@@ -1,7 +1,9 @@
 """The one on-disk layout every source is ingested into.
 
     data/raw/images/<slice_id>.png   8-bit grayscale CT slice (windowed)
-    data/raw/masks/<slice_id>.png    8-bit binary mask, 0 background / 255 foreground
+    data/raw/masks/<slice_id>.png    8-bit mask: 0 background / 255 foreground, or for three
+                                     classes 0/128/255 (`liverseg.labels`)
+    data/raw/classes.json            the target and its class names
     data/raw/slices.csv              one row per source item: INDEX_COLUMNS + FACT_COLUMNS
 
 `slice_id` is unique and file-name safe: `<patient_id>_<slice_index:04d>` for volumes and
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from liverseg import labels
 from liverseg.io import save_png
 
 INDEX_NAME = "slices.csv"
@@ -45,8 +48,8 @@ def safe_stem(name: str) -> str:
 class SliceWriter:
     """Writes slices into a layout directory and collects the index rows."""
 
-    def __init__(self, out_dir: Path, source: str):
-        self.out_dir, self.source = Path(out_dir), source
+    def __init__(self, out_dir: Path, source: str, num_classes: int = 2):
+        self.out_dir, self.source, self.num_classes = Path(out_dir), source, num_classes
         (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "masks").mkdir(exist_ok=True)
         self.rows: list[dict] = []
@@ -62,7 +65,8 @@ class SliceWriter:
 
     def add(self, sid: str, patient_id: str | None, slice_index: int,
             image: np.ndarray | None, mask: np.ndarray | None, **facts) -> str:
-        """One item; `image`/`mask` None when they could not be produced (facts say why)."""
+        """One item; `image`/`mask` None when they could not be produced (facts say why).
+        `mask` is bool (binary) or class indices."""
         sid = self._unique(sid)
         row = {"slice_id": sid, "patient_id": patient_id or "", "source": self.source,
                "slice_index": slice_index, "image": "", "mask": ""}
@@ -71,8 +75,7 @@ class SliceWriter:
             save_png(self.out_dir / row["image"], image)
         if mask is not None:
             row["mask"] = f"masks/{sid}.png"
-            save_png(self.out_dir / row["mask"], mask.astype(np.uint8) * 255
-                     if mask.dtype == bool else mask)
+            save_png(self.out_dir / row["mask"], labels.encode(mask, self.num_classes))
         defaults = {"paired": True, "image_decodable": True, "mask_decodable": True,
                     "mask_values_allowed": True, "ingest_detail": ""}
         self.rows.append(row | defaults | facts)

@@ -1,11 +1,11 @@
 """The decoded-slice cache: each split's slices decoded once, as memory-mappable arrays.
 
 The split stage writes `data/splits/<split>.images.npy` (uint8 [N, H, W], as decoded from
-the PNGs) and `<split>.masks.npy` (uint8 0/1), rows in the order of `<split>.csv`, inside
-the same DVC output as the CSVs, so the three never disagree. `SliceDataset` maps them
-(`np.load(mmap_mode="r")`) instead of decoding PNGs every epoch; the pixels are the same
-bytes, so training results do not change. A split whose slices differ in size has no cache
-(the loader then decodes the files).
+the PNGs) and `<split>.masks.npy` (uint8 class indices, `liverseg.labels.decode`), rows
+in the order of `<split>.csv`, inside the same DVC output as the CSVs, so the three never
+disagree. `SliceDataset` maps them (`np.load(mmap_mode="r")`) instead of decoding PNGs every
+epoch; the pixels are the same bytes, so training results do not change. A split whose
+slices differ in size has no cache (the loader then decodes the files).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from liverseg import labels
 from liverseg.io import load_gray
 
 if TYPE_CHECKING:  # the loader imports this module; training needs no pandas
@@ -27,7 +28,7 @@ def paths(split_csv: str | Path) -> tuple[Path, Path]:
     return stem.with_name(f"{stem.name}.images.npy"), stem.with_name(f"{stem.name}.masks.npy")
 
 
-def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path) -> bool:
+def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path, num_classes: int = 2) -> bool:
     """Decode every slice of `frame` into the cache beside `split_csv`; False if the sizes
     differ (no cache written)."""
     if frame.empty or frame["width"].nunique() > 1 or frame["height"].nunique() > 1:
@@ -39,7 +40,7 @@ def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path) -> bool:
     masks = np.lib.format.open_memmap(mask_path, mode="w+", dtype=np.uint8, shape=shape)
     for i, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
         images[i] = load_gray(raw_dir / image)  # a size other than the manifest's raises
-        masks[i] = load_gray(raw_dir / mask) > 127
+        masks[i] = labels.decode(load_gray(raw_dir / mask), num_classes)
     images.flush()
     masks.flush()
     return True

@@ -2,7 +2,8 @@
 
 Metrics with their 95% bootstrap CIs (from evaluate), parameters, FLOPs per image (batch 1
 at the trained size) and measured images/s. CSV keeps each CI as `<metric>_ci_lo/_hi`
-columns; Markdown prints `value [lo, hi]`; JSON keeps `<metric>_ci: [lo, hi]`.
+columns; Markdown prints `value [lo, hi]`; JSON keeps `<metric>_ci: [lo, hi]`. A
+three-class model's own IoU and Dice per class (`iou_liver`, `iou_tumour`, ...) are columns too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accu
 
 def _row(metrics: dict) -> dict:
     row = {k: metrics.get(k) for k in COLUMNS}
+    row |= {k: v for k, v in metrics.items() if k.startswith(("iou_", "dice_"))}
     row["gflops"] = metrics["flops"] / 1e9 if metrics.get("flops") is not None else None
     for key in CI_METRICS:
         lo, hi = metrics.get(f"{key}_ci") or (None, None)
@@ -44,7 +46,8 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 def markdown(table: pd.DataFrame) -> str:
     """Human table: each CI metric as `value [lo, hi]`, sizes in readable units."""
-    header = ["model", *(f"{k} [95% CI]" for k in CI_METRICS), "precision", "recall",
+    per_class = [c for c in table.columns if c.startswith("iou_")]
+    header = ["model", *(f"{k} [95% CI]" for k in CI_METRICS), *per_class, "precision", "recall",
               "pixel_accuracy", "per_image_fg_iou_mean", "per_image_hd95_mean (px)",
               "params (M)", "GFLOPs", "images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -52,6 +55,7 @@ def markdown(table: pd.DataFrame) -> str:
         cells = [row["model"]]
         cells += [f"{_fmt(row[k])} [{_fmt(row[f'{k}_ci_lo'])}, {_fmt(row[f'{k}_ci_hi'])}]"
                   for k in CI_METRICS]
+        cells += [_fmt(row[k]) for k in per_class]
         cells += [_fmt(row[k]) for k in ("precision", "recall", "pixel_accuracy",
                                          "per_image_fg_iou_mean")]
         cells += [_fmt(row["per_image_hd95_mean"], ".2f"),

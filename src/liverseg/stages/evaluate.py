@@ -3,7 +3,8 @@
 Writes `reports/metrics/<model>.json` (global metrics with 95% bootstrap CIs, per-image and
 per-volume summaries, size, FLOPs and speed), `reports/per_image/<model>.csv` (one row per
 slice) and `reports/predictions/<model>.npz` (the binary predictions, for the report's
-visual comparison). Definitions and the empty-mask rule: `liverseg.metrics`.
+visual comparison: class indices, 0/1 for a binary model). Definitions and the empty-mask
+rule: `liverseg.metrics`; with three classes the JSON also has each class's IoU and Dice.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from liverseg import checkpoint, tracking
+from liverseg import checkpoint, labels, tracking
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, eval_transform
 from liverseg.io import atomic_path, read_json, write_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
-    global_metrics,
+    class_metrics,
+    foreground_counts,
     hd95,
     nan_to_none,
     per_image_metrics,
@@ -34,22 +36,29 @@ PER_IMAGE_KEYS = ("fg_iou", "dice", "precision", "recall", "hd95")
 
 
 @torch.no_grad()
-def predict_split(model, loader, threshold: float):
-    """Run the model over a loader; returns pooled meter, per-image rows, masks, seconds."""
-    meter, rows, masks, seconds = ConfusionMeter(), [], [], 0.0
+def predict_split(model, loader, threshold: float, classes: tuple[str, ...]):
+    """Run the model over a loader; returns pooled meter, per-image rows, per-image class
+    counts [N, C, 4], predicted class masks and seconds.
+
+    The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
+    counts themselves for a binary model."""
+    meter, rows, counts, masks, seconds = ConfusionMeter(classes), [], [], [], 0.0
     for x, y, ids in loader:
         start = time.perf_counter()
         logits = model(x)
         seconds += time.perf_counter() - start
-        tp, fp, fn, tn = meter.update(logits, y, threshold)
-        pred = (logits.sigmoid() > threshold).squeeze(1).numpy().astype(np.uint8)
-        truth = y.squeeze(1).numpy() > 0.5
-        for i, (sid, m) in enumerate(zip(ids, per_image_metrics(tp, fp, fn, tn), strict=True)):
-            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i], truth[i]),
-                         "tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i]), "tn": int(tn[i]),
+        stats = meter.update(logits, y, threshold)
+        pred = labels.to_classes(labels.probabilities(logits), threshold).numpy().astype(np.uint8)
+        truth = y.squeeze(1).numpy() > 0.5  # any foreground class
+        per_image = per_image_metrics(stats, classes)
+        for i, (sid, m) in enumerate(zip(ids, per_image, strict=True)):
+            tp, fp, fn, tn = foreground_counts(stats[i:i + 1])[0].tolist()
+            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, truth[i]),
+                         "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(truth[i].sum())})
+        counts.append(stats.numpy())
         masks.append(pred)
-    return meter, rows, np.concatenate(masks), seconds
+    return meter, rows, np.concatenate(counts), np.concatenate(masks), seconds
 
 
 def flops_per_image(model: torch.nn.Module, in_channels: int, image_size: int) -> int:
@@ -73,10 +82,11 @@ def per_image_summary(per_image: pd.DataFrame) -> dict:
     return out
 
 
-def per_volume_summary(per_image: pd.DataFrame, patients: list[str]) -> dict:
-    """Counts pooled within each patient (volume), then fg_iou/dice averaged over patients."""
-    counts = per_image[["tp", "fp", "fn", "tn"]].groupby(np.asarray(patients)).sum()
-    per_volume = [global_metrics(*row) for row in counts.itertuples(index=False)]
+def per_volume_summary(counts: np.ndarray, patients: list[str]) -> dict:
+    """Counts [N, C, 4] pooled within each patient (volume), then fg_iou/dice averaged over
+    patients."""
+    patients = np.asarray(patients)
+    per_volume = [class_metrics(counts[patients == p].sum(0)) for p in np.unique(patients)]
     out = {"n_volumes": len(per_volume)}
     for key in ("fg_iou", "dice"):
         values = [m[key] for m in per_volume if not math.isnan(m[key])]
@@ -96,18 +106,20 @@ def run(
     model_dir = Path(models_dir) / model_name
     model, config = checkpoint.load_model(model_dir)
     stats = read_json(splits_dir / "stats.json")
+    classes = labels.classes_of(stats)
     dataset = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
-                           eval_transform(config["image_size"]))
+                           eval_transform(config["image_size"]), num_classes=len(classes))
     loader = DataLoader(dataset, params.evaluate.batch_size, shuffle=False)
-    meter, rows, masks, seconds = predict_split(model, loader, params.evaluate.threshold)
+    meter, rows, counts, masks, seconds = predict_split(model, loader,
+                                                        params.evaluate.threshold, classes)
 
     per_image = pd.DataFrame(rows)
-    counts = per_image[["tp", "fp", "fn", "tn"]].to_numpy()
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
+        "classes": list(classes),
         "ci_level": 0.95,
         "bootstrap_resamples": params.evaluate.bootstrap,
         **per_image_summary(per_image),
-        **per_volume_summary(per_image, [r["patient_id"] for r in dataset.rows]),
+        **per_volume_summary(counts, [r["patient_id"] for r in dataset.rows]),
         "n_images": len(per_image),
         "n_empty_both": int(per_image["fg_iou"].isna().sum()),
         "n_parameters": sum(p.numel() for p in model.parameters()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from liverseg import labels
 from liverseg.config import Params
 from liverseg.data import layout, sources
 from liverseg.io import atomic_dir
@@ -18,13 +19,16 @@ def run(params: Params, out_dir: str | Path = "data/raw") -> dict:
     """
     ingest_source = sources.get(params.data.source)
     with atomic_dir(out_dir) as tmp:
-        writer = layout.SliceWriter(tmp, params.data.source)
+        classes = labels.TARGETS[params.data.target]
+        writer = layout.SliceWriter(tmp, params.data.source, len(classes))
+        labels.write_classes(tmp, params.data.target)
         facts = ingest_source(params.data, params.seed, writer)
         index = writer.index()
         index.to_csv(tmp / layout.INDEX_NAME, index=False)
     written = index[index["image"] != ""]
     summary = {
         "source": params.data.source,
+        "classes": list(classes),
         "slices": len(written),
         "patients": int(written["patient_id"].replace("", None).nunique()),
     }

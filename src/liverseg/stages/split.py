@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from liverseg import labels
 from liverseg.config import Params
 from liverseg.data import slice_cache
 from liverseg.io import atomic_dir, load_gray, write_json
@@ -140,7 +141,8 @@ def run(
     if sum(len(f) for f in splits.values()) != len(accepted):
         raise AssertionError("split lost slices")
 
-    stats = {"seed": params.seed, "leakage_checked": True,
+    classes = labels.read_classes(raw_dir)  # what ingest wrote; the loaders decode with it
+    stats = {"seed": params.seed, "classes": list(classes), "leakage_checked": True,
              "grouped_by": cfg.group_by,
              "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else "seeded fractions",
              "stratified_by": "patient has foreground" if cfg.group_by == "patient"
@@ -153,7 +155,7 @@ def run(
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
             stats["decoded_cache"][name] = slice_cache.write(frame, Path(raw_dir),
-                                                             tmp / f"{name}.csv")
+                                                             tmp / f"{name}.csv", len(classes))
         # From the cache just written when there is one: each PNG is decoded once.
         cache = slice_cache.open_cache(tmp / "train.csv", len(splits["train"]))
         train_images = cache[0] if cache else (load_gray(Path(raw_dir) / rel)

@@ -1,5 +1,8 @@
 """train@MODEL: the paper's recipe (AdamW + OneCycleLR + binary cross-entropy on logits).
 
+Three classes (`model.num_classes: 3`, data.target liver_tumour): a softmax head and the
+softmax form of the loss (cross-entropy, + multi-class soft Dice); everything else is the same.
+
 Writes `models/<model>/model.safetensors` (the best epoch by validation foreground IoU),
 `models/<model>/config.json` (the resolved config), `models/<model>/run.json` (the MLflow
 run; `"tracking": "off"` under LIVERSEG_TRACKING=off) and `reports/training/<model>.csv`
@@ -42,7 +45,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from liverseg import checkpoint, distributed, redact, tracking
+from liverseg import checkpoint, distributed, labels, redact, tracking
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, eval_transform, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
@@ -115,10 +118,12 @@ def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, g
                  ctx: distributed.Context):
     """(train loader, val loader, the train DistributedSampler or None)."""
     size, cfg = params.train.image_size, params.train
+    n = len(labels.classes_of(stats))
     train_tf = train_augmentation(size, params.seed) if cfg.augment else eval_transform(size)
-    train = SliceDataset(splits_dir / "train.csv", raw_dir, stats["mean"], stats["std"], train_tf)
+    train = SliceDataset(splits_dir / "train.csv", raw_dir, stats["mean"], stats["std"], train_tf,
+                         num_classes=n)
     val = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
-                       eval_transform(size))
+                       eval_transform(size), num_classes=n)
     if len(train) < cfg.batch_size * ctx.world_size:
         raise ValueError(f"train split has {len(train)} slices, fewer than "
                          f"train.batch_size={cfg.batch_size} x {ctx.world_size} process(es)")
@@ -135,16 +140,25 @@ def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, g
             DataLoader(val, params.evaluate.batch_size, shuffle=False, **common), sampler)
 
 
-def make_loss(name: str):
-    """Binary cross-entropy on logits (the paper's loss), optionally plus soft Dice."""
-    bce = torch.nn.BCEWithLogitsLoss()
+def make_loss(name: str, num_classes: int = 2):
+    """Binary cross-entropy on logits (the paper's loss), optionally plus soft Dice; for
+    more than two classes their softmax forms: cross-entropy and multi-class soft Dice.
+    `target` is [N, 1, H, W] class indices either way."""
+    if num_classes == 2:
+        xent, dice = torch.nn.BCEWithLogitsLoss(), smp.losses.DiceLoss("binary", from_logits=True)
+        as_target = lambda target: target  # noqa: E731
+    else:
+        xent = torch.nn.CrossEntropyLoss()
+        dice = smp.losses.DiceLoss("multiclass", from_logits=True)
+        as_target = lambda target: target[:, 0].long()  # noqa: E731  [N, H, W] indices
     if name == "bce":
-        return bce
-    dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
-    return lambda logits, target: bce(logits, target) + dice(logits, target)
+        return lambda logits, target: xent(logits, as_target(target))
+    return lambda logits, target: (xent(logits, as_target(target))
+                                   + dice(logits, as_target(target)))
 
 
-def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=None, desc=""):
+def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=None, desc="",
+              classes: tuple[str, ...] = labels.BINARY):
     """One pass; trains when an optimizer is given. Returns mean loss + pooled metrics.
 
     Loss and confusion counts stay on the device (one host sync per epoch, not per batch);
@@ -152,7 +166,7 @@ def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=Non
     """
     training = optimizer is not None
     model.train(training)
-    meter, seen = ConfusionMeter(), 0
+    meter, seen = ConfusionMeter(classes), 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     with torch.set_grad_enabled(training):
         for x, y, _ in tqdm(loader, desc=desc, leave=False, mininterval=2,
@@ -208,6 +222,11 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     # First: an unreachable server fails before any real work. Only rank 0 talks to MLflow.
     mlf = tracking.mlflow() if ctx.is_main and tracking.enabled() else None
     stats = read_json(splits_dir / "stats.json")
+    classes = labels.classes_of(stats)
+    if len(classes) != params.model.num_classes:
+        raise ValueError(f"model.num_classes is {params.model.num_classes} but the split's data "
+                         f"has {len(classes)} classes {list(classes)} ({splits_dir}/stats.json); "
+                         "rerun ingest and split with the matching data.target")
     generator = seed_everything(params.seed)
     rt = make_runtime(cfg, ctx)
     train_loader, val_loader, sampler = make_loaders(params, splits_dir, raw_dir, stats,
@@ -215,6 +234,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     model = build_model(model_name, encoder=params.model.encoder,
                         encoder_weights=params.model.encoder_weights,
                         in_channels=params.model.in_channels,
+                        classes=labels.out_channels(len(classes)),
                         options=params.model.options_for(model_name)).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -226,7 +246,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
-    loss_fn = make_loss(cfg.loss)
+    loss_fn = make_loss(cfg.loss, len(classes))
 
     ckpt = checkpoint.TrainingCheckpoint(
         checkpoint_root, model_name,
@@ -250,9 +270,9 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
                 sampler.set_epoch(epoch)
             seed_epoch(params.seed, epoch, generator, train_loader, ctx.rank)
             train = run_epoch(net, train_loader, loss_fn, rt, optimizer, scheduler,
-                              desc=f"{model_name} epoch {epoch}/{cfg.epochs}")
+                              desc=f"{model_name} epoch {epoch}/{cfg.epochs}", classes=classes)
             ctx.broadcast_buffers(model)  # batch-norm statistics as rank 0 has them
-            val = run_epoch(model, val_loader, loss_fn, rt, desc="validate")
+            val = run_epoch(model, val_loader, loss_fn, rt, desc="validate", classes=classes)
             row = epoch_row(epoch, train, val, scheduler.get_last_lr()[0])
             state["history"].append(row)
             score = -1.0 if math.isnan(val["fg_iou"]) else val["fg_iou"]

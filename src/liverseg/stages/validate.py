@@ -15,6 +15,7 @@ temporary directory and swapped in whole, even when the stage then fails.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from html import escape
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from liverseg import labels
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
 from liverseg.io import atomic_dir, atomic_path, load_gray, sha256_file, write_json
@@ -73,7 +75,17 @@ def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
     return manifest
 
 
-def expectations(cfg: ValidateParams) -> dict:
+def mask_values_rule(num_classes: int) -> tuple[str, list[str]]:
+    """The stored-values rule's name and its allowed sets (each slice's sorted values)."""
+    values = [str(v) for v in labels.stored_values(num_classes)]
+    name = ("mask is binary (0/255)" if num_classes == 2
+            else f"mask values are the {num_classes} classes ({'/'.join(values)})")
+    subsets = [",".join(c) for r in range(1, len(values) + 1)
+               for c in itertools.combinations(values, r)]
+    return name, subsets
+
+
+def expectations(cfg: ValidateParams, num_classes: int = 2) -> dict:
     """The suite: one expectation per rule, with the rule's name as its description."""
     import great_expectations as gx
 
@@ -81,6 +93,7 @@ def expectations(cfg: ValidateParams) -> dict:
     is_true = {"value_set": [True]}
     lo_fg, hi_fg = cfg.fg_fraction
     lo_mean, hi_mean = cfg.image_mean
+    values_rule, value_sets = mask_values_rule(num_classes)
     return {
         "pairing complete": e.ExpectColumnValuesToBeInSet(column="paired", **is_true),
         "image decodable": e.ExpectColumnValuesToBeInSet(column="image_decodable", **is_true),
@@ -93,8 +106,7 @@ def expectations(cfg: ValidateParams) -> dict:
             column_A="height", column_B="mask_height", ignore_row_if="either_value_is_missing"),
         "image and mask sizes match (width)": e.ExpectColumnPairValuesToBeEqual(
             column_A="width", column_B="mask_width", ignore_row_if="either_value_is_missing"),
-        "mask is binary (0/255)": e.ExpectColumnValuesToBeInSet(
-            column="mask_values", value_set=["0", "255", "0,255"]),
+        values_rule: e.ExpectColumnValuesToBeInSet(column="mask_values", value_set=value_sets),
         "foreground fraction in bounds": e.ExpectColumnValuesToBeBetween(
             column="fg_fraction", min_value=lo_fg, max_value=hi_fg),
         "no duplicate image content": e.ExpectColumnValuesToBeUnique(column="image_sha256"),
@@ -140,17 +152,17 @@ def add_data_docs_site(context, site_dir: Path, plugins_dir: Path):
     return UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])
 
 
-def _add_suite(context, cfg: ValidateParams):
+def _add_suite(context, cfg: ValidateParams, num_classes: int):
     import great_expectations as gx
 
     suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
-    for name, expectation in expectations(cfg).items():
+    for name, expectation in expectations(cfg, num_classes).items():
         expectation.description = name
         suite.add_expectation(expectation)
     return suite
 
 
-def _validate(manifest: pd.DataFrame, cfg: ValidateParams | None,
+def _validate(manifest: pd.DataFrame, cfg: ValidateParams | None, num_classes: int,
               site_dir: Path | None = None, plugins_dir: Path | None = None):
     """Run the suite through a GX Checkpoint; with `site_dir`, it also writes Data Docs there."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -163,7 +175,8 @@ def _validate(manifest: pd.DataFrame, cfg: ValidateParams | None,
                         .add_dataframe_asset("manifest")
                         .add_batch_definition_whole_dataframe("all"))
     definition = context.validation_definitions.add(gx.ValidationDefinition(
-        name="manifest", data=batch_definition, suite=_add_suite(context, cfg or ValidateParams())))
+        name="manifest", data=batch_definition,
+        suite=_add_suite(context, cfg or ValidateParams(), num_classes)))
     actions = [add_data_docs_site(context, site_dir, plugins_dir)] if site_dir else []
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name="validate", validation_definitions=[definition], actions=actions,
@@ -184,17 +197,18 @@ def _rules(result) -> tuple[bool, list[dict]]:
     return bool(result.success), report
 
 
-def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None
+def run_suite(manifest: pd.DataFrame, cfg: ValidateParams | None = None, num_classes: int = 2
               ) -> tuple[bool, list[dict]]:
     """Validate with GX; return overall success and, per rule, the failing slice ids."""
-    return _rules(_validate(manifest, cfg))
+    return _rules(_validate(manifest, cfg, num_classes))
 
 
 def run_suite_with_data_docs(manifest: pd.DataFrame, cfg: ValidateParams | None,
-                             docs_dir: str | Path) -> tuple[bool, list[dict]]:
+                             docs_dir: str | Path, num_classes: int = 2
+                             ) -> tuple[bool, list[dict]]:
     """run_suite, also writing GX Data Docs of the run to `docs_dir`, replaced as a whole."""
     with atomic_dir(docs_dir) as site, tempfile.TemporaryDirectory() as plugins:
-        result = _validate(manifest, cfg, site, Path(plugins))
+        result = _validate(manifest, cfg, num_classes, site, Path(plugins))
         _link_runs_from_index(site)
         _drop_unreferenced_static(site)
     return _rules(result)
@@ -227,8 +241,8 @@ def _link_runs_from_index(site: Path) -> None:
 
 
 # Which file a rule is about, so quarantine.csv names the file to fix.
-MASK_RULES = {"mask decodable", "mask values allowed", "mask file exists",
-              "mask is binary (0/255)", "foreground fraction in bounds"}
+def _about_mask(rule: str) -> bool:
+    return rule.startswith("mask ") or rule == "foreground fraction in bounds"
 
 
 def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
@@ -248,7 +262,7 @@ def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
         return f"same pixels as {', '.join(same)}"
     if rule == "foreground fraction in bounds":
         return f"fg_fraction {row['fg_fraction']:.3f}"
-    if rule == "mask is binary (0/255)":
+    if rule.startswith(("mask is binary", "mask values are the")):
         return f"stored mask values {row['mask_values']}"
     if rule.startswith("image intensity") or rule.startswith("image is not blank"):
         return f"mean {row['image_mean']:.1f}, std {row['image_std']:.2f}"
@@ -264,8 +278,8 @@ def quarantine_entries(manifest: pd.DataFrame, reasons: dict[str, list[str]]) ->
         row = by_id.loc[sid]
         row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
         for rule in rules:
-            key = "source_mask" if rule in MASK_RULES else "source_image"
-            raw_key = "mask_path" if rule in MASK_RULES else "image_path"
+            key = "source_mask" if _about_mask(rule) else "source_image"
+            raw_key = "mask_path" if _about_mask(rule) else "image_path"
             path = (row[key] or row["source_image"] or row["source_mask"] or row[raw_key]
                     or row["image_path"] or row["mask_path"])
             rows.append({"path": path, "rule": rule, "detail": _detail(rule, row, manifest),
@@ -283,7 +297,8 @@ def run(
 ) -> dict:
     cfg = params.validate_
     manifest = build_manifest(raw_dir)
-    success, rules = run_suite_with_data_docs(manifest, cfg, docs_dir)
+    classes = labels.read_classes(raw_dir)
+    success, rules = run_suite_with_data_docs(manifest, cfg, docs_dir, len(classes))
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
@@ -295,7 +310,8 @@ def run(
 
     n, quarantined = len(manifest), int((~manifest["accepted"]).sum())
     summary = {
-        "success": success, "policy": cfg.policy, "ingested": n, "accepted": n - quarantined,
+        "success": success, "policy": cfg.policy, "classes": list(classes),
+        "ingested": n, "accepted": n - quarantined,
         "quarantined": quarantined, "reconciles": n == (n - quarantined) + quarantined,
         "quarantine": {sid: r for sid, r in sorted(reasons.items())},
         "quarantine_files": quarantine.to_dict("records"),

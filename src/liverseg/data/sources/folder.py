@@ -87,8 +87,8 @@ def _ingest_item(writer: SliceWriter, stem: str, image_path: Path | None,
     if mask_path is not None:
         try:
             raw = imageio.decode_mask(mask_path, data.max_pixels)
-            mask, problem = imageio.binarize_mask(raw, cfg.mask_mapping, cfg.mask_threshold,
-                                                  cfg.max_ambiguous_fraction)
+            mask, problem = imageio.mask_classes(raw, cfg.mask_mapping, cfg.mask_threshold,
+                                                 cfg.max_ambiguous_fraction)
             facts["source_mask_values"] = imageio.compact_values(raw)
             if problem:
                 facts["mask_values_allowed"] = False

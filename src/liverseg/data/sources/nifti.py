@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg import labels as label_schema
 from liverseg.config import DataParams
 from liverseg.data import imageio
 from liverseg.data.layout import SliceWriter, slice_id
 from liverseg.data.sources.folder import SourceError
 
-TARGET_LABELS = {"tumour": [2], "liver": [1, 2]}
 ORGAN_LABELS = {"organ": [1, 2], "tumour": [2]}
 NII = re.compile(r"^(?P<stem>.+)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -94,12 +94,11 @@ def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
                 f"{labels.shape}"))
             continue
         volumes += 1
-        target = TARGET_LABELS[data.target]
         for k in select_slices(labels, cfg.slices, cfg.empty_fraction, rng):
             # Transposed so rows run along the volume's second axis (the usual display).
             sl, lab = image[:, :, k].T, labels[:, :, k].T
             writer.add(slice_id(pid, k), pid, k, imageio.rescale(sl, cfg.window),
-                       np.isin(lab, target), source_image=f"{vol}#{k}",
+                       label_schema.from_volume_labels(lab, data.target), source_image=f"{vol}#{k}",
                        source_mask=f"{label}#{k}", channels=1, dtype=str(image.dtype),
                        source_mask_values=imageio.compact_values(lab))
     return {"volumes": volumes}

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from liverseg import labels
 from liverseg.config import DataParams
 from liverseg.data import phantom
 from liverseg.data.layout import SliceWriter, slice_id
 
-TARGET_LABELS = {"tumour": [phantom.TUMOUR], "liver": [phantom.LIVER, phantom.TUMOUR]}
-
 
 def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
-    cfg, target = data.phantom, TARGET_LABELS[data.target]
+    cfg = data.phantom
     for sl in phantom.generate(cfg.patients, cfg.slices_per_patient, cfg.size, cfg.max_tumours,
                                cfg.noise_hu, seed):
         writer.add(slice_id(sl.patient_id, sl.slice_index), sl.patient_id, sl.slice_index,
-                   sl.image, np.isin(sl.labels, target), channels=1, dtype="uint8",
+                   sl.image, labels.from_volume_labels(sl.labels, data.target), channels=1,
+                   dtype="uint8",
                    source_mask_values=",".join(str(v) for v in np.unique(sl.labels)))
     return {}
