@@ -86,7 +86,8 @@ def prepare_workdir(workdir: Path, params: dict) -> str:
 
 
 def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
-    rows = []
+    """One row per model; a three-class run adds each class's IoU (`iou_liver`, ...)."""
+    rows, per_class = [], []
     for name in models:
         metrics = json.loads((workdir / "reports/metrics" / f"{name}.json").read_text())
         config = json.loads((workdir / "models" / name / "config.json").read_text())
@@ -97,12 +98,17 @@ def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
                      "sec_per_epoch": round(config["train_seconds"] / epochs, 2),
                      "epochs": epochs, "params": metrics["n_parameters"],
                      "best_epoch": metrics["best_epoch"]})
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values("fg_iou", ascending=False)
+        classes = {k: v for k, v in metrics.items() if k.startswith("iou_")}
+        rows[-1] |= classes
+        per_class += [k for k in classes if k not in per_class]
+    return (pd.DataFrame(rows, columns=COLUMNS + per_class)
+            .sort_values("fg_iou", ascending=False))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", help="a preset of bench/quality.yaml: liver | tumor")
+    parser.add_argument("dataset",
+                        help="a preset of bench/quality.yaml: liver | tumor | liver_tumour")
     parser.add_argument("--models", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
