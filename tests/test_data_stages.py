@@ -15,7 +15,8 @@ from liverseg.stages.validate import ValidationFailed
 def test_ingest_writes_the_layout(workdir, tiny_params):
     summary = ingest.run(tiny_params)
     index = pd.read_csv("data/raw/slices.csv", dtype={"patient_id": str})
-    assert summary == {"source": "phantom", "slices": 24, "patients": 6} and len(index) == 24
+    assert summary == {"source": "phantom", "classes": ["background", "tumour"], "slices": 24,
+                       "patients": 6} and len(index) == 24
     mask = np.asarray(Image.open("data/raw/" + index["mask"][0]))
     assert set(np.unique(mask)) <= {0, 255} and mask.shape == (64, 64)
     pairs = zip(index.slice_id, index.patient_id, strict=True)

@@ -45,7 +45,7 @@ def test_predict_slices_and_a_folder_keep_each_input_geometry(registry, tmp_path
     assert rows["shape"].tolist() == ["64x64", "64x64", "50x70"]
     for row in rows.itertuples():
         mask = np.asarray(Image.open(tmp_path / "out" / row.mask))
-        assert set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() == row.tumour_pixels
+        assert set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() == row.liver_pixels
         overlay = Image.open(tmp_path / "out" / row.overlay)
         assert overlay.mode == "RGB" and overlay.size == (mask.shape[1], mask.shape[0])
 
@@ -59,8 +59,8 @@ def test_predict_nifti_keeps_shape_and_affine(registry, tmp_path):
     assert mask.shape == hu.shape and np.allclose(mask.affine, affine)
     row = pd.read_csv(tmp_path / "out/predictions.csv").iloc[0]
     voxels = int(np.asarray(mask.dataobj).sum())
-    assert row.tumour_pixels == voxels
-    assert np.isclose(row.tumour_volume_ml, voxels * 0.7 * 0.7 * 2.5 / 1000)
+    assert row.liver_pixels == voxels
+    assert np.isclose(row.liver_volume_ml, voxels * 0.7 * 0.7 * 2.5 / 1000)
 
 
 def test_predict_lits_volume_117(registry, shared_data, tmp_path):

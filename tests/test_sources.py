@@ -31,7 +31,8 @@ def test_folder_on_msd_liver_slices(shared_data, workdir):
     msd = shared_data / "msd-liver-slices"
     p = params("folder", msd, data={"target": "liver"})
     summary = ingest.run(p)
-    assert summary == {"source": "folder", "slices": 527, "patients": 98}
+    assert summary == {"source": "folder", "classes": ["background", "liver"], "slices": 527,
+                       "patients": 98}
     index = read_index(workdir)
     row = index.set_index("slice_id").loc["flipped_10001_103"]
     assert (row.patient_id, row.slice_index) == ("10001", 103)
@@ -68,7 +69,8 @@ def test_nifti_on_lits_117(shared_data, workdir):
     lits = shared_data / "lits-117"
     p = params("nifti", lits, data={"target": "tumour", "nifti": {"slices": "all"}},
                split={"group_by": "slab"})
-    assert ingest.run(p) == {"source": "nifti", "slices": 128, "patients": 1, "volumes": 1}
+    assert ingest.run(p) == {"source": "nifti", "classes": ["background", "tumour"],
+                             "slices": 128, "patients": 1, "volumes": 1}
     index = read_index(workdir)
     assert set(index.patient_id) == {"117"} and index.slice_index.tolist() == list(range(128))
     assert validate.run(p)["accepted"] == 128

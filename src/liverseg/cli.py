@@ -180,12 +180,13 @@ def export(
 def models(params: Path = PARAMS) -> None:
     """List the models the registry builds, with parameter counts at the configured encoder."""
     from liverseg.config import load_params
+    from liverseg.labels import out_channels
     from liverseg.models import MODEL_NAMES, build_model
 
     cfg = load_params(params).model
     for name in MODEL_NAMES:
         net = build_model(name, encoder=cfg.encoder, in_channels=cfg.in_channels,
-                          options=cfg.options_for(name))
+                          classes=out_channels(cfg.num_classes), options=cfg.options_for(name))
         typer.echo(f"{name:15s} {sum(p.numel() for p in net.parameters()):>12,d} parameters")
 
 

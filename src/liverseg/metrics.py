@@ -91,7 +91,7 @@ def class_metrics(counts, classes: tuple[str, ...] | None = None,
                   skip_nan: bool = False) -> dict[str, float]:
     """The headline metrics from one set of per-class counts [C, 4] (see the module doc).
     `skip_nan`: average over the defined classes only (the per-image rule)."""
-    counts = np.asarray(counts, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64).tolist()  # python floats: they get pickled
     per_class = [global_metrics(*c) for c in counts]
     fg = per_class[1:]
     out = {"fg_iou": _mean([m["fg_iou"] for m in fg], skip_nan),
@@ -99,7 +99,7 @@ def class_metrics(counts, classes: tuple[str, ...] | None = None,
            "miou": _mean([m["fg_iou"] for m in per_class], skip_nan)}
     out |= {key: _mean([m[key] for m in fg], skip_nan)
             for key in ("dice", "precision", "recall")}
-    out["pixel_accuracy"] = _ratio(counts[:, 0].sum(), counts[0].sum())
+    out["pixel_accuracy"] = _ratio(sum(c[0] for c in counts), sum(counts[0]))
     if classes and len(classes) > 2:
         for name, m in zip(classes[1:], fg, strict=True):
             out |= {f"iou_{name}": m["fg_iou"], f"dice_{name}": m["dice"]}
