@@ -42,8 +42,6 @@ import segmentation_models_pytorch as smp
 import torch
 from scipy import ndimage
 
-COUNT_NAMES = ("tp", "fp", "fn", "tn")
-
 
 def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
               ) -> torch.Tensor:

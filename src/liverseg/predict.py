@@ -82,22 +82,22 @@ class Predictor:
         self.net = Normalised(self.model, self.config).eval()
 
     @torch.no_grad()
-    def probabilities(self, slices: np.ndarray) -> np.ndarray:
-        """[N, H, W] raw 0..255 -> [N, K, H, W] probabilities, in the input's geometry."""
-        size, out = self.config["image_size"], []
-        channels = self.config["in_channels"]
+    def _batches(self, slices: np.ndarray):
+        """[N, H, W] raw 0..255 -> batches of [B, K, H, W] probabilities, in the input's
+        geometry (one batch at a time: a volume's probabilities never all sit in memory)."""
+        size, channels = self.config["image_size"], self.config["in_channels"]
         for start in range(0, len(slices), self.batch_size):
             x = torch.from_numpy(np.asarray(slices[start:start + self.batch_size], np.float32))
             h, w = x.shape[-2:]
             x = F.interpolate(x[:, None], (size, size), mode="bilinear", align_corners=False)
             probs = self.net(x.expand(-1, channels, -1, -1))
-            out.append(F.interpolate(probs, (h, w), mode="bilinear", align_corners=False))
-        return torch.cat(out).numpy()
+            yield F.interpolate(probs, (h, w), mode="bilinear", align_corners=False)
 
     def masks(self, slices: np.ndarray) -> np.ndarray:
         """[N, H, W] class indices (uint8)."""
-        probs = torch.from_numpy(self.probabilities(slices))
-        return labels.to_classes(probs, self.config["threshold"]).numpy().astype(np.uint8)
+        threshold = self.config["threshold"]
+        return torch.cat([labels.to_classes(p, threshold).to(torch.uint8)
+                          for p in self._batches(slices)]).numpy()
 
     @property
     def classes(self) -> tuple[str, ...]:
