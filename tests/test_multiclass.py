@@ -104,9 +104,13 @@ def test_three_class_model_trains_evaluates_registers_and_predicts(three_class, 
 
     compare.run(three_class)
     assert "iou_tumour" in (workdir / "reports/comparison.md").read_text()
+    assert {"iou_liver", "dice_tumour"} <= set(pd.read_csv(workdir / "reports/comparison.csv"))
     assert register.run(three_class)["alias"] == "champion"
     report.run(three_class)
+    assert "Tumour IoU" in (workdir / "reports/report.html").read_text()
     served = tracking.mlflow().pyfunc.load_model("models:/liverseg@champion")
+    (output,) = served.metadata.get_output_schema().inputs
+    assert output.shape == (-1, 3, -1, -1)
     probs = served.predict(np.random.default_rng(0).uniform(0, 255, (2, 1, 48, 80))
                            .astype(np.float32))
     assert probs.shape == (2, 3, 48, 80) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -141,3 +145,13 @@ def test_lits_volume_ingests_with_liver_and_tumour_labels(shared_data, workdir):
     stored = np.asarray(Image.open(workdir / f"data/raw/masks/117_{k:04d}.png"))
     truth = source[:, :, k].T  # ingest transposes (rows along the volume's second axis)
     assert ((stored == 128) == (truth == 1)).all() and ((stored == 255) == (truth == 2)).all()
+
+
+def test_a_tumour_free_volume_counts_by_its_liver():
+    """Per volume, a class absent from both masks of a volume is left out of its mean."""
+    perfect_liver = [[90, 0, 0, 10], [10, 0, 0, 90], [0, 0, 0, 100]]  # no tumour anywhere
+    half_tumour = [[80, 5, 5, 10], [5, 0, 0, 95], [5, 5, 5, 85]]  # tumour IoU 5/15
+    counts = np.array([perfect_liver, half_tumour], np.float64)
+    summary = evaluate.per_volume_summary(counts, ["a", "b"])
+    assert summary["n_volumes"] == 2
+    assert np.isclose(summary["per_volume_fg_iou_mean"], (1.0 + (1.0 + 1 / 3) / 2) / 2)

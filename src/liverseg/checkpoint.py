@@ -36,13 +36,15 @@ class UnsafeCheckpointError(ValueError):
     """A weights or state file is not what we write (possibly a pickle that would run code)."""
 
 
-def model_config(params, name: str, mean: float, std: float) -> dict:
+def model_config(params, name: str, mean: float, std: float,
+                 classes: tuple[str, ...] | None = None) -> dict:
+    """`classes`: the data's, as the split recorded them (default: the configured target's)."""
     return {
         "model": name,
         "encoder": params.model.encoder,
         "in_channels": params.model.in_channels,
         "num_classes": params.model.num_classes,
-        "classes": list(TARGETS[params.data.target]),
+        "classes": list(classes or TARGETS[params.data.target]),
         "options": params.model.options_for(name),
         "image_size": params.train.image_size,
         "normalisation": {"mean": mean, "std": std, "scale": 255.0},

@@ -1,11 +1,11 @@
 """Export a trained or registered model to ONNX, checked against torch.
 
-The exported graph has the pyfunc's contract (raw pixel values 0..255 in, foreground
-probabilities out; normalisation and sigmoid/softmax inside), input `image` [N, C, S, S] with a
-free batch size and S the model's trained image size (the decoder's padding is resolved
-for that size at export). After writing, the ONNX model is run with onnxruntime on a
-seeded sample batch and compared with torch; the max absolute difference is returned and
-a difference above `tolerance` is an error, not a warning.
+The exported graph has the pyfunc's contract (raw pixel values 0..255 in, foreground or
+class probabilities out; normalisation and sigmoid/softmax inside), input `image`
+[N, C, S, S] with a free batch size and S the model's trained image size (the decoder's
+padding is resolved for that size at export). After writing, the ONNX model is run with
+onnxruntime on a seeded sample batch and compared with torch; the max absolute difference is
+returned and a difference above `tolerance` is an error, not a warning.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ server (run.json, logs, errors) carries the URI with its credentials masked.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import urllib.error
 import urllib.parse
@@ -132,10 +133,13 @@ def log_model(mlf, model_dir: Path, example) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    from liverseg.labels import out_channels
+
     channels = example.shape[1]
+    classes = out_channels(json.loads((model_dir / "config.json").read_text())["num_classes"])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes, -1, -1))]),
     )
     info = mlf.pyfunc.log_model(
         name="model",

@@ -24,7 +24,9 @@ COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accu
 
 def _row(metrics: dict) -> dict:
     row = {k: metrics.get(k) for k in COLUMNS}
-    row |= {k: v for k, v in metrics.items() if k.startswith(("iou_", "dice_"))}
+    classes = metrics.get("classes") or []
+    for name in classes[1:] if len(classes) > 2 else []:  # binary: fg_iou is the class's
+        row |= {f"iou_{name}": metrics[f"iou_{name}"], f"dice_{name}": metrics[f"dice_{name}"]}
     row["gflops"] = metrics["flops"] / 1e9 if metrics.get("flops") is not None else None
     for key in CI_METRICS:
         lo, hi = metrics.get(f"{key}_ci") or (None, None)

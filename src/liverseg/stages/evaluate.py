@@ -84,9 +84,11 @@ def per_image_summary(per_image: pd.DataFrame) -> dict:
 
 def per_volume_summary(counts: np.ndarray, patients: list[str]) -> dict:
     """Counts [N, C, 4] pooled within each patient (volume), then fg_iou/dice averaged over
-    patients."""
+    patients. As per image, a class absent from a volume's truth and prediction is left out
+    of that volume's mean over classes (a tumour-free liver still counts by its liver)."""
     patients = np.asarray(patients)
-    per_volume = [class_metrics(counts[patients == p].sum(0)) for p in np.unique(patients)]
+    per_volume = [class_metrics(counts[patients == p].sum(0), skip_nan=True)
+                  for p in np.unique(patients)]
     out = {"n_volumes": len(per_volume)}
     for key in ("fg_iou", "dice"):
         values = [m[key] for m in per_volume if not math.isnan(m[key])]

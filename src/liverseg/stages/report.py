@@ -309,16 +309,27 @@ def training_context(inputs: Inputs, models: list[str]) -> tuple[list[dict], Tab
 # ----------------------------------------------------------------------------- comparison
 
 
+MULTICLASS_DEFINITIONS = (
+    " With three classes (background, liver, tumour) each class is scored against the rest: "
+    "FG IoU and Dice are the mean of the liver and tumour values, mIoU the mean over all "
+    "three classes, and the figures' contours show the foreground (liver or tumour)."
+)
+
+
 def comparison_context(comparison: dict) -> dict:
-    table = Table([h for _, h, _ in COMPARISON_COLUMNS],
-                  [[fmt(row.get(k), spec) for k, _, spec in COMPARISON_COLUMNS]
+    per_class = sorted({k for row in comparison["models"] for k in row if k.startswith("iou_")})
+    columns = COMPARISON_COLUMNS[:3] + [
+        (k, f"{k.removeprefix('iou_').capitalize()} IoU", ".4f") for k in per_class
+    ] + COMPARISON_COLUMNS[3:]
+    table = Table([h for _, h, _ in columns],
+                  [[fmt(row.get(k), spec) for k, _, spec in columns]
                    for row in comparison["models"]])
     paper = Table(["Model (paper)", "Reported score"], [[m, f"{s:.4f}"] for m, s in PAPER_RESULTS])
     return {"table": table, "paper": paper, "paper_title": PAPER_TITLE,
             "rank_by": comparison["rank_by"], "best_model": comparison["best_model"],
             "best_score": fmt(comparison["best_score"]),
             "margin": fmt(comparison.get("margin_over_next")),
-            "definitions": METRIC_DEFINITIONS}
+            "definitions": METRIC_DEFINITIONS + (MULTICLASS_DEFINITIONS if per_class else "")}
 
 
 # ----------------------------------------------------------------------------- visual

@@ -330,7 +330,8 @@ def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / checkpoint.WEIGHTS) as tmp:
         save_file(state["best_model"], str(tmp))
-    config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"])
+    config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"],
+                                     labels.classes_of(stats))
     config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                "train_seconds": round(seconds, 1), "device": str(device)}
     checkpoint.save_config(config, out_dir / checkpoint.CONFIG)
