@@ -98,7 +98,7 @@ class DataParams(Strict):
     kaggle: KaggleParams = KaggleParams()
 
     @model_validator(mode="after")
-    def _path_when_needed(self):
+    def _fits_the_source(self):
         if self.source in ("folder", "archive", "nifti") and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source}")
         folder_like = self.source in ("folder", "archive", "kaggle")
