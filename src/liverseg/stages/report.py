@@ -26,6 +26,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from liverseg import labels  # noqa: E402
 from liverseg.io import atomic_dir, load_gray, read_json, write_text  # noqa: E402
 
 DPI = 100  # keeps the HTML small (well under 3 MB for six models)
@@ -180,16 +181,19 @@ def load_inputs(models: list[str], splits_dir: Path, reports_dir: Path) -> Input
 
 
 def fit_to(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Binary mask at `shape` (predictions are at the model's input size; nearest keeps 0/1)."""
-    mask = np.asarray(mask) > 0
+    """Class mask at `shape` (predictions are at the model's input size; nearest keeps the
+    class indices)."""
+    mask = np.asarray(mask, dtype=np.uint8)
     if mask.shape == tuple(shape):
         return mask
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 127
+    img = Image.fromarray(mask)
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.NEAREST))
 
 
-def load_slice(raw_dir: Path, row: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    return load_gray(raw_dir / row["image"]), load_gray(raw_dir / row["mask"]) > 127
+def load_slice(raw_dir: Path, row: pd.Series, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CT slice and its truth as class indices."""
+    return (load_gray(raw_dir / row["image"]),
+            labels.decode(load_gray(raw_dir / row["mask"]), num_classes))
 
 
 def show_ct(ax, image: np.ndarray, title: str) -> None:
@@ -199,11 +203,15 @@ def show_ct(ax, image: np.ndarray, title: str) -> None:
 
 
 def draw_contour(ax, mask: np.ndarray, colour: str, fill: bool = False) -> None:
-    if fill:
-        ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([colour]), alpha=0.35,
-                  interpolation="nearest")
-    if mask.any():  # contour() warns on a constant array
-        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+    """The foreground's outline (any class); with three classes the tumour's (class 2)
+    dashed inside it."""
+    for part, style in ((mask > 0, "solid"), (mask == 2, "dashed")):
+        if fill and style == "solid":
+            ax.imshow(np.ma.masked_where(~part, part), cmap=ListedColormap([colour]),
+                      alpha=0.35, interpolation="nearest")
+        if part.any():  # contour() warns on a constant array
+            ax.contour(part.astype(float), levels=[0.5], colors=[colour], linewidths=1.2,
+                       linestyles=style)
 
 
 def grid(nrows: int, ncols: int, cell: float = 2.0):
@@ -236,10 +244,10 @@ def sample_rows(val: pd.DataFrame, seed: int, n: int = 4) -> pd.DataFrame:
     return pool.iloc[np.sort(picks)]
 
 
-def samples_figure(raw_dir: Path, rows: pd.DataFrame) -> Figure:
+def samples_figure(raw_dir: Path, rows: pd.DataFrame, num_classes: int) -> Figure:
     fig, axes = grid(1, max(len(rows), 1), cell=2.6)
     for ax, (_, row) in zip(axes[0], rows.iterrows(), strict=False):
-        image, truth = load_slice(raw_dir, row)
+        image, truth = load_slice(raw_dir, row, num_classes)
         show_ct(ax, image, f"{row['slice_id']}\nforeground {row['fg_fraction']:.3f}")
         draw_contour(ax, truth, TRUTH_COLOUR, fill=True)
     for ax in axes[0][len(rows):]:
@@ -312,7 +320,8 @@ def training_context(inputs: Inputs, models: list[str]) -> tuple[list[dict], Tab
 MULTICLASS_DEFINITIONS = (
     " With three classes (background, liver, tumour) each class is scored against the rest: "
     "FG IoU and Dice are the mean of the liver and tumour values, mIoU the mean over all "
-    "three classes, and the figures' contours show the foreground (liver or tumour)."
+    "three classes. In the figures masks are grey (liver) and white (tumour); a contour is "
+    "the foreground (liver or tumour), the tumour dashed inside it."
 )
 
 
@@ -363,24 +372,31 @@ class VisualSlice:
     truth: np.ndarray
     preds: dict[str, np.ndarray]
     ious: dict[str, float | None]
+    num_classes: int
+
+    def shown(self, mask: np.ndarray) -> np.ndarray:
+        """A class mask as grey levels: 0/255, or 0/128/255 for three classes."""
+        return labels.encode(mask, self.num_classes)
 
 
 def load_visual_slices(raw_dir: Path, inputs: Inputs, models: list[str],
                        chosen: list[tuple[str, str]]) -> list[VisualSlice]:
     val = inputs.splits["val"].set_index("slice_id", drop=False)
+    num_classes = len(labels.classes_of(inputs.stats))
     out = []
     for role, sid in chosen:
         if sid not in val.index:
             raise ValueError(f"slice {sid} is in the per-image results but not in val.csv; "
                              "are the splits and the evaluation from the same run?")
-        image, truth = load_slice(raw_dir, val.loc[sid])
+        image, truth = load_slice(raw_dir, val.loc[sid], num_classes)
         preds = {}
         for m in models:
             if sid not in inputs.predictions[m]:
                 raise ValueError(f"predictions/{m}.npz has no mask for validation slice {sid}")
             preds[m] = fit_to(inputs.predictions[m][sid], image.shape)
         out.append(VisualSlice(role, sid, image, truth, preds,
-                               {m: iou_of(inputs.per_image[m], sid) for m in models}))
+                               {m: iou_of(inputs.per_image[m], sid) for m in models},
+                               num_classes))
     return out
 
 
@@ -389,9 +405,9 @@ def visual_figure(slices: list[VisualSlice], models: list[str]) -> Figure:
     fig, axes = grid(len(slices), 2 + len(models))
     for row, s in zip(axes, slices, strict=True):
         show_ct(row[0], s.image, f"CT ({s.role})\n{s.slice_id}")
-        show_ct(row[1], s.truth.astype(np.uint8) * 255, "ground truth")
+        show_ct(row[1], s.shown(s.truth), "ground truth")
         for ax, m in zip(row[2:], models, strict=True):
-            show_ct(ax, s.preds[m].astype(np.uint8) * 255, f"{m}\nIoU {fmt(s.ious[m], '.3f')}")
+            show_ct(ax, s.shown(s.preds[m]), f"{m}\nIoU {fmt(s.ious[m], '.3f')}")
     return render_png(fig, "visual.png",
                       "Best, median and worst validation slice (by the best model's per-image "
                       "IoU): CT, ground truth and each model's prediction.")
@@ -414,14 +430,14 @@ def overlay_figure(slices: list[VisualSlice], best: str) -> Figure:
 def iou_distribution_figure(per_image: dict[str, pd.DataFrame], models: list[str]) -> Figure:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(models)), 3.6))
     jitter = np.random.default_rng(0)  # fixed: the figure is reproducible
-    labels = []
+    ticks = []
     for x, m in enumerate(models, start=1):
         values = per_image[m]["fg_iou"].dropna().to_numpy()
-        labels.append(f"{m}\n(n={len(values)})")
+        ticks.append(f"{m}\n(n={len(values)})")
         if len(values):
             ax.boxplot(values, positions=[x], widths=0.5, showfliers=False)
             ax.scatter(x + jitter.uniform(-0.15, 0.15, len(values)), values, s=8, alpha=0.6)
-    ax.set_xticks(range(1, len(models) + 1), labels, fontsize=8)
+    ax.set_xticks(range(1, len(models) + 1), ticks, fontsize=8)
     ax.set_xlim(0.4, len(models) + 0.6)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("per-image foreground IoU")
@@ -499,7 +515,8 @@ def build_context(params, raw_dir: Path, inputs: Inputs) -> dict:
     val = inputs.splits["val"]
     data = data_context(params, inputs)
     data["figures"] = [fg_fraction_figure(inputs.splits),
-                       samples_figure(raw_dir, sample_rows(val, int(inputs.stats["seed"])))]
+                       samples_figure(raw_dir, sample_rows(val, int(inputs.stats["seed"])),
+                                      len(labels.classes_of(inputs.stats)))]
     return {
         "title": "Liver-tumour segmentation report",
         "models": models,
