@@ -44,6 +44,13 @@ def test_output_shape_matches_input(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
+def test_three_class_head_gives_one_logit_map_per_class(name: str) -> None:
+    model = build_model(name, classes=3).eval()  # model.num_classes: 3
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 70, 90)).shape == (2, 3, 70, 90)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_training_step_updates_weights(name: str) -> None:
     model = build_model(name).train()
     params = dict(model.named_parameters())
