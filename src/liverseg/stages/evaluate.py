@@ -51,8 +51,9 @@ def predict_split(model, loader, threshold: float, classes: tuple[str, ...]):
         pred = labels.to_classes(labels.probabilities(logits), threshold).numpy().astype(np.uint8)
         truth = y.squeeze(1).numpy() > 0.5  # any foreground class
         per_image = per_image_metrics(stats, classes)
+        fg_counts = foreground_counts(stats).tolist()
         for i, (sid, m) in enumerate(zip(ids, per_image, strict=True)):
-            tp, fp, fn, tn = foreground_counts(stats[i:i + 1])[0].tolist()
+            tp, fp, fn, tn = fg_counts[i]
             rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, truth[i]),
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(truth[i].sum())})

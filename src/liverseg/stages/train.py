@@ -151,10 +151,13 @@ def make_loss(name: str, num_classes: int = 2):
         xent = torch.nn.CrossEntropyLoss()
         dice = smp.losses.DiceLoss("multiclass", from_logits=True)
         as_target = lambda target: target[:, 0].long()  # noqa: E731  [N, H, W] indices
-    if name == "bce":
-        return lambda logits, target: xent(logits, as_target(target))
-    return lambda logits, target: (xent(logits, as_target(target))
-                                   + dice(logits, as_target(target)))
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = as_target(target)
+        value = xent(logits, target)
+        return value + dice(logits, target) if name == "bce_dice" else value
+
+    return loss
 
 
 def run_epoch(model, loader, loss_fn, rt: Runtime, optimizer=None, scheduler=None, desc="",
