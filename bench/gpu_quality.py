@@ -1,0 +1,168 @@
+"""The quality benchmark's training on one GPU machine: `pack` here, `run` there, `collect` here.
+
+`bench/quality.py` runs the whole pipeline with `dvc repro` on this machine. A GPU machine
+lent for minutes has no dvc and cannot read ../shared/data, so the work is cut at the split:
+
+  pack     (here)  for each run of RUNS: clone HEAD with the preset's params, run the data
+                   stages (`dvc repro split`), and bundle what training reads (data/raw's
+                   index and classes, data/splits with its decoded cache) plus params.yaml
+                   (train.device cuda, train.precision fp32, as on CPU) into bench/.gpu/.
+  run      (there) unpack each run and start every model's `liverseg train` then
+                   `liverseg evaluate` at once (the GPU is idle most of a batch-8 step at
+                   128 px, so concurrent runs share it); results go to $OUT/results.tar,
+                   rewritten as models finish, so a run cut short still returns the finished.
+  collect  (here)  unpack results.tar into bench/.work/gpu/ and write one CSV and JSON per
+                   run with bench/quality.py's columns (bench/results/<run>.csv).
+
+The stage commands are the ones dvc runs; only the orchestration differs. sec_per_epoch is
+measured with every run sharing one GPU and 16 cores, so it is not a per-model speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = REPO / "bench" / ".gpu"
+# name -> (preset, models, --set assignments); names become bench/results/<name>.csv
+RUNS = {
+    "quality-liver-gpu": ("liver", ["manet", "linknet", "pspnet", "unet", "unetplusplus",
+                                    "deeplabv3plus", "enhanced_pan"], []),
+    "quality-liver-no-se-stride-2-gpu": ("liver", ["enhanced_pan"], [
+        "model.enhanced_pan.se=false", "model.enhanced_pan.decoder_stride=2"]),
+    "quality-tumor-gpu": ("tumor", ["unetplusplus", "enhanced_pan"], []),
+}
+# What training and evaluation read (the PNGs are not needed: the split's cache holds them).
+DATA = ["data/raw/classes.json", "data/raw/slices.csv", "data/splits"]
+RESULTS = ["reports/metrics/{m}.json", "models/{m}/config.json", "reports/training/{m}.csv",
+           "run.log"]
+
+
+def pack(epochs: int | None) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality
+
+    PACK.mkdir(exist_ok=True)
+    for name, (preset, models, sets) in RUNS.items():
+        params = quality.preset_params(preset, models, epochs, sets)
+        params["train"] |= {"device": "cuda", "precision": "fp32"}
+        work = REPO / "bench" / ".work" / name
+        quality.prepare_workdir(work, params)
+        env = os.environ | {"PYTHONPATH": str(work / "src"),
+                            "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+        subprocess.run(["dvc", "repro", "split"], cwd=work, env=env, check=True)
+        with tarfile.open(PACK / f"{name}.tar.xz", "w:xz") as tar:
+            for path in [*DATA, "params.yaml"]:
+                tar.add(work / path, arcname=path)
+        print(f"{name}: {(PACK / f'{name}.tar.xz').stat().st_size / 1e6:.1f} MB")
+
+
+def run(out: Path, device: str, only: list[str] | None) -> None:
+    """Start every model of every run (or of `only`) at once; return when all have ended."""
+    root = Path("/tmp/liverseg-gpu")
+    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "LIVERSEG_TRACKING": "off",
+                        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                        "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    procs = {}
+    for name, (_, models, _) in RUNS.items():
+        if only and name not in only:
+            continue
+        with tarfile.open(PACK / f"{name}.tar.xz") as tar:
+            tar.extractall(root / name, filter="data")
+        params_file = root / name / "params.yaml"
+        params = yaml.safe_load(params_file.read_text())
+        params["train"]["device"] = device
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        for model in models:
+            work = root / name
+            log = open(work / f"{model}.log", "w")  # noqa: SIM115 (open for the process's life)
+            cmd = (f"{sys.executable} -m liverseg train {model} && "
+                   f"{sys.executable} -m liverseg evaluate {model}")
+            procs[(name, model)] = subprocess.Popen(cmd, shell=True, cwd=work, env=env,
+                                                    stdout=log, stderr=subprocess.STDOUT)
+    started = time.time()
+    while True:
+        done = {key: p.poll() for key, p in procs.items()}
+        write_results(root, out, done, time.time() - started)
+        if all(code is not None for code in done.values()):
+            break
+        time.sleep(15)
+
+
+def write_results(root: Path, out: Path, done: dict, elapsed: float) -> None:
+    """results.tar: each finished model's metrics, config and history; status.json: all."""
+    status = {f"{name}/{model}": code for (name, model), code in done.items()}
+    (root / "status.json").write_text(json.dumps({"elapsed_s": round(elapsed),
+                                                  "exit_codes": status}, indent=1))
+    tmp = out / "results.tar.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(root / "status.json", arcname="status.json")
+        for (name, model), code in done.items():
+            tar.add(root / name / f"{model}.log", arcname=f"{name}/{model}.log")
+            if code == 0:
+                for pattern in RESULTS[:3]:
+                    path = pattern.format(m=model)
+                    tar.add(root / name / path, arcname=f"{name}/{path}")
+    tmp.replace(out / "results.tar")
+
+
+def collect(results: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality
+
+    dest = REPO / "bench" / ".work" / "gpu"
+    shutil.rmtree(dest, ignore_errors=True)
+    with tarfile.open(results) as tar:
+        tar.extractall(dest, filter="data")
+    codes = json.loads((dest / "status.json").read_text())["exit_codes"]
+    for name, (preset, models, sets) in RUNS.items():
+        finished = [m for m in models if codes.get(f"{name}/{m}") == 0]
+        if not finished:
+            print(f"{name}: nothing finished ({ {m: codes.get(f'{name}/{m}') for m in models} })")
+            continue
+        table = quality.collect(dest / name, finished)
+        table.to_csv(quality.RESULTS / f"{name}.csv", index=False)
+        params = yaml.safe_load((REPO / "bench" / ".work" / name / "params.yaml").read_text())
+        facts = {"command": f"python bench/gpu_quality.py pack; (device) python3 "
+                            f"bench/gpu_quality.py run; python bench/gpu_quality.py collect",
+                 "preset": preset, "sets": sets, "models": models, "finished": finished,
+                 "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip(),
+                 "machine": "one NVIDIA H100 (device tool), every model of every run "
+                            "training at once; sec_per_epoch is shared-GPU time",
+                 "params": params}
+        (quality.RESULTS / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
+        print(name)
+        print(table.to_markdown(index=False, floatfmt=".4f"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("pack").add_argument("--epochs", type=int, help="override (a smoke test)")
+    run_parser = sub.add_parser("run")
+    run_parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    run_parser.add_argument("--device", default="cuda", help="cpu for a local smoke test")
+    run_parser.add_argument("--only", type=lambda s: s.split(","), help="run names")
+    sub.add_parser("collect").add_argument("results", type=Path, help="results.tar")
+    args = parser.parse_args()
+    if args.command == "pack":
+        pack(args.epochs)
+    elif args.command == "run":
+        run(args.out, args.device, args.only)
+    else:
+        collect(args.results)
+
+
+if __name__ == "__main__":
+    main()
