@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -36,16 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "bench" / ".gpu"
 # name -> (preset, models, --set assignments); names become bench/results/<name>.csv
 RUNS = {
+    "quality-tumor-gpu": ("tumor", ["unetplusplus"], []),
     "quality-liver-gpu": ("liver", ["manet", "linknet", "pspnet", "unet", "unetplusplus",
                                     "deeplabv3plus", "enhanced_pan"], []),
     "quality-liver-no-se-stride-2-gpu": ("liver", ["enhanced_pan"], [
         "model.enhanced_pan.se=false", "model.enhanced_pan.decoder_stride=2"]),
-    "quality-tumor-gpu": ("tumor", ["unetplusplus", "enhanced_pan"], []),
+    # the Enhanced PAN's tumour run of bench/results/quality-tumor.csv again, on the GPU
+    "quality-tumor-enhanced_pan-gpu": ("tumor", ["enhanced_pan"], []),
 }
 # What training and evaluation read (the PNGs are not needed: the split's cache holds them).
 DATA = ["data/raw/classes.json", "data/raw/slices.csv", "data/splits"]
-RESULTS = ["reports/metrics/{m}.json", "models/{m}/config.json", "reports/training/{m}.csv",
-           "run.log"]
+RESULTS = ["reports/metrics/{m}.json", "models/{m}/config.json", "reports/training/{m}.csv"]
 
 
 def pack(epochs: int | None) -> None:
@@ -67,40 +69,57 @@ def pack(epochs: int | None) -> None:
         print(f"{name}: {(PACK / f'{name}.tar.xz').stat().st_size / 1e6:.1f} MB")
 
 
-def run(out: Path, device: str, only: list[str] | None) -> None:
-    """Start every model of every run (or of `only`) at once; return when all have ended."""
+def unpack(root: Path, name: str, device: str) -> Path:
+    work = root / name
+    with tarfile.open(PACK / f"{name}.tar.xz") as tar:
+        tar.extractall(work, filter="data")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"]["device"] = device
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return work
+
+
+def run(out: Path, device: str, only: list[str] | None, jobs: int, deadline: float) -> None:
+    """Train and evaluate every model of every run (or of `only`), `jobs` at a time in RUNS'
+    order; at `deadline` seconds the unfinished are stopped (results.tar keeps the finished)."""
     root = Path("/tmp/liverseg-gpu")
-    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "LIVERSEG_TRACKING": "off",
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "LIVERSEG_TRACKING": "off",
                         "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                         "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    procs = {}
-    for name, (_, models, _) in RUNS.items():
-        if only and name not in only:
-            continue
-        with tarfile.open(PACK / f"{name}.tar.xz") as tar:
-            tar.extractall(root / name, filter="data")
-        params_file = root / name / "params.yaml"
-        params = yaml.safe_load(params_file.read_text())
-        params["train"]["device"] = device
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        for model in models:
-            work = root / name
+    queue = [(unpack(root, name, device), model) for name, (_, models, _) in RUNS.items()
+             if not only or name in only for model in models]
+    procs, started = {}, time.time()
+    while True:
+        while queue and sum(p.poll() is None for p in procs.values()) < jobs:
+            work, model = queue.pop(0)
             log = open(work / f"{model}.log", "w")  # noqa: SIM115 (open for the process's life)
             cmd = (f"{sys.executable} -m liverseg train {model} && "
                    f"{sys.executable} -m liverseg evaluate {model}")
-            procs[(name, model)] = subprocess.Popen(cmd, shell=True, cwd=work, env=env,
-                                                    stdout=log, stderr=subprocess.STDOUT)
-    started = time.time()
-    while True:
+            procs[(work.name, model)] = subprocess.Popen(
+                cmd, shell=True, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # a process group: the deadline stops train too
+        elapsed = time.time() - started
+        if elapsed > deadline:
+            for p in procs.values():
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
         done = {key: p.poll() for key, p in procs.items()}
-        write_results(root, out, done, time.time() - started)
-        if all(code is not None for code in done.values()):
+        write_results(root, out, done, elapsed)
+        progress = {f"{n}/{m}": epochs_done(root / n, m) for n, m in procs}
+        print(f"{elapsed:5.0f} s epochs {progress} exit {list(done.values())}", flush=True)
+        if not queue and all(code is not None for code in done.values()):
             break
         time.sleep(15)
 
 
+def epochs_done(work: Path, model: str) -> int:
+    history = work / "reports" / "training" / f"{model}.csv"
+    return max(len(history.read_text().splitlines()) - 1, 0) if history.is_file() else 0
+
+
 def write_results(root: Path, out: Path, done: dict, elapsed: float) -> None:
-    """results.tar: each finished model's metrics, config and history; status.json: all."""
+    """results.tar: each model's log, each finished one's metrics, config and history."""
     status = {f"{name}/{model}": code for (name, model), code in done.items()}
     (root / "status.json").write_text(json.dumps({"elapsed_s": round(elapsed),
                                                   "exit_codes": status}, indent=1))
@@ -109,9 +128,9 @@ def write_results(root: Path, out: Path, done: dict, elapsed: float) -> None:
         tar.add(root / "status.json", arcname="status.json")
         for (name, model), code in done.items():
             tar.add(root / name / f"{model}.log", arcname=f"{name}/{model}.log")
-            if code == 0:
-                for pattern in RESULTS[:3]:
-                    path = pattern.format(m=model)
+            for pattern in RESULTS if code == 0 else RESULTS[2:]:
+                path = pattern.format(m=model)
+                if (root / name / path).is_file():
                     tar.add(root / name / path, arcname=f"{name}/{path}")
     tmp.replace(out / "results.tar")
 
@@ -133,8 +152,8 @@ def collect(results: Path) -> None:
         table = quality.collect(dest / name, finished)
         table.to_csv(quality.RESULTS / f"{name}.csv", index=False)
         params = yaml.safe_load((REPO / "bench" / ".work" / name / "params.yaml").read_text())
-        facts = {"command": f"python bench/gpu_quality.py pack; (device) python3 "
-                            f"bench/gpu_quality.py run; python bench/gpu_quality.py collect",
+        facts = {"command": "python bench/gpu_quality.py pack; (device) python3 "
+                            "bench/gpu_quality.py run; python bench/gpu_quality.py collect",
                  "preset": preset, "sets": sets, "models": models, "finished": finished,
                  "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                           capture_output=True, text=True).stdout.strip(),
@@ -154,12 +173,14 @@ def main() -> None:
     run_parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     run_parser.add_argument("--device", default="cuda", help="cpu for a local smoke test")
     run_parser.add_argument("--only", type=lambda s: s.split(","), help="run names")
+    run_parser.add_argument("--jobs", type=int, default=8, help="models training at once")
+    run_parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds")
     sub.add_parser("collect").add_argument("results", type=Path, help="results.tar")
     args = parser.parse_args()
     if args.command == "pack":
         pack(args.epochs)
     elif args.command == "run":
-        run(args.out, args.device, args.only)
+        run(args.out, args.device, args.only, args.jobs, args.deadline)
     else:
         collect(args.results)
 
