@@ -44,18 +44,27 @@ RUNS = {
         "model.enhanced_pan.se=false", "model.enhanced_pan.decoder_stride=2"]),
     # the Enhanced PAN's tumour run of bench/results/quality-tumor.csv again, on the GPU
     "quality-tumor-enhanced_pan-gpu": ("tumor", ["enhanced_pan"], []),
+    # seed spread of the three best liver models (a second GPU session: --only these)
+    "quality-liver-unet_cbam-gpu": ("liver", ["unet_cbam"], []),
+    "quality-liver-seed1-gpu": ("liver", ["enhanced_pan", "unetplusplus", "unet_cbam"],
+                                ["seed=1"]),
+    "quality-liver-seed2-gpu": ("liver", ["enhanced_pan", "unetplusplus", "unet_cbam"],
+                                ["seed=2"]),
+    "quality-tumor-unet_cbam-gpu": ("tumor", ["unet_cbam"], []),
 }
 # What training and evaluation read (the PNGs are not needed: the split's cache holds them).
 DATA = ["data/raw/classes.json", "data/raw/slices.csv", "data/splits"]
 RESULTS = ["reports/metrics/{m}.json", "models/{m}/config.json", "reports/training/{m}.csv"]
 
 
-def pack(epochs: int | None) -> None:
+def pack(epochs: int | None, only: list[str] | None) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import quality
 
     PACK.mkdir(exist_ok=True)
     for name, (preset, models, sets) in RUNS.items():
+        if only and name not in only:
+            continue
         params = quality.preset_params(preset, models, epochs, sets)
         params["train"] |= {"device": "cuda", "precision": "fp32"}
         work = REPO / "bench" / ".work" / name
@@ -168,7 +177,9 @@ def collect(results: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("pack").add_argument("--epochs", type=int, help="override (a smoke test)")
+    pack_parser = sub.add_parser("pack")
+    pack_parser.add_argument("--epochs", type=int, help="override (a smoke test)")
+    pack_parser.add_argument("--only", type=lambda s: s.split(","), help="run names")
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     run_parser.add_argument("--device", default="cuda", help="cpu for a local smoke test")
@@ -178,7 +189,7 @@ def main() -> None:
     sub.add_parser("collect").add_argument("results", type=Path, help="results.tar")
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.epochs)
+        pack(args.epochs, args.only)
     elif args.command == "run":
         run(args.out, args.device, args.only, args.jobs, args.deadline)
     else:
