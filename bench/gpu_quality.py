@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,10 @@ RUNS = {
 }
 # What training and evaluation read (the PNGs are not needed: the split's cache holds them).
 DATA = ["data/raw/classes.json", "data/raw/slices.csv", "data/splits"]
+MACHINE = ("import json, os, torch, timm, segmentation_models_pytorch as smp; print(json.dumps("
+           "{'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
+           "'cores': os.cpu_count(), 'torch': torch.__version__, 'timm': timm.__version__, "
+           "'smp': smp.__version__}))")
 RESULTS = ["reports/metrics/{m}.json", "models/{m}/config.json", "reports/training/{m}.csv"]
 
 
@@ -98,6 +103,8 @@ def run(out: Path, device: str, only: list[str] | None, jobs: int, deadline: flo
                         "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     queue = [(unpack(root, name, device), model) for name, (_, models, _) in RUNS.items()
              if not only or name in only for model in models]
+    (root / "machine.json").write_text(subprocess.run(
+        [sys.executable, "-c", MACHINE], env=env, capture_output=True, text=True).stdout)
     procs, started = {}, time.time()
     while True:
         while queue and sum(p.poll() is None for p in procs.values()) < jobs:
@@ -123,8 +130,9 @@ def run(out: Path, device: str, only: list[str] | None, jobs: int, deadline: flo
 
 
 def epochs_done(work: Path, model: str) -> int:
-    history = work / "reports" / "training" / f"{model}.csv"
-    return max(len(history.read_text().splitlines()) - 1, 0) if history.is_file() else 0
+    """Epochs ended so far, from the log (the history CSV is written when training ends)."""
+    log = (work / f"{model}.log").read_text(errors="replace")
+    return len(re.findall(rf"^{model} epoch \d+: train loss", log, flags=re.M))
 
 
 def write_results(root: Path, out: Path, done: dict, elapsed: float) -> None:
@@ -135,6 +143,7 @@ def write_results(root: Path, out: Path, done: dict, elapsed: float) -> None:
     tmp = out / "results.tar.tmp"
     with tarfile.open(tmp, "w") as tar:
         tar.add(root / "status.json", arcname="status.json")
+        tar.add(root / "machine.json", arcname="machine.json")
         for (name, model), code in done.items():
             tar.add(root / name / f"{model}.log", arcname=f"{name}/{model}.log")
             for pattern in RESULTS if code == 0 else RESULTS[2:]:
@@ -166,8 +175,9 @@ def collect(results: Path) -> None:
                  "preset": preset, "sets": sets, "models": models, "finished": finished,
                  "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                           capture_output=True, text=True).stdout.strip(),
-                 "machine": "one NVIDIA H100 (device tool), every model of every run "
-                            "training at once; sec_per_epoch is shared-GPU time",
+                 "machine": json.loads((dest / "machine.json").read_text()),
+                 "sec_per_epoch": f"every model of the batch training at once on one GPU "
+                                  f"({len(codes)} runs): shared-GPU time, not one model's",
                  "params": params}
         (quality.RESULTS / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
         print(name)
