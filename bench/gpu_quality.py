@@ -16,6 +16,7 @@ lent for minutes has no dvc and cannot read ../shared/data, so the work is cut a
 
 The stage commands are the ones dvc runs; only the orchestration differs. sec_per_epoch is
 measured with every run sharing one GPU and 16 cores, so it is not a per-model speed.
+`--only a,b` picks runs (a liver bundle is ~11 MB; a device call carries 64 MiB at most).
 """
 
 from __future__ import annotations
@@ -184,16 +185,23 @@ def collect(results: Path) -> None:
         print(table.to_markdown(index=False, floatfmt=".4f"))
 
 
+def run_names(text: str) -> list[str]:
+    names = text.split(",")
+    if unknown := sorted(set(names) - set(RUNS)):
+        raise argparse.ArgumentTypeError(f"unknown runs {unknown}; RUNS has {list(RUNS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pack_parser = sub.add_parser("pack")
     pack_parser.add_argument("--epochs", type=int, help="override (a smoke test)")
-    pack_parser.add_argument("--only", type=lambda s: s.split(","), help="run names")
+    pack_parser.add_argument("--only", type=run_names, help="run names")
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     run_parser.add_argument("--device", default="cuda", help="cpu for a local smoke test")
-    run_parser.add_argument("--only", type=lambda s: s.split(","), help="run names")
+    run_parser.add_argument("--only", type=run_names, help="run names")
     run_parser.add_argument("--jobs", type=int, default=8, help="models training at once")
     run_parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds")
     sub.add_parser("collect").add_argument("results", type=Path, help="results.tar")
