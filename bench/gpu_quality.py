@@ -75,9 +75,8 @@ def pack(epochs: int | None, only: list[str] | None) -> None:
         params["train"] |= {"device": "cuda", "precision": "fp32"}
         work = REPO / "bench" / ".work" / name
         quality.prepare_workdir(work, params)
-        env = os.environ | {"PYTHONPATH": str(work / "src"),
-                            "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-        subprocess.run(["dvc", "repro", "split"], cwd=work, env=env, check=True)
+        subprocess.run(["dvc", "repro", "split"], cwd=work, env=quality.workdir_env(work),
+                       check=True)
         with tarfile.open(PACK / f"{name}.tar.xz", "w:xz") as tar:
             for path in [*DATA, "params.yaml"]:
                 tar.add(work / path, arcname=path)

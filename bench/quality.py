@@ -85,6 +85,12 @@ def prepare_workdir(workdir: Path, params: dict) -> str:
     return head
 
 
+def workdir_env(workdir: Path) -> dict:
+    """Run the clone's code (not REPO's) with REPO's environment (dvc, liverseg)."""
+    return os.environ | {"PYTHONPATH": str(workdir / "src"),
+                         "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
 def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
     """One row per model; a three-class run adds each class's IoU (`iou_liver`, ...)."""
     rows, per_class = [], []
@@ -121,8 +127,7 @@ def main() -> None:
     stem = args.name or f"quality-{args.dataset}"
     workdir = (args.workdir or REPO / "bench" / ".work" / stem).resolve()
     commit = prepare_workdir(workdir, params)
-    env = os.environ | {"PYTHONPATH": str(workdir / "src"),  # the clone's code, not REPO's
-                        "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env = workdir_env(workdir)
     started = time.time()
     subprocess.run(["dvc", "repro"], cwd=workdir, env=env, check=True)
     table = collect(workdir, params["models"])
