@@ -75,7 +75,7 @@ def data_throughput(n: int, size: int) -> dict[str, float]:
         for source, use_cache in (("png", False), ("cache", True)):
             if use_cache:
                 slice_cache.write(pd.read_csv(root / "split.csv"), root, root / "split.csv")
-            ds = SliceDataset(root / "split.csv", root, 0.2, 0.2, train_augmentation(size, 0),
+            ds = SliceDataset(root / "split.csv", root, size, 0.2, 0.2, train_augmentation(0),
                               use_cache=use_cache)
             start = time.perf_counter()
             for i in range(len(ds)):

@@ -222,7 +222,7 @@ def test_split_writes_a_decoded_cache_that_the_loader_reads_byte_for_byte(split_
     import torch
 
     from liverseg.data import slice_cache
-    from liverseg.data.dataset import SliceDataset, eval_transform
+    from liverseg.data.dataset import SliceDataset
 
     splits = split_data / "data/splits"
     stats = json.loads((splits / "stats.json").read_text())
@@ -230,8 +230,7 @@ def test_split_writes_a_decoded_cache_that_the_loader_reads_byte_for_byte(split_
     images, masks = (np.array(a) for a in slice_cache.open_cache(
         splits / "val.csv", len(pd.read_csv(splits / "val.csv"))))  # copies: no open maps
     assert images.dtype == masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
-    args = (splits / "val.csv", split_data / "data/raw", stats["mean"], stats["std"],
-            eval_transform(64))
+    args = (splits / "val.csv", split_data / "data/raw", 64, stats["mean"], stats["std"])
     cached, decoded = SliceDataset(*args), SliceDataset(*args, use_cache=False)
     assert cached.cache is not None and decoded.cache is None
     for i in range(len(cached)):

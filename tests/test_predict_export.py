@@ -8,11 +8,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from liverseg import export
+from liverseg import export, predict
 from liverseg.cli import app
+from liverseg.preprocess import Preprocessing, Served
 
 CHAMPION = "models:/liverseg@champion"
 
@@ -78,24 +80,53 @@ def test_predict_refuses_unknown_inputs(registry, tmp_path):
     assert result.exit_code == 1 and "unsupported input" in result.output
 
 
-def test_onnx_export_matches_torch(registry, tmp_path):
+def _served_champion():
+    """The champion's own weights behind `preprocess.Served`: what predict runs."""
+    model, config = predict.load(CHAMPION)
+    return Served(model, Preprocessing.from_config(config)).eval(), config
+
+
+def test_onnx_graph_serves_any_size_as_predict_does(registry, tmp_path):
+    """The resize in and out is inside the graph: a slice at its own size (not the trained
+    one) gives predict's probabilities within 1e-4, so the same mask off the threshold."""
     import onnxruntime as ort
 
     summary = export.run(CHAMPION, "onnx", tmp_path / "model.onnx")
-    assert summary["max_abs_diff"] < 1e-4
+    assert summary["max_abs_diff"] < 1e-4 and summary["input"][2:] == ["height", "width"]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    size = summary["input"][-1]
-    probs = session.run(None, {"image": np.full((1, 1, size, size), 100, np.float32)})[0]
-    assert probs.shape == (1, 1, size, size) and ((probs >= 0) & (probs <= 1)).all()
+    image = sorted((registry / "data/raw/images").glob("*.png"))[0]
+    with Image.open(image) as img:  # 64 px slices; served at 90x70, the model runs at 64
+        gray = np.asarray(img.convert("L").resize((70, 90), Image.BILINEAR))
+    net, config = _served_champion()
+    x = net.grey_batch(gray[None])
+    onnx_probs = session.run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        torch_probs = net(x).numpy()
+    assert onnx_probs.shape == (1, 1, 90, 70)
+    assert np.abs(onnx_probs - torch_probs).max() < 1e-4
+    threshold = config["preprocessing"]["threshold"]
+    decided = np.abs(torch_probs - threshold) > 1e-4  # pixels the tolerance cannot flip
+    np.testing.assert_array_equal((onnx_probs > threshold)[decided],
+                                  (torch_probs > threshold)[decided])
     bad = CliRunner().invoke(app, ["export", "--format", "tflite", "--out",
                                    str(tmp_path / "m.tflite")])
     assert bad.exit_code == 1 and "supported formats" in bad.output
 
 
+def test_registered_model_carries_the_preprocessing(registry):
+    import mlflow
+
+    info = mlflow.models.get_model_info(CHAMPION)
+    _, config = _served_champion()
+    assert info.metadata["preprocessing"] == config["preprocessing"]
+    assert config["preprocessing"]["hu_window"] == [-150.0, 250.0]  # the phantom's window
+
+
 def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
     """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, at a
-    size other than the trained one: the signature's free H, W accept it."""
+    size other than the trained one: the same probabilities as predict's (JSON round trip:
+    1e-5)."""
     import os
     import subprocess
     import sys
@@ -111,4 +142,8 @@ def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
         text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     probs = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
-    assert probs.shape == (1, 1, 40, 56) and ((probs >= 0) & (probs <= 1)).all()
+    assert probs.shape == (1, 1, 40, 56)
+    net, _ = _served_champion()  # what `liverseg predict` computes on the same slice
+    with torch.no_grad():
+        expected = net(torch.as_tensor(image, dtype=torch.float32)).numpy()
+    assert np.abs(probs - expected).max() < 1e-5

@@ -113,14 +113,14 @@ def workspace(tmp_path_factory) -> dict:
                       "val_loss": 1.2 / epochs, "val_fg_iou": 0.09 * epochs,
                       "val_miou": 0.5 + 0.04 * epochs, "val_pixel_accuracy": 0.9 + 0.008 * epochs,
                       "lr": 1e-3}).to_csv(_mk(reports / "training" / f"{model}.csv"), index=False)
-        # Shift each model's prediction differently so the per-image IoUs vary; store the
-        # predictions at 32x32 so the report has to resize them to the 64x64 image size.
+        # Shift each model's prediction differently so the per-image IoUs vary; stored as
+        # evaluate stores them (at each slice's size: flat masks and their shapes).
         preds = {sid: np.roll(t, 2 * (i + 1) + k % 3, axis=1).astype(np.uint8)
                  for k, (sid, t) in enumerate(truths.items())}
-        small = np.stack([np.asarray(Image.fromarray(p * 255).resize((32, 32), Image.NEAREST)) > 0
-                          for p in preds.values()]).astype(np.uint8)
         np.savez_compressed(_mk(reports / "predictions" / f"{model}.npz"),
-                            slice_id=np.array(list(preds), dtype=str), masks=small)
+                            slice_id=np.array(list(preds), dtype=str),
+                            shapes=np.array([p.shape for p in preds.values()]),
+                            masks=np.concatenate([p.ravel() for p in preds.values()]))
         per_image_rows(truths, preds).to_csv(_mk(reports / "per_image" / f"{model}.csv"),
                                              index=False)
         metrics = metrics_row(model, i)

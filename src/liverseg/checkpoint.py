@@ -24,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from liverseg.io import atomic_path, sha256_file, write_json
-from liverseg.labels import TARGETS, out_channels
+from liverseg.labels import out_channels
 from liverseg.models import SegmentationModel, build_model
+from liverseg.preprocess import Preprocessing
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 CHECKPOINT_ROOT = ".checkpoints"
@@ -38,17 +39,21 @@ class UnsafeCheckpointError(ValueError):
 
 def model_config(params, name: str, mean: float, std: float,
                  classes: tuple[str, ...] | None = None) -> dict:
-    """`classes`: the data's, as the split recorded them (default: the configured target's)."""
+    """`classes`: the data's, as the split recorded them (default: the configured target's).
+    `preprocessing` is the serving contract (liverseg.preprocess); the other keys rebuild
+    the network."""
+    prep = Preprocessing.from_params(params, mean, std, classes)
     return {
         "model": name,
         "encoder": params.model.encoder,
         "in_channels": params.model.in_channels,
         "num_classes": params.model.num_classes,
-        "classes": list(classes or TARGETS[params.data.target]),
+        "classes": list(prep.classes),
         "options": params.model.options_for(name),
         "image_size": params.train.image_size,
         "normalisation": {"mean": mean, "std": std, "scale": 255.0},
         "threshold": params.evaluate.threshold,
+        "preprocessing": prep.to_dict(),
         "params": params.dump(),
     }
 

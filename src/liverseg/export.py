@@ -1,11 +1,13 @@
 """Export a trained or registered model to ONNX, checked against torch.
 
-The exported graph has the pyfunc's contract (raw pixel values 0..255 in, foreground or
-class probabilities out; normalisation and sigmoid/softmax inside), input `image`
-[N, C, S, S] with a free batch size and S the model's trained image size (the decoder's
-padding is resolved for that size at export). After writing, the ONNX model is run with
-onnxruntime on a seeded sample batch and compared with torch; the max absolute difference is
-returned and a difference above `tolerance` is an error, not a warning.
+The exported graph is `liverseg.preprocess.Served`, the pyfunc's and predict's contract:
+input `image` [N, C, H, W] of grey values 0..255 with free N, H and W; inside, the bilinear
+resize to the trained size S, the normalisation, the network, sigmoid/softmax and the
+resize of the probabilities back to H, W; output `probability` [N, K, H, W]. (The network
+itself runs at S x S, so the decoder's padding is resolved for S at export.) After writing,
+the ONNX model is run with onnxruntime on seeded batches of other sizes than traced,
+including non-square ones, and compared with torch; the max absolute difference is returned
+and a difference above `tolerance` is an error, not a warning.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import numpy as np
 import torch
 
 from liverseg import predict
+from liverseg.preprocess import Preprocessing, Served
 
 FORMATS = ("onnx",)
 
 
-def sample_input(config: dict, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    size, channels = config["image_size"], config["in_channels"]
+def sample_input(config: dict, batch: int = 2, seed: int = 0,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Seeded grey values 0..255 [batch, C, H, W] (default: the trained size)."""
+    h, w = size or (config["image_size"],) * 2
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, channels, size, size, generator=generator) * 255.0
+    return torch.rand(batch, config["in_channels"], h, w, generator=generator) * 255.0
 
 
 def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
@@ -33,8 +38,8 @@ def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
     import onnxruntime as ort
 
     model, config = predict.load(model_ref)
-    net = predict.Normalised(model, config).eval()
-    example = sample_input(config)
+    net = Served(model, Preprocessing.from_config(config)).eval()
+    example = sample_input(config, size=(config["image_size"] + 8, config["image_size"] - 8))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: no half-written model under the final name.
@@ -43,14 +48,18 @@ def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
     try:
         torch.onnx.export(net, (example,), tmp, dynamo=True, opset_version=opset,
                           input_names=["image"], output_names=["probability"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          dynamic_shapes=({0: torch.export.Dim("batch"),
+                                           2: torch.export.Dim("height", min=8),
+                                           3: torch.export.Dim("width", min=8)},),
                           external_data=False)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        check = sample_input(config, batch=3, seed=1)  # another batch size than traced
-        onnx_out = session.run(None, {"image": check.numpy()})[0]
-        with torch.no_grad():
-            torch_out = net(check).numpy()
-        diff = float(np.abs(onnx_out - torch_out).max())
+        diff = 0.0
+        for i, size in enumerate([(config["image_size"],) * 2, (50, 70), (301, 257)]):
+            check = sample_input(config, batch=3, seed=1 + i, size=size)  # not the traced
+            onnx_out = session.run(None, {"image": check.numpy()})[0]
+            with torch.no_grad():
+                torch_out = net(check).numpy()
+            diff = max(diff, float(np.abs(onnx_out - torch_out).max()))
         if not diff <= tolerance:
             raise ValueError(f"{out}: ONNX output differs from torch by {diff:.3g} "
                              f"(> tolerance {tolerance})")
@@ -58,7 +67,8 @@ def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"format": "onnx", "out": str(out), "model": model_ref, "opset": opset,
-            "input": ["batch", config["in_channels"], config["image_size"], config["image_size"]],
+            "input": ["batch", config["in_channels"], "height", "width"],
+            "trained_size": config["image_size"],
             "max_abs_diff": diff, "tolerance": tolerance}
 
 

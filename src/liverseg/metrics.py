@@ -42,23 +42,24 @@ import segmentation_models_pytorch as smp
 import torch
 from scipy import ndimage
 
+from liverseg import labels
+
+
+def class_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int
+                    ) -> torch.Tensor:
+    """Per-image, per-class counts [N, C, 4] (TP, FP, FN, TN), background first, of
+    predicted class indices `pred` [N, H, W] against `target` [N, 1, H, W] or [N, H, W]."""
+    target = target.long().reshape(pred.shape)
+    return torch.stack(smp.metrics.get_stats(pred.long(), target, mode="multiclass",
+                                             num_classes=num_classes), dim=-1)
+
 
 def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
               ) -> torch.Tensor:
-    """Per-image, per-class counts [N, C, 4] (TP, FP, FN, TN), background first.
-
-    `logits` [N, K, H, W]: K = 1 is a binary (sigmoid) head, thresholded, giving C = 2;
-    otherwise the argmax over K = C classes. `target` [N, 1, H, W] holds class indices.
-    """
-    target = target.long()
-    if logits.shape[1] == 1:
-        tp, fp, fn, tn = smp.metrics.get_stats(logits.sigmoid(), target, mode="binary",
-                                               threshold=threshold)
-        return torch.stack([torch.cat([tn, tp], 1), torch.cat([fn, fp], 1),
-                            torch.cat([fp, fn], 1), torch.cat([tp, tn], 1)], dim=-1)
-    stats = smp.metrics.get_stats(logits.argmax(1), target[:, 0], mode="multiclass",
-                                  num_classes=logits.shape[1])
-    return torch.stack(stats, dim=-1)
+    """`class_confusion` of a head's logits [N, K, H, W]: K = 1 is a binary (sigmoid) head,
+    foreground = probability > threshold, giving C = 2; otherwise the argmax over K = C."""
+    pred = labels.to_classes(labels.probabilities(logits), threshold)
+    return class_confusion(pred, target, max(2, logits.shape[1]))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -117,7 +118,10 @@ class ConfusionMeter:
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
                ) -> torch.Tensor:
-        stats = confusion(logits.detach(), target, threshold)
+        return self.add(confusion(logits.detach(), target, threshold))
+
+    def add(self, stats: torch.Tensor) -> torch.Tensor:
+        """Pool per-image counts [N, C, 4]; returns them."""
         if stats.shape[1] != len(self.classes):
             raise ValueError(f"the model scores {stats.shape[1]} classes but the data has "
                              f"{len(self.classes)} {list(self.classes)}")

@@ -1,8 +1,12 @@
 """The MLflow pyfunc served for every liverseg model (logged as code, not a pickle).
 
-Input: float32 array [N, C, H, W] of raw pixel values in 0..255 (any H, W >= 32).
-Output: float32 probabilities: the foreground's [N, 1, H, W] for a binary model, each
-class's [N, C, H, W] (softmax) for a multi-class one.
+Input: float32 array [N, C, H, W] of grey values 0..255 (any H, W): a slice as
+`liverseg.preprocess` makes it (for a volume: canonical orientation, the model's HU window).
+Output: float32 probabilities at the input's H, W: the foreground's [N, 1, H, W] for a
+binary model, each class's [N, C, H, W] (softmax) for a multi-class one. The resize to the
+trained size, the normalisation and the resize back happen inside (`preprocess.Served`), the
+same code evaluate and `liverseg predict` run; the parameters are the model's
+`config.json` `preprocessing` block, also in the registered model's metadata.
 """
 
 import json
@@ -18,21 +22,20 @@ class LiversegModel(PythonModel):
         from safetensors.torch import load_file
 
         from liverseg.checkpoint import build_from_config
-        from liverseg.labels import probabilities
+        from liverseg.preprocess import Preprocessing, Served
 
         with open(context.artifacts["config"]) as fh:
             self.config = json.load(fh)
         self.model = build_from_config(self.config)
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
-        self.torch, self.probabilities = torch, probabilities
+        self.net = Served(self.model, Preprocessing.from_config(self.config)).eval()
+        self.torch = torch
 
     def predict(self, context, model_input, params=None):
-        norm = self.config["normalisation"]
-        x = np.asarray(model_input, dtype=np.float32) / norm["scale"]
-        x = self.torch.from_numpy((x - norm["mean"]) / norm["std"])
+        x = self.torch.from_numpy(np.asarray(model_input, dtype=np.float32))
         with self.torch.no_grad():
-            return self.probabilities(self.model(x)).numpy()
+            return self.net(x).numpy()
 
 
 mlflow.models.set_model(LiversegModel())

@@ -1,10 +1,10 @@
 """Predictions from a trained or registered model on new slices and volumes.
 
-Inputs: PNG/JPG slices (grayscale or RGB, converted to luminance), folders of them, and
-NIfTI volumes (`.nii`, `.nii.gz`; slices along the last axis, values in Hounsfield units,
-windowed as in training: level 50, width 400). Each slice is resized to the model's trained
-size, predicted, and the probabilities resized back, so masks have the input's geometry;
-NIfTI masks keep the input's affine and header.
+Inputs: PNG/JPG slices, folders of them, and NIfTI volumes (`.nii`, `.nii.gz`, values in
+Hounsfield units), all through `liverseg.preprocess` with the parameters the model recorded
+(grey conversion, canonical orientation, the training HU window, the resize to the trained
+size and back), so a mask has the input's geometry and is what evaluate measured; NIfTI
+masks are written in the input's own axes, with its affine and header.
 
 Outputs in DIR: `<name>_mask.png|.nii.gz` (class indices for NIfTI: 0/1, or 0/1/2 =
 background/liver/tumour as LiTS labels them; PNG values as `liverseg.labels` stores masks:
@@ -23,10 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from liverseg import checkpoint, labels
-from liverseg.io import atomic_path, load_gray
+from liverseg.io import atomic_path
+from liverseg.preprocess import (
+    Preprocessing,
+    Served,
+    read_image,
+    to_input_orientation,
+    volume_slices,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -58,50 +64,28 @@ def load(ref: str) -> tuple[torch.nn.Module, dict]:
     return python_model.model.eval(), python_model.config
 
 
-class Normalised(torch.nn.Module):
-    """Raw pixel values 0..255 in, probabilities out (foreground [N, 1, H, W] for a binary
-    model, each class [N, C, H, W] for a multi-class one): the pyfunc's contract."""
-
-    def __init__(self, model: torch.nn.Module, config: dict):
-        super().__init__()
-        norm = config["normalisation"]
-        self.model, self.scale = model, float(norm["scale"])
-        self.mean, self.std = float(norm["mean"]), float(norm["std"])
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return labels.probabilities(self.model((raw / self.scale - self.mean) / self.std))
-
-
 @dataclass
 class Predictor:
+    """A model behind the one preprocessing (`liverseg.preprocess.Served`), in batches."""
+
     model: torch.nn.Module
     config: dict
     batch_size: int = 32  # CPU inference: larger batches amortise per-call overhead
 
     def __post_init__(self):
-        self.net = Normalised(self.model, self.config).eval()
-
-    @torch.no_grad()
-    def _batches(self, slices: np.ndarray):
-        """[N, H, W] raw 0..255 -> batches of [B, K, H, W] probabilities, in the input's
-        geometry (one batch at a time: a volume's probabilities never all sit in memory)."""
-        size, channels = self.config["image_size"], self.config["in_channels"]
-        for start in range(0, len(slices), self.batch_size):
-            x = torch.from_numpy(np.asarray(slices[start:start + self.batch_size], np.float32))
-            h, w = x.shape[-2:]
-            x = F.interpolate(x[:, None], (size, size), mode="bilinear", align_corners=False)
-            probs = self.net(x.expand(-1, channels, -1, -1))
-            yield F.interpolate(probs, (h, w), mode="bilinear", align_corners=False)
+        self.prep = Preprocessing.from_config(self.config)
+        self.net = Served(self.model, self.prep).eval()
 
     def masks(self, slices: np.ndarray) -> np.ndarray:
-        """[N, H, W] class indices (uint8)."""
-        threshold = self.config["threshold"]
-        return torch.cat([labels.to_classes(p, threshold).to(torch.uint8)
-                          for p in self._batches(slices)]).numpy()
+        """uint8 grey slices [N, H, W] -> class indices [N, H, W] (uint8), one batch at a
+        time (a volume's probabilities never all sit in memory)."""
+        return np.concatenate([self.net.classes_of(slices[i:i + self.batch_size]).numpy()
+                               for i in range(0, len(slices), self.batch_size)]
+                              ).astype(np.uint8)
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.config.get("classes", labels.BINARY))  # older configs: binary
+        return self.prep.classes
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -177,7 +161,7 @@ def _save_gray(path: Path, array: np.ndarray) -> None:
 
 
 def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
-    gray = load_gray(path)
+    gray = read_image(path, predictor.prep)
     mask, classes = predictor.masks(gray[None])[0], predictor.classes
     stem = _stem(path)
     _save_gray(out_dir / f"{stem}_mask.png", labels.encode(mask, len(classes)))
@@ -188,25 +172,23 @@ def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
 
 
 def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+    """Slices in canonical orientation, windowed as in training; the mask written back in
+    the input's own axes, shape, affine and header."""
     import nibabel as nib
 
-    from liverseg.data.phantom import window
-
     img = nib.load(str(path))
-    hu = np.asarray(img.dataobj, dtype=np.float32)
-    if hu.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {hu.shape}")
-    slices = np.moveaxis(window(hu), -1, 0)  # [Z, X, Y]: slices along the last axis
-    mask = np.moveaxis(predictor.masks(slices), 0, -1)
+    slices, ornt = volume_slices(img, predictor.prep)
+    canonical_mask = predictor.masks(slices)  # [Z, H, W], canonical
+    mask = to_input_orientation(canonical_mask, ornt, img.shape)
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
     stem = _stem(path)
     with atomic_path(out_dir / f"{stem}_mask.nii.gz") as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
-    areas = (mask > 0).sum(axis=(0, 1))
-    best = int(areas.argmax()) if areas.any() else mask.shape[-1] // 2
+    areas = (canonical_mask > 0).sum(axis=(1, 2))
+    best = int(areas.argmax()) if areas.any() else len(slices) // 2
     classes = predictor.classes
-    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], mask[..., best], classes))
+    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], canonical_mask[best], classes))
     voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
     return {"input": str(path), "kind": "volume", "shape": "x".join(map(str, mask.shape)),
             **class_sizes(mask, classes, voxel_mm3),

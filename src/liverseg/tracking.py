@@ -127,7 +127,8 @@ def log_model(mlf, model_dir: Path, example) -> str:
     """Log the safetensors weights + config behind a pyfunc defined from code (no pickle).
 
     The signature leaves batch, height and width free (-1): unlike the `pt2` export format,
-    the served model accepts any slice size.
+    the served model accepts any slice size (it resizes inside, `preprocess.Served`). The
+    model's preprocessing block is the MLflow model's metadata.
     """
     import numpy as np
     from mlflow.models import ModelSignature
@@ -136,7 +137,8 @@ def log_model(mlf, model_dir: Path, example) -> str:
     from liverseg.labels import out_channels
 
     channels = example.shape[1]
-    classes = out_channels(json.loads((model_dir / "config.json").read_text())["num_classes"])
+    config = json.loads((model_dir / "config.json").read_text())
+    classes = out_channels(config["num_classes"])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes, -1, -1))]),
@@ -148,6 +150,8 @@ def log_model(mlf, model_dir: Path, example) -> str:
                    "config": str(model_dir / "config.json")},
         code_paths=[str(Path(__file__).parent)],
         signature=signature,
+        # The serving contract travels with the registered model, readable without loading it.
+        metadata={"preprocessing": config["preprocessing"]},
         pip_requirements=["torch", "segmentation-models-pytorch", "safetensors", "numpy"],
     )
     return info.model_uri

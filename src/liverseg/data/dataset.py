@@ -1,4 +1,10 @@
-"""The torch dataset over a split CSV: decoded slice, albumentations, normalisation."""
+"""The torch dataset over a split CSV: decoded slice, the serving resize, augmentation,
+normalisation.
+
+The resize to the trained size is `liverseg.preprocess.resize_image`, the one evaluate,
+predict, the pyfunc and the ONNX graph apply; albumentations only augments, on [0, 1]
+floats after it.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +22,16 @@ from torch.utils.data import Dataset  # noqa: E402
 from liverseg import labels  # noqa: E402
 from liverseg.data import slice_cache  # noqa: E402
 from liverseg.io import load_gray  # noqa: E402
+from liverseg.preprocess import resize_image  # noqa: E402
 
 
-def train_augmentation(image_size: int, seed: int) -> A.Compose:
-    """Light, anatomy-preserving augmentation (albumentations 2.x argument names).
+def train_augmentation(seed: int) -> A.Compose:
+    """Light, anatomy-preserving augmentation (albumentations 2.x argument names), applied
+    to the resized slice (float32 in [0, 1]) and its mask.
 
     Seeded: albumentations keeps its own random state, which torch's seed does not reach.
     """
     return A.Compose([
-        A.Resize(image_size, image_size),
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
                  border_mode=0, fill=0, fill_mask=0, p=0.7),
@@ -32,41 +39,51 @@ def train_augmentation(image_size: int, seed: int) -> A.Compose:
     ], seed=seed)
 
 
-def eval_transform(image_size: int) -> A.Compose:
-    return A.Compose([A.Resize(image_size, image_size)])
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Class indices resized by nearest neighbour (no new classes at the edges)."""
+    x = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
+    return torch.nn.functional.interpolate(x, (size, size), mode="nearest")[0, 0].to(
+        torch.uint8).numpy()
 
 
 class SliceDataset(Dataset):
-    """Yields (image [1,H,W] float32 normalised, mask [1,H,W] float32 class indices (0/1 for
-    a binary target), slice_id).
+    """Yields (image [1,S,S] float32 normalised, mask [1,S,S] float32 class indices (0/1 for
+    a binary target), slice_id) at the trained size S.
 
     Reads the split's decoded-slice cache when the split stage wrote one (see
     `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding. `rows` are
     the CSV's rows as dicts of strings (the csv module: the training path needs no pandas).
     """
 
-    def __init__(self, split_csv: str | Path, raw_dir: str | Path, mean: float, std: float,
-                 transform: A.Compose | None = None, use_cache: bool = True,
-                 num_classes: int = 2):
+    def __init__(self, split_csv: str | Path, raw_dir: str | Path, image_size: int,
+                 mean: float, std: float, augment: A.Compose | None = None,
+                 use_cache: bool = True, num_classes: int = 2):
         with open(split_csv, newline="") as fh:
             self.rows = list(csv.DictReader(fh))
-        self.raw_dir, self.mean, self.std, self.transform = Path(raw_dir), mean, std, transform
+        self.raw_dir, self.image_size, self.augment = Path(raw_dir), image_size, augment
+        self.mean, self.std = mean, std
         self.num_classes = num_classes
         self.cache = slice_cache.open_cache(split_csv, len(self.rows)) if use_cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def stored(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slice `i` as stored: (uint8 grey, uint8 class indices), at its own size."""
+        if self.cache is not None:
+            return np.array(self.cache[0][i]), np.array(self.cache[1][i])
+        row = self.rows[i]
+        return (load_gray(self.raw_dir / row["image"]),
+                labels.decode(load_gray(self.raw_dir / row["mask"]), self.num_classes))
+
     def __getitem__(self, i: int):
         row = self.rows[i]
-        if self.cache is not None:
-            image, mask = np.array(self.cache[0][i]), np.array(self.cache[1][i])
-        else:
-            image = load_gray(self.raw_dir / row["image"])
-            mask = labels.decode(load_gray(self.raw_dir / row["mask"]), self.num_classes)
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
+        image, mask = self.stored(i)
+        image = resize_image(image, self.image_size) / np.float32(255.0)
+        mask = resize_mask(mask, self.image_size)
+        if self.augment is not None:
+            out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        x = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        x = ((image - self.mean) / self.std).astype(np.float32)
         return (torch.from_numpy(x)[None], torch.from_numpy(mask.astype(np.float32))[None],
                 row["slice_id"])

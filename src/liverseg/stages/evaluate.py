@@ -1,9 +1,15 @@
-"""evaluate@MODEL: the saved best model on the validation split.
+"""evaluate@MODEL: the saved best model on the validation split, as `predict` serves it.
+
+Each validation slice goes through `liverseg.preprocess.Served` at its stored size (resize
+to the trained size, the network, probabilities resized back) and is scored against its
+mask at that size: the numbers a user of `liverseg predict` gets on the source files (the
+per-epoch validation figures of training, in reports/training/, are at the trained size).
 
 Writes `reports/metrics/<model>.json` (global metrics with 95% bootstrap CIs, per-image and
 per-volume summaries, size, FLOPs and speed), `reports/per_image/<model>.csv` (one row per
-slice) and `reports/predictions/<model>.npz` (the binary predictions, for the report's
-visual comparison: class indices, 0/1 for a binary model). Definitions and the empty-mask
+slice) and `reports/predictions/<model>.npz` (the predictions at each slice's stored size, for the
+report's visual comparison: class indices, 0/1 for a binary model; `masks` flat, `shapes`
+[N, 2]). Definitions and the empty-mask
 rule: `liverseg.metrics`; with three classes the JSON also has each class's IoU and Dice.
 """
 
@@ -11,55 +17,71 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from liverseg import checkpoint, labels, tracking
 from liverseg.config import Params
-from liverseg.data.dataset import SliceDataset, eval_transform
+from liverseg.data.dataset import SliceDataset
 from liverseg.io import atomic_path, read_json, write_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
+    class_confusion,
     class_metrics,
     foreground_counts,
     hd95,
     nan_to_none,
     per_image_metrics,
 )
+from liverseg.preprocess import Preprocessing, Served
 
 PER_IMAGE_KEYS = ("fg_iou", "dice", "precision", "recall", "hd95")
 
 
+def stored_batches(dataset: SliceDataset, batch_size: int):
+    """(grey uint8 [B, H, W], truth [B, H, W], slice ids) at the slices' stored size;
+    consecutive slices of one size share a batch."""
+    batch = []
+    for i, row in enumerate(dataset.rows):
+        image, mask = dataset.stored(i)
+        if batch and (len(batch) == batch_size or batch[0][0].shape != image.shape):
+            yield tuple(map(np.stack, zip(*batch, strict=True)))
+            batch = []
+        batch.append((image, mask, row["slice_id"]))
+    if batch:
+        yield tuple(map(np.stack, zip(*batch, strict=True)))
+
+
 @torch.no_grad()
-def predict_split(model, loader, threshold: float, classes: tuple[str, ...]):
-    """Run the model over a loader; returns pooled meter, per-image rows, per-image class
-    counts [N, C, 4], predicted class masks and seconds.
+def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
+                  classes: tuple[str, ...]):
+    """Serve every slice of `dataset`; returns pooled meter, per-image rows, per-image class
+    counts [N, C, 4], predicted class masks (a list: sizes may differ) and seconds.
 
     The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
     counts themselves for a binary model."""
     meter, rows, counts, masks, seconds = ConfusionMeter(classes), [], [], [], 0.0
-    for x, y, ids in loader:
+    for images, truth, ids in stored_batches(dataset, batch_size):
         start = time.perf_counter()
-        logits = model(x)
+        pred = served.classes_of(images)
         seconds += time.perf_counter() - start
-        stats = meter.update(logits, y, threshold)
-        pred = labels.to_classes(labels.probabilities(logits), threshold).numpy().astype(np.uint8)
-        truth = y.squeeze(1).numpy() > 0.5  # any foreground class
+        stats = meter.add(class_confusion(pred, torch.from_numpy(truth), len(classes)))
+        pred, fg_truth = pred.numpy().astype(np.uint8), truth > 0  # any foreground class
         per_image = per_image_metrics(stats, classes)
         fg_counts = foreground_counts(stats).tolist()
         for i, (sid, m) in enumerate(zip(ids, per_image, strict=True)):
             tp, fp, fn, tn = fg_counts[i]
-            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, truth[i]),
+            rows.append({"slice_id": str(sid), **m, "hd95": hd95(pred[i] > 0, fg_truth[i]),
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
-                         "truth_pixels": int(truth[i].sum())})
+                         "truth_pixels": int(fg_truth[i].sum())})
         counts.append(stats.numpy())
-        masks.append(pred)
-    return meter, rows, np.concatenate(counts), np.concatenate(masks), seconds
+        masks += list(pred)
+    return meter, rows, np.concatenate(counts), masks, seconds
 
 
 def flops_per_image(model: torch.nn.Module, in_channels: int, image_size: int) -> int:
@@ -110,11 +132,13 @@ def run(
     model, config = checkpoint.load_model(model_dir)
     stats = read_json(splits_dir / "stats.json")
     classes = labels.classes_of(stats)
-    dataset = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
-                           eval_transform(config["image_size"]), num_classes=len(classes))
-    loader = DataLoader(dataset, params.evaluate.batch_size, shuffle=False)
-    meter, rows, counts, masks, seconds = predict_split(model, loader,
-                                                        params.evaluate.threshold, classes)
+    prep = Preprocessing.from_config(config)
+    if prep.threshold != params.evaluate.threshold:  # evaluate.threshold is the one served
+        prep = replace(prep, threshold=params.evaluate.threshold)
+    dataset = SliceDataset(splits_dir / "val.csv", raw_dir, prep.image_size, prep.mean,
+                           prep.std, num_classes=len(classes))
+    meter, rows, counts, masks, seconds = predict_split(
+        Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes)
 
     per_image = pd.DataFrame(rows)
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
@@ -141,7 +165,10 @@ def run(
         per_image.to_csv(tmp, index=False)
     with atomic_path(reports_dir / "predictions" / f"{model_name}.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, slice_id=per_image["slice_id"].to_numpy(str), masks=masks)
+            # Slices may differ in size: one flat array and each mask's shape.
+            np.savez_compressed(fh, slice_id=per_image["slice_id"].to_numpy(str),
+                                shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
+                                masks=np.concatenate([m.ravel() for m in masks]))
 
     run_id = read_json(model_dir / "run.json")["run_id"]
     if run_id is None or not tracking.enabled():

@@ -24,7 +24,6 @@ import pandas as pd  # noqa: E402
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from liverseg import labels  # noqa: E402
 from liverseg.io import atomic_dir, load_gray, read_json, write_text  # noqa: E402
@@ -133,11 +132,15 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
 def read_predictions(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected file is missing (did the upstream stage run?)")
-    with np.load(path) as npz:
-        ids, masks = npz["slice_id"].astype(str), npz["masks"]
-    if len(ids) != len(masks):
-        raise ValueError(f"{path}: {len(ids)} slice ids but {len(masks)} masks")
-    return dict(zip(ids.tolist(), masks, strict=True))
+    with np.load(path) as npz:  # evaluate's layout: flat masks, one shape per slice
+        ids, shapes, flat = npz["slice_id"].astype(str), npz["shapes"], npz["masks"]
+    sizes = shapes.prod(axis=1)
+    if len(ids) != len(shapes) or sizes.sum() != flat.size:
+        raise ValueError(f"{path}: {len(ids)} slice ids, {len(shapes)} shapes and "
+                         f"{flat.size} mask pixels do not add up")
+    masks = np.split(flat, np.cumsum(sizes)[:-1])
+    return {sid: m.reshape(shape) for sid, m, shape in zip(ids.tolist(), masks, shapes,
+                                                           strict=True)}
 
 
 @dataclass
@@ -178,16 +181,6 @@ def load_inputs(models: list[str], splits_dir: Path, reports_dir: Path) -> Input
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def fit_to(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Class mask at `shape` (predictions are at the model's input size; nearest keeps the
-    class indices)."""
-    mask = np.asarray(mask, dtype=np.uint8)
-    if mask.shape == tuple(shape):
-        return mask
-    img = Image.fromarray(mask)
-    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.NEAREST))
 
 
 def load_slice(raw_dir: Path, row: pd.Series, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,7 +386,10 @@ def load_visual_slices(raw_dir: Path, inputs: Inputs, models: list[str],
         for m in models:
             if sid not in inputs.predictions[m]:
                 raise ValueError(f"predictions/{m}.npz has no mask for validation slice {sid}")
-            preds[m] = fit_to(inputs.predictions[m][sid], image.shape)
+            preds[m] = inputs.predictions[m][sid]
+            if preds[m].shape != image.shape:  # evaluate scores at the stored size
+                raise ValueError(f"predictions/{m}.npz: mask of {sid} is {preds[m].shape}, "
+                                 f"the slice is {image.shape}; rerun `liverseg evaluate {m}`")
         out.append(VisualSlice(role, sid, image, truth, preds,
                                {m: iou_of(inputs.per_image[m], sid) for m in models},
                                num_classes))

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from liverseg import checkpoint, distributed, labels, redact, tracking
 from liverseg.config import Params
-from liverseg.data.dataset import SliceDataset, eval_transform, train_augmentation
+from liverseg.data.dataset import SliceDataset, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
 from liverseg.metrics import ConfusionMeter
 from liverseg.models import build_model
@@ -119,11 +119,11 @@ def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, g
     """(train loader, val loader, the train DistributedSampler or None)."""
     size, cfg = params.train.image_size, params.train
     n = len(labels.classes_of(stats))
-    train_tf = train_augmentation(size, params.seed) if cfg.augment else eval_transform(size)
-    train = SliceDataset(splits_dir / "train.csv", raw_dir, stats["mean"], stats["std"], train_tf,
-                         num_classes=n)
-    val = SliceDataset(splits_dir / "val.csv", raw_dir, stats["mean"], stats["std"],
-                       eval_transform(size), num_classes=n)
+    augment = train_augmentation(params.seed) if cfg.augment else None
+    train = SliceDataset(splits_dir / "train.csv", raw_dir, size, stats["mean"], stats["std"],
+                         augment, num_classes=n)
+    val = SliceDataset(splits_dir / "val.csv", raw_dir, size, stats["mean"], stats["std"],
+                       num_classes=n)
     if len(train) < cfg.batch_size * ctx.world_size:
         raise ValueError(f"train split has {len(train)} slices, fewer than "
                          f"train.batch_size={cfg.batch_size} x {ctx.world_size} process(es)")

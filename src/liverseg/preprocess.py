@@ -1,0 +1,187 @@
+"""The one preprocessing: a source item in, the network's input out, and the way back.
+
+Every path that feeds a model goes through here, so what evaluate measures is what
+`predict`, the MLflow pyfunc and the ONNX export deliver (DESIGN rule 8):
+
+    source item                        grey slice (uint8, the item's own geometry)
+    - 2D image file                    `read_image`: luminance; 16/32-bit -> window -> 0..255
+    - one slice of a NIfTI volume      `volume_slices`: closest canonical orientation (RAS+),
+                                       slice k of the last axis, transposed (rows = A axis),
+                                       HU window -> 0..255 (clip, round)
+    grey [N, C, H, W] (0..255)    ->   `Served`: bilinear resize to the trained size,
+                                       (x / 255 - mean) / std, the network, sigmoid/softmax,
+                                       bilinear resize of the probabilities back to H, W
+    probabilities                 ->   classes: foreground > threshold (binary) or argmax
+    slice masks                   ->   `to_input_orientation`: the volume's own axes again
+
+Ingest writes the grey slices (so training and evaluate read exactly these bytes), the
+training loader resizes with `resize`, and every parameter travels in the model's
+`config.json` (`Preprocessing.from_config`), so a model is served as it was trained,
+whatever params.yaml says today.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from liverseg import labels
+from liverseg.data import imageio
+
+ORIENTATION = "closest canonical RAS+, slices along the last axis, transposed"
+RESIZE = "bilinear, half-pixel centres (align_corners=False), no antialias"
+GREY = "luminance (PIL 'L'); 16/32-bit: high_bit_window (else own min..max) -> 0..255"
+PHANTOM_WINDOW = (-150.0, 250.0)  # liverseg.data.phantom: level 50, width 400
+MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything between a source item and the network, as recorded with the model."""
+
+    image_size: int
+    in_channels: int
+    mean: float
+    std: float
+    classes: tuple[str, ...] = labels.BINARY
+    threshold: float = 0.5
+    hu_window: tuple[float, float] = (-200.0, 250.0)
+    hu_window_from: str = "data.nifti.window"
+    high_bit_window: tuple[float, float] | None = None
+    scale: float = 255.0
+    orientation: str = ORIENTATION
+    resize: str = RESIZE
+    grey: str = GREY
+    max_pixels: int = field(default=MAX_PIXELS, compare=False)
+
+    @classmethod
+    def from_params(cls, params, mean: float, std: float,
+                    classes: tuple[str, ...] | None = None) -> Preprocessing:
+        """The preprocessing a training run with `params` on data with these statistics
+        fixes. The HU window is the one that made the training slices: the phantom's own,
+        or `data.nifti.window` (also what 2D-trained models apply to volumes: the window
+        that made the 2D files is unknown, hence `hu_window_from` says which applies)."""
+        data = params.data
+        window, source = (PHANTOM_WINDOW, "phantom (level 50, width 400)") \
+            if data.source == "phantom" else (data.nifti.window, "data.nifti.window")
+        if data.source not in ("phantom", "nifti"):
+            source += " (assumed: the 2D training images came windowed)"
+        return cls(image_size=params.train.image_size, in_channels=params.model.in_channels,
+                   mean=float(mean), std=float(std),
+                   classes=tuple(classes or labels.TARGETS[data.target]),
+                   threshold=params.evaluate.threshold, hu_window=tuple(window),
+                   hu_window_from=source, high_bit_window=data.folder.high_bit_window,
+                   max_pixels=data.max_pixels)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Preprocessing:
+        """From a model's `config.json`; a config written before the `preprocessing` block
+        is rebuilt from the params it recorded (the same derivation)."""
+        if "preprocessing" in config:
+            spec = dict(config["preprocessing"])
+            for key in ("classes", "hu_window", "high_bit_window"):
+                if spec.get(key) is not None:
+                    spec[key] = tuple(spec[key])
+            return cls(**spec)
+        from liverseg.config import parse_params
+
+        norm = config["normalisation"]
+        return cls.from_params(parse_params(config["params"]), norm["mean"], norm["std"],
+                               tuple(config.get("classes", labels.BINARY)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- grey slices
+
+
+def read_image(path: str | Path, prep: Preprocessing) -> np.ndarray:
+    """A 2D image file as ingest decodes it: a uint8 grey slice in its own geometry."""
+    return imageio.decode_image(path, prep.max_pixels, prep.high_bit_window)[0]
+
+
+def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
+    """Hounsfield units -> uint8 0..255 (clip to the window, round)."""
+    return imageio.rescale(hu, hu_window)
+
+
+def canonical(img) -> tuple[np.ndarray, np.ndarray]:
+    """(the volume's data in closest canonical RAS+ axes, the input's orientation) of a
+    nibabel image; 2D images are one slice."""
+    import nibabel as nib
+
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ValueError(f"{img.get_filename()}: expected a 3D volume, got shape {data.shape}")
+    ornt = nib.orientations.io_orientation(img.affine)
+    return nib.orientations.apply_orientation(data, ornt), ornt
+
+
+def to_slices(canonical_volume: np.ndarray) -> np.ndarray:
+    """[X, Y, Z] canonical -> [Z, Y, X]: slice k is `volume[:, :, k].T`."""
+    return np.ascontiguousarray(np.transpose(canonical_volume, (2, 1, 0)))
+
+
+def volume_slices(img, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 grey slices [Z, H, W] in canonical order, the input's orientation)."""
+    data, ornt = canonical(img)
+    return window(to_slices(data), prep.hu_window), ornt
+
+
+def to_input_orientation(slices: np.ndarray, ornt: np.ndarray, shape: tuple) -> np.ndarray:
+    """Slice masks [Z, H, W] (canonical) -> an array in the input volume's own axes."""
+    import nibabel as nib
+
+    volume = np.transpose(slices, (2, 1, 0))
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    back = nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(ras, ornt))
+    return back.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[N, C, H, W] float -> [N, C, *size]: the one resize, for images and probabilities."""
+    return F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=False)
+
+
+def resize_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 [H, W] slice -> float32 [size, size] grey values (the training loader's)."""
+    x = torch.from_numpy(np.asarray(gray, np.float32))[None, None]
+    return resize(x, (size, size))[0, 0].numpy()
+
+
+def normalise(x, prep: Preprocessing):
+    return (x / prep.scale - prep.mean) / prep.std
+
+
+class Served(torch.nn.Module):
+    """Grey values 0..255 [N, C, H, W] (any H, W) in, probabilities [N, K, H, W] out: the
+    contract of predict, the pyfunc and the ONNX graph (K = 1 for a binary model)."""
+
+    def __init__(self, model: torch.nn.Module, prep: Preprocessing):
+        super().__init__()
+        self.model, self.prep = model, prep
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        size = self.prep.image_size
+        x = normalise(resize(raw, (size, size)), self.prep)
+        return resize(labels.probabilities(self.model(x)), raw.shape[-2:])
+
+    def grey_batch(self, slices: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W] grey slices -> [N, C, H, W] float input (grey in every channel)."""
+        x = torch.from_numpy(np.asarray(slices, np.float32))[:, None]
+        return x.expand(-1, self.prep.in_channels, -1, -1)
+
+    @torch.no_grad()
+    def classes_of(self, slices: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W] grey slices -> [N, H, W] class indices (int64)."""
+        return labels.to_classes(self(self.grey_batch(slices)), self.prep.threshold)
