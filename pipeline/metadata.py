@@ -69,6 +69,7 @@ def _validate(stage: Stage, root: Path, ui_url: str) -> dict:
         "gx_success": bool(v.get("success")), "ingested": v.get("ingested"),
         "accepted": v.get("accepted"), "quarantined": v.get("quarantined"),
         "rules": len(v.get("rules", [])), "failed_rules": ", ".join(failed) or "none",
+        "warnings": "\n".join(v.get("warnings") or []) or "none",  # e.g. no patient ids
         "quarantine": dg.MetadataValue.md(
             f"| slice | rules broken |\n|---|---|\n{quarantine}" if quarantine else "none"),
     }

@@ -32,7 +32,7 @@ def test_folder_on_msd_liver_slices(shared_data, workdir):
     p = params("folder", msd, data={"target": "liver"})
     summary = ingest.run(p)
     assert summary == {"source": "folder", "classes": ["background", "liver"], "slices": 527,
-                       "patients": 98}
+                       "patients": 98, "layouts": ["."], "pairs": 527}
     index = read_index(workdir)
     row = index.set_index("slice_id").loc["flipped_10001_103"]
     assert (row.patient_id, row.slice_index) == ("10001", 103)
@@ -70,7 +70,8 @@ def test_nifti_on_lits_117(shared_data, workdir):
     p = params("nifti", lits, data={"target": "tumour", "nifti": {"slices": "all"}},
                split={"group_by": "slab"})
     assert ingest.run(p) == {"source": "nifti", "classes": ["background", "tumour"],
-                             "slices": 128, "patients": 1, "volumes": 1}
+                             "slices": 128, "patients": 1, "volumes": 1, "pairs": 1,
+                             "refused": 0, "unpaired": 0, "ambiguous": 0}
     index = read_index(workdir)
     assert set(index.patient_id) == {"117"} and index.slice_index.tolist() == list(range(128))
     assert validate.run(p)["accepted"] == 128
@@ -113,7 +114,8 @@ def test_nifti_msd_naming_selection_and_window(tmp_path, workdir):
 
 
 def kaggle_zip(dest):
-    """What Kaggle serves: one zip of the dataset's folders (here train/ and test/)."""
+    """What Kaggle serves: one zip of the dataset's folders (here train/ and test/), each
+    with `Images/` and `Mask/` as in robintrmbtt/data-unet."""
     with zipfile.ZipFile(dest / "data-unet.zip", "w") as zf:
         rng = np.random.default_rng(0)
         for part in ("train", "test"):
@@ -121,7 +123,7 @@ def kaggle_zip(dest):
                 img = Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))
                 mask = np.zeros((64, 64), np.uint8)
                 mask[10:20, 10:20] = 255
-                for kind, array in (("images", img), ("masks", Image.fromarray(mask))):
+                for kind, array in (("Images", img), ("Mask", Image.fromarray(mask))):
                     path = dest / f"{part}{i}.png"
                     array.save(path)
                     zf.write(path, f"data/{part}/{kind}/case{part}_{i}.png")
@@ -143,13 +145,14 @@ def test_kaggle_download_is_cached_verified_and_ingested(tmp_path, workdir, monk
     summary = ingest.run(p)
     assert summary["slices"] == 6 and summary["layouts"] == ["data/test", "data/train"]
     assert summary["cache"] == str(cache) and calls == ["robintrmbtt/data-unet"]
+    assert read_index(workdir).source_image.str.startswith(str(cache / "data")).all()
     assert not (cache / "half.png").exists() and kaggle.is_complete(cache)
     assert json.loads((cache / ".complete").read_text())["handle"] == \
         "robintrmbtt/data-unet/versions/2"
     assert validate.run(p)["accepted"] == 6
     ingest.run(p)
     assert len(calls) == 1  # complete cache reused
-    (cache / "data/train/images/casetrain_0.png").unlink()  # damaged: fails verification
+    (cache / "data/train/Images/casetrain_0.png").unlink()  # damaged: fails verification
     ingest.run(p)
     assert len(calls) == 2
 

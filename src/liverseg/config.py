@@ -40,13 +40,17 @@ class PhantomParams(Strict):
 class FolderParams(Strict):
     """Two folders of 2D slices (also what `archive` and `kaggle` are unpacked into)."""
 
-    images: str = "images"  # sub-folder of data.path with the images
-    masks: str = "masks"  # ... and with the masks
+    # Folder names, matched case-insensitively anywhere under data.path; null = the usual
+    # synonyms (images/image/imgs/img/ct/frames; masks/mask/labels/label/seg/...).
+    images: str | None = None
+    masks: str | None = None
     image_glob: str = "*"
     mask_glob: str = "*"
     # Matched case-insensitively, so `.JPG` and `.jpg` both count.
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"]
-    mask_suffix: str = ""  # mask stem = image stem + suffix (e.g. "_mask")
+    # Mask stem = image stem + suffix (e.g. "_mask"; "" = same stem); null = automatic:
+    # the same stem or a common suffix (_mask, _seg, -mask, _label, _gt, ...).
+    mask_suffix: str | None = None
     # Searched in the file stem; group `patient` is required, `slice` optional.
     patient_regex: str = r"(?P<patient>[^_]+)_(?P<slice>\d+)$"
     # Label value -> class index (0/1; 0/1/2 for data.target liver_tumour); null: masks
@@ -56,6 +60,11 @@ class FolderParams(Strict):
     max_ambiguous_fraction: float = Field(0.05, ge=0, le=1)
     # 16-bit input: window mapped to 0..255; null = each image's own min..max.
     high_bit_window: tuple[float, float] | None = None
+
+    @field_validator("images", "masks")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        return _one_folder_name(value)
 
     @field_validator("patient_regex")
     @classmethod
@@ -67,6 +76,14 @@ class FolderParams(Strict):
         return value
 
 
+def _one_folder_name(value: str | None) -> str | None:
+    """A folder's name (searched for under data.path), not a path."""
+    if value is not None and (not value.strip() or "/" in value or "\\" in value):
+        raise ValueError(f"{value!r} is not a folder name; give one name such as 'labels' "
+                         "(folders are found anywhere under data.path), or null")
+    return value
+
+
 class ArchiveParams(Strict):
     max_total_mb: float = Field(4096, gt=0)  # uncompressed; refuses absurd (bomb) archives
     max_members: int = Field(200_000, ge=1)
@@ -76,6 +93,14 @@ class NiftiParams(Strict):
     window: tuple[float, float] = (-200.0, 250.0)  # HU mapped to 0..255
     slices: Literal["all", "organ", "tumour"] = "organ"  # which slices become samples
     empty_fraction: float = Field(0.0, ge=0, le=1)  # of the other slices, kept (seeded)
+    # Name of the folder holding the label volumes, case-insensitive, when it is none of
+    # the usual ones (segmentations, labels, labelsTr, masks, target, seg, gt, ...).
+    labels_dir: str | None = None
+
+    @field_validator("labels_dir")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        return _one_folder_name(value)
 
 
 class KaggleParams(Strict):

@@ -51,6 +51,7 @@ class Preprocessing:
     threshold: float = 0.5
     hu_window: tuple[float, float] = (-200.0, 250.0)
     hu_window_from: str = "data.nifti.window"
+    trained_on_volumes: bool = True  # False: 2D files, so the HU window is an assumption
     high_bit_window: tuple[float, float] | None = None
     scale: float = 255.0
     orientation: str = ORIENTATION
@@ -68,13 +69,15 @@ class Preprocessing:
         data = params.data
         window, source = (PHANTOM_WINDOW, "phantom (level 50, width 400)") \
             if data.source == "phantom" else (data.nifti.window, "data.nifti.window")
-        if data.source not in ("phantom", "nifti"):
+        volumes = data.source in ("phantom", "nifti")
+        if not volumes:
             source += " (assumed: the 2D training images came windowed)"
         return cls(image_size=params.train.image_size, in_channels=params.model.in_channels,
                    mean=float(mean), std=float(std),
                    classes=tuple(classes or labels.TARGETS[data.target]),
                    threshold=params.evaluate.threshold, hu_window=tuple(window),
-                   hu_window_from=source, high_bit_window=data.folder.high_bit_window,
+                   hu_window_from=source, trained_on_volumes=volumes,
+                   high_bit_window=data.folder.high_bit_window,
                    max_pixels=data.max_pixels)
 
     @classmethod
@@ -110,18 +113,30 @@ def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
     return imageio.rescale(hu, hu_window)
 
 
-def canonical(img) -> tuple[np.ndarray, np.ndarray]:
-    """(the volume's data in closest canonical RAS+ axes, the input's orientation) of a
-    nibabel image; 2D images are one slice."""
+def orientation(affine: np.ndarray) -> np.ndarray:
+    """The voxel axes' orientation (nibabel `ornt`) relative to RAS+, from the affine."""
     import nibabel as nib
 
+    return nib.orientations.io_orientation(affine)
+
+
+def to_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """A volume's voxels in closest canonical RAS+ axes (a label volume: the image's ornt)."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(data, ornt)
+
+
+def canonical(img) -> tuple[np.ndarray, np.ndarray]:
+    """(the volume's data in closest canonical RAS+ axes, the input's orientation) of a
+    nibabel image; a 2D image is one slice."""
     data = np.asanyarray(img.dataobj)
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
         raise ValueError(f"{img.get_filename()}: expected a 3D volume, got shape {data.shape}")
-    ornt = nib.orientations.io_orientation(img.affine)
-    return nib.orientations.apply_orientation(data, ornt), ornt
+    ornt = orientation(img.affine)
+    return to_canonical(data, ornt), ornt
 
 
 def to_slices(canonical_volume: np.ndarray) -> np.ndarray:
@@ -139,9 +154,8 @@ def to_input_orientation(slices: np.ndarray, ornt: np.ndarray, shape: tuple) -> 
     """Slice masks [Z, H, W] (canonical) -> an array in the input volume's own axes."""
     import nibabel as nib
 
-    volume = np.transpose(slices, (2, 1, 0))
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    back = nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(ras, ornt))
+    back = to_canonical(np.transpose(slices, (2, 1, 0)), nib.orientations.ornt_transform(ras, ornt))
     return back.reshape(shape)
 
 

@@ -269,6 +269,9 @@ def data_context(params, inputs: Inputs) -> dict:
         "quarantined": v["quarantined"], "rules": rules, "quarantine": quarantine,
         "splits": splits, "mean": fmt(stats["mean"]), "std": fmt(stats["std"]),
         "seed": stats["seed"], "leakage_checked": fmt(bool(stats.get("leakage_checked"))),
+        # validate's warnings (e.g. slices without a patient id: a leakage risk); older
+        # validation.json files have none.
+        "warnings": list(v.get("warnings") or []),
     }
 
 

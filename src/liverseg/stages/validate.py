@@ -8,6 +8,10 @@ first bad row instead, listing every failing file and rule; `quarantine` still f
 more than `validate.max_quarantine_fraction` of the items are bad. Counts reconcile:
 ingested = accepted + quarantined.
 
+A slice whose name carries no patient id (`data.folder.patient_regex` did not match) is
+kept and split as a group of its own (its slice id); the result says so prominently, since
+neighbouring slices of one patient may then land in both train and val.
+
 The run also leaves GX's own Data Docs in `reports/validation/` (index.html, the result
 page under validations/, the suite under expectations/, GX's static files), written to a
 temporary directory and swapped in whole, even when the stage then fails.
@@ -70,9 +74,38 @@ def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
         if col not in manifest:
             manifest[col] = None
     manifest.insert(0, "id", manifest["slice_id"])  # the contract's name for the slice id
+    group_by_own_id(manifest)
     manifest["image_path"] = [str(raw_dir / p) if p else "" for p in manifest["image"]]
     manifest["mask_path"] = [str(raw_dir / p) if p else "" for p in manifest["mask"]]
     return manifest
+
+
+def group_by_own_id(manifest: pd.DataFrame) -> None:
+    """Rows whose names gave no patient id are split as a group of their own (their slice
+    id) instead of being quarantined; `patient_id_from_name` keeps what the name said."""
+    named = manifest["patient_id"].fillna("").astype(str) != ""
+    manifest["patient_id_from_name"] = named
+    manifest["patient_id"] = manifest["patient_id"].where(named, manifest["slice_id"])
+
+
+NO_PATIENT_ID = (
+    "{missing} of {accepted} accepted slices have no patient id in their names "
+    "(data.folder.patient_regex {regex!r} did not match, e.g. {examples}): each is split as a "
+    "group of its own, so neighbouring slices of one patient may land in both train and val, "
+    "a leakage the split cannot see. Set data.folder.patient_regex to a pattern whose "
+    "(?P<patient>...) group matches the file names.")
+
+
+def patient_ids(manifest: pd.DataFrame, regex: str) -> dict:
+    """How the accepted slices are grouped for the split, with the warning when some have
+    no patient id from their names."""
+    accepted = manifest[manifest["accepted"]]
+    missing = accepted.loc[~accepted["patient_id_from_name"], "slice_id"].tolist()
+    warning = NO_PATIENT_ID.format(missing=len(missing), accepted=len(accepted), regex=regex,
+                                   examples=", ".join(missing[:3])) if missing else None
+    return {"from_names": len(accepted) - len(missing), "missing": len(missing),
+            "missing_grouped_as": "own slice id", "setting": "data.folder.patient_regex",
+            "examples": missing[:10], "warning": warning}
 
 
 def mask_values_rule(num_classes: int) -> tuple[str, list[str]]:
@@ -116,7 +149,8 @@ def expectations(cfg: ValidateParams, num_classes: int = 2) -> dict:
             column="image_mean", min_value=lo_mean, max_value=hi_mean),
         "image is not blank (std)": e.ExpectColumnValuesToBeBetween(
             column="image_std", min_value=cfg.min_image_std),
-        "patient id present": e.ExpectColumnValuesToNotBeNull(column="patient_id"),
+        # The split's group: the patient id from the name, else the slice's own id.
+        "split group present": e.ExpectColumnValuesToNotBeNull(column="patient_id"),
     }
 
 
@@ -266,8 +300,8 @@ def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
         return f"stored mask values {row['mask_values']}"
     if rule.startswith("image intensity") or rule.startswith("image is not blank"):
         return f"mean {row['image_mean']:.1f}, std {row['image_std']:.2f}"
-    if rule == "patient id present":
-        return f"no patient id in the name {row['slice_id']!r} (data.folder.patient_regex)"
+    if rule == "split group present":
+        return f"no patient id and no slice id to split {row['source_image']!r} by"
     return rule
 
 
@@ -309,12 +343,15 @@ def run(
     quarantine = quarantine_entries(manifest, reasons)
 
     n, quarantined = len(manifest), int((~manifest["accepted"]).sum())
+    groups = patient_ids(manifest, params.data.folder.patient_regex)
+    warnings = [groups["warning"]] if groups["warning"] else []
     summary = {
-        "success": success, "policy": cfg.policy, "classes": list(classes),
+        "success": success, "warnings": warnings, "policy": cfg.policy, "classes": list(classes),
         "ingested": n, "accepted": n - quarantined,
         "quarantined": quarantined, "reconciles": n == (n - quarantined) + quarantined,
         "quarantine": {sid: r for sid, r in sorted(reasons.items())},
         "quarantine_files": quarantine.to_dict("records"),
+        "patient_ids": groups,
         "rules": rules,
     }
     write_json(report_path, summary)
@@ -331,4 +368,5 @@ def run(
         quarantine.to_csv(tmp, index=False)
     with atomic_path(manifest_path) as tmp:
         manifest.to_parquet(tmp, index=False)
-    return {k: summary[k] for k in ("success", "ingested", "accepted", "quarantined")}
+    return {k: summary[k] for k in ("success", "ingested", "accepted", "quarantined")} | (
+        {"warnings": warnings} if warnings else {})

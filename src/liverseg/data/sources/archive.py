@@ -1,4 +1,5 @@
-"""`archive`: a zip or tar of a `folder` source, extracted safely, then ingested as one.
+"""`archive`: a zip or tar of a `folder` source, extracted safely, then ingested as one
+(every images/masks folder pair inside, found as `folder` finds them).
 
 Extraction refuses, naming the member: absolute paths and `..` (zip-slip), links and
 device files, and archives whose declared uncompressed size or member count is absurd.
@@ -15,7 +16,8 @@ from pathlib import Path, PurePosixPath
 
 from liverseg.config import ArchiveParams, DataParams
 from liverseg.data.layout import SliceWriter
-from liverseg.data.sources.folder import SourceError, ingest_pair_folders
+from liverseg.data.sources import folder
+from liverseg.data.sources.folder import SourceError
 
 
 class UnsafeArchiveError(SourceError):
@@ -78,28 +80,18 @@ def extract(archive: Path, target: Path, cfg: ArchiveParams) -> Path:
     return target
 
 
-def find_layouts(root: Path, images: str, masks: str) -> list[Path]:
-    """Folders under `root` (itself included) holding both an images and a masks folder."""
-    candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-    return [d for d in candidates if (d / images).is_dir() and (d / masks).is_dir()
-            and "__MACOSX" not in d.parts]
-
-
 def ingest_tree(root: Path, data: DataParams, writer: SliceWriter, origin: Path) -> dict:
     """Ingest every images/masks folder pair found under an extracted tree."""
-    layouts = find_layouts(root, data.folder.images, data.folder.masks)
-    if not layouts:
-        raise SourceError(f"{origin}: no '{data.folder.images}/' and '{data.folder.masks}/' "
-                          "folders side by side inside (data.folder.images / masks)")
-    ignored, start = [], len(writer.rows)
-    for folder in layouts:
-        ignored += ingest_pair_folders(folder, data, writer)["ignored"]
+    start = len(writer.rows)
+    try:
+        facts = folder.ingest_tree(root, data, writer)
+    except SourceError as exc:  # name the archive, not the temporary folder
+        raise SourceError(str(exc).replace(str(root), f"{origin}!")) from None
     # Name files as `<archive>!/<member>`: the extraction folder is gone after ingest.
     for row in writer.rows[start:]:
         for key in ("source_image", "source_mask", "ingest_detail"):
             row[key] = str(row.get(key) or "").replace(str(root), f"{origin}!")
-    ignored = [p.replace(str(root), f"{origin}!") for p in ignored]
-    return {"layouts": [str(p.relative_to(root)) for p in layouts], "ignored": ignored}
+    return facts | {"ignored": [p.replace(str(root), f"{origin}!") for p in facts["ignored"]]}
 
 
 def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:

@@ -1,8 +1,15 @@
-"""`folder`: images and masks in two folders, paired by file stem.
+"""`folder`: 2D slices in an images folder beside a masks folder, paired by file stem.
+
+Folders are found anywhere under data.path (archive and kaggle use the same search), by
+name, in any case: `data.folder.images` / `masks`, or by default the usual synonyms
+(`Images/` + `Mask/`, `image/` + `label/`, `imgs/` + `gt/`, ...). Masks pair by stem, or
+by stem plus a common suffix (`_mask`, `_seg`, ...) unless `data.folder.mask_suffix`
+fixes one.
 
 Every file is accounted for: a pair becomes a slice; an image without a mask, a mask
-without an image, an undecodable file or a mask with values that are not allowed becomes
-an index row whose facts say so (validate quarantines it, naming the source file).
+without an image, files that pair ambiguously, an undecodable file or a mask with values
+that are not allowed becomes an index row whose facts say so (validate quarantines it,
+naming the source files).
 """
 
 from __future__ import annotations
@@ -14,23 +21,139 @@ from liverseg.config import DataParams, FolderParams
 from liverseg.data import imageio
 from liverseg.data.layout import SliceWriter, safe_stem
 
+IMAGE_DIRS = ("images", "image", "imgs", "img", "ct", "frames")
+MASK_DIRS = ("masks", "mask", "labels", "label", "seg", "segmentation", "segmentations",
+             "gt", "target", "targets")
+MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_seg", "-seg", "_segmentation", "_label",
+                 "-label", "_labels", "_gt", "-gt")
+
 
 class SourceError(ValueError):
     """The source as a whole is unusable (missing folder, nothing to ingest)."""
 
 
-def list_files(folder: Path, glob: str, extensions: list[str]) -> tuple[dict[str, Path], list]:
-    """Files by stem (extension matched case-insensitively) and the files ignored."""
+# ----------------------------------------------------------------------------- folders
+
+
+def folder_names(explicit: str | None, synonyms: tuple[str, ...]) -> tuple[str, ...]:
+    return (explicit.lower(),) if explicit else synonyms
+
+
+def _looked_for(explicit: str | None, synonyms: tuple[str, ...]) -> str:
+    return "/".join(folder_names(explicit, synonyms)) + ", any case"
+
+
+def _children(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.lower() in names)
+
+
+def layout_at(folder: Path, cfg: FolderParams) -> tuple[Path, Path] | None:
+    """(images folder, masks folder) directly inside `folder`, or None. Two candidates for
+    one role is an error: picking one silently could train on the wrong masks."""
+    images = _children(folder, folder_names(cfg.images, IMAGE_DIRS))
+    masks = [p for p in _children(folder, folder_names(cfg.masks, MASK_DIRS))
+             if p not in images]
+    if not images or not masks:
+        return None
+    for found, key in ((images, "images"), (masks, "masks")):
+        if len(found) > 1:
+            names = " and ".join(f"{p.name}/" for p in found)
+            raise SourceError(f"{folder}: two candidate {key[:-1]} folders, {names}; set "
+                              f"data.folder.{key} to the one to use")
+    return images[0], masks[0]
+
+
+def find_layouts(root: Path, cfg: FolderParams) -> list[tuple[Path, Path]]:
+    """Every (images, masks) folder pair under `root`, `root` itself included."""
+    candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    found = [layout_at(d, cfg) for d in candidates if "__MACOSX" not in d.parts]
+    return [pair for pair in found if pair]
+
+
+def no_layout_message(where: Path, cfg: FolderParams) -> str:
+    return (f"{where}: no images folder (looked for {_looked_for(cfg.images, IMAGE_DIRS)}) "
+            f"beside a masks folder (looked for {_looked_for(cfg.masks, MASK_DIRS)}) under "
+            "it; set data.folder.images / data.folder.masks")
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def list_files(folder: Path, glob: str, extensions: list[str]
+               ) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Files by stem (extension matched case-insensitively; `a.png` beside `a.jpg` share a
+    stem) and the files ignored."""
     exts = {e.lower() for e in extensions}
-    files, ignored = {}, []
+    files: dict[str, list[Path]] = {}
+    ignored = []
     for path in sorted(folder.glob(glob)):
         if path.is_file() and path.suffix.lower() in exts:
-            if path.stem in files:
-                raise SourceError(f"{path}: same stem as {files[path.stem]}; cannot pair by stem")
-            files[path.stem] = path
+            files.setdefault(path.stem, []).append(path)
         elif path.is_file():
             ignored.append(path)
     return files, ignored
+
+
+def image_stems_for(mask_stem: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Image stems `mask_stem` may belong to: itself minus each suffix (any case)."""
+    return [mask_stem[:len(mask_stem) - len(s)] for s in suffixes
+            if len(mask_stem) > len(s) and mask_stem.lower().endswith(s.lower())]
+
+
+def pair_stems(images: dict, masks: dict, mask_suffix: str | None) -> list[tuple[str, list, list]]:
+    """(stem, image files, mask files) per group of files that may pair with each other.
+
+    A group with one image and one mask is a pair; anything else (one side missing, or
+    more than one file on a side) is not, and its row names every file of the group.
+    """
+    suffixes = (mask_suffix,) if mask_suffix is not None else ("",) + MASK_SUFFIXES
+    parent = {("i", s): ("i", s) for s in images} | {("m", s): ("m", s) for s in masks}
+
+    def find(node):
+        while parent[node] != node:
+            node = parent[node]
+        return node
+
+    for mask in masks:  # union each mask with every image it may belong to
+        for stem in image_stems_for(mask, suffixes):
+            if stem in images:
+                parent[find(("i", stem))] = find(("m", mask))
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for node in parent:
+        groups.setdefault(find(node), []).append(node)
+    out = []
+    for nodes in groups.values():
+        stems = sorted(s for kind, s in nodes if kind == "i")
+        mask_stems = sorted(s for kind, s in nodes if kind == "m")
+        stem = stems[0] if stems else _strip_suffix(mask_stems[0], suffixes)
+        out.append((stem, [p for s in stems for p in images[s]],
+                    [p for s in mask_stems for p in masks[s]]))
+    return sorted(out, key=lambda g: (not g[1], g[0]))  # images first, by stem
+
+
+def _strip_suffix(stem: str, suffixes: tuple[str, ...]) -> str:
+    """A lone mask's stem as its image's would be (longest matching suffix removed)."""
+    bases = image_stems_for(stem, suffixes)
+    return min(bases, key=len) if bases else stem
+
+
+def _pairing_problem(stem: str, images: list[Path], masks: list[Path], folders: tuple,
+                     suffix: str | None) -> str:
+    """Why a group of files is not one pair (validate's "pairing complete" rule), or ""."""
+    if len(images) == 1 and len(masks) == 1:
+        return ""
+    files = " and ".join(map(str, images + masks))
+    if len(images) + len(masks) > 1:
+        return (f"pairing complete: ambiguous, {files} could pair with each other; keep one "
+                "image and one mask per stem, or set data.folder.mask_suffix")
+    if not masks:
+        how = repr(suffix) if suffix is not None else "none or " + "/".join(MASK_SUFFIXES)
+        return f"pairing complete: no mask for {files} in {folders[1]} (stem {stem!r} + " \
+               f"suffix {how})"
+    return f"pairing complete: no image for {files} in {folders[0]} (stem {stem!r})"
+
+
+# ----------------------------------------------------------------------------- ingest
 
 
 def patient_and_slice(stem: str, regex: re.Pattern) -> tuple[str | None, int | None]:
@@ -41,41 +164,43 @@ def patient_and_slice(stem: str, regex: re.Pattern) -> tuple[str | None, int | N
     return found["patient"], int(found["slice"]) if found.get("slice") else None
 
 
-def ingest_pair_folders(root: Path, data: DataParams, writer: SliceWriter) -> dict:
-    """Ingest `root/<images>` + `root/<masks>` into `writer`; returns counts."""
+def ingest_pair_folders(image_dir: Path, mask_dir: Path, data: DataParams,
+                        writer: SliceWriter) -> dict:
+    """Ingest one images folder and its masks folder into `writer`; returns counts."""
     cfg: FolderParams = data.folder
-    image_dir, mask_dir = root / cfg.images, root / cfg.masks
-    for folder, key in ((image_dir, "images"), (mask_dir, "masks")):
-        if not folder.is_dir():
-            raise SourceError(f"{folder}: folder not found (see data.folder.{key})")
     images, ignored = list_files(image_dir, cfg.image_glob, cfg.extensions)
     masks, ignored_masks = list_files(mask_dir, cfg.mask_glob, cfg.extensions)
     if not images and not masks:
-        raise SourceError(f"{root}: empty source, no files matching {cfg.extensions} in "
-                          f"{image_dir} or {mask_dir}")
+        raise SourceError(f"{image_dir.parent}: empty source, no files matching "
+                          f"{cfg.extensions} in {image_dir} or {mask_dir}")
     regex = re.compile(cfg.patient_regex)
-    mask_by_image = {stem: masks.get(stem + cfg.mask_suffix) for stem in images}
-    paired_masks = {m for m in mask_by_image.values() if m is not None}
-    for stem, image_path in images.items():
-        _ingest_item(writer, stem, image_path, mask_by_image[stem], data, regex)
-    for mask_path in masks.values():
-        if mask_path not in paired_masks:
-            stem = mask_path.stem.removesuffix(cfg.mask_suffix) if cfg.mask_suffix else \
-                mask_path.stem
-            _ingest_item(writer, stem, None, mask_path, data, regex)
-    return {"ignored": [str(p) for p in ignored + ignored_masks]}
+    pairs = 0
+    for stem, image_paths, mask_paths in pair_stems(images, masks, cfg.mask_suffix):
+        problem = _pairing_problem(stem, image_paths, mask_paths, (image_dir, mask_dir),
+                                   cfg.mask_suffix)
+        if problem and len(image_paths) <= 1 and len(mask_paths) <= 1:  # one side missing
+            _ingest_item(writer, stem, image_paths[0] if image_paths else None,
+                         mask_paths[0] if mask_paths else None, data, regex, problem)
+        elif problem:  # ambiguous: nothing decoded, one row naming every file
+            patient, index = patient_and_slice(stem, regex)
+            writer.add(safe_stem(stem), patient, -1 if index is None else index, None, None,
+                       source_image=str(image_paths[0] if image_paths else ""),
+                       source_mask=str(mask_paths[0] if mask_paths else ""), paired=False,
+                       ingest_detail=problem)
+        else:
+            pairs += 1
+            _ingest_item(writer, stem, image_paths[0], mask_paths[0], data, regex)
+    return {"pairs": pairs, "ignored": [str(p) for p in ignored + ignored_masks]}
 
 
 def _ingest_item(writer: SliceWriter, stem: str, image_path: Path | None,
-                 mask_path: Path | None, data: DataParams, regex: re.Pattern) -> None:
+                 mask_path: Path | None, data: DataParams, regex: re.Pattern,
+                 problem: str = "") -> None:
     cfg = data.folder
     patient, index = patient_and_slice(stem, regex)
     facts = {"source_image": str(image_path or ""), "source_mask": str(mask_path or ""),
-             "paired": image_path is not None and mask_path is not None}
-    details = []
-    if not facts["paired"]:
-        details.append(f"pairing complete: no {'mask' if mask_path is None else 'image'} "
-                       f"with stem {stem!r}")
+             "paired": not problem}
+    details = [problem] if problem else []
     image = mask = None
     if image_path is not None:
         try:
@@ -87,12 +212,12 @@ def _ingest_item(writer: SliceWriter, stem: str, image_path: Path | None,
     if mask_path is not None:
         try:
             raw = imageio.decode_mask(mask_path, data.max_pixels)
-            mask, problem = imageio.mask_classes(raw, cfg.mask_mapping, cfg.mask_threshold,
-                                                 cfg.max_ambiguous_fraction)
+            mask, issue = imageio.mask_classes(raw, cfg.mask_mapping, cfg.mask_threshold,
+                                               cfg.max_ambiguous_fraction)
             facts["source_mask_values"] = imageio.compact_values(raw)
-            if problem:
+            if issue:
                 facts["mask_values_allowed"] = False
-                details.append(f"mask values allowed: {mask_path}: {problem}")
+                details.append(f"mask values allowed: {mask_path}: {issue}")
         except imageio.DecodeError as exc:
             facts["mask_decodable"] = False
             details.append(f"mask decodable: {exc}")
@@ -100,8 +225,21 @@ def _ingest_item(writer: SliceWriter, stem: str, image_path: Path | None,
                ingest_detail=" | ".join(details), **facts)
 
 
+def ingest_tree(root: Path, data: DataParams, writer: SliceWriter) -> dict:
+    """Ingest every images/masks folder pair found under `root`."""
+    layouts = find_layouts(root, data.folder)
+    if not layouts:
+        raise SourceError(no_layout_message(root, data.folder))
+    ignored, pairs = [], 0
+    for image_dir, mask_dir in layouts:
+        counts = ingest_pair_folders(image_dir, mask_dir, data, writer)
+        ignored, pairs = ignored + counts["ignored"], pairs + counts["pairs"]
+    return {"layouts": [image_dir.parent.relative_to(root).as_posix() for image_dir, _ in layouts],
+            "pairs": pairs, "ignored": ignored}
+
+
 def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
     root = Path(data.path).expanduser()
     if not root.is_dir():
         raise SourceError(f"{root}: data.path is not a folder (data.source=folder)")
-    return ingest_pair_folders(root, data, writer)
+    return ingest_tree(root, data, writer)

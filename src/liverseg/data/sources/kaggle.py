@@ -4,8 +4,8 @@ Downloaded with the official client (kagglehub) into a cache keyed by slug and v
 A download lands in a staging folder and is renamed into place with a `.complete` marker
 (listing every file and its size) only once extracted and verified, so an interrupted
 download is never taken for a complete one. Missing credentials or network fail within
-seconds with a message saying what to do. The tree is then ingested like an archive:
-every images/masks folder pair found inside.
+seconds with a message saying what to do. The tree is then ingested like a `folder`:
+every images/masks folder pair found inside (the dataset's `Images/` + `Mask/` included).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from liverseg.config import DataParams, KaggleParams
 from liverseg.data.layout import SliceWriter
-from liverseg.data.sources import archive
+from liverseg.data.sources import archive, folder
 from liverseg.data.sources.folder import SourceError
 
 MARKER = ".complete"
@@ -71,13 +71,13 @@ def _inventory(root: Path) -> dict[str, int]:
             if p.is_file() and p.name != MARKER}
 
 
-def is_complete(folder: Path) -> bool:
+def is_complete(cache: Path) -> bool:
     """The marker exists and every file it lists is there with its size."""
-    marker = folder / MARKER
+    marker = cache / MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text())["files"] == _inventory(folder)
+        return json.loads(marker.read_text())["files"] == _inventory(cache)
     except (ValueError, KeyError):
         return False
 
@@ -109,5 +109,6 @@ def fetch(cfg: KaggleParams, data: DataParams) -> Path:
 
 def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
     root = fetch(data.kaggle, data)
-    return {"kaggle": handle(data.kaggle), "cache": str(root)} | archive.ingest_tree(
-        root, data, writer, root)
+    # The cache stays: rows name its real files (an archive's are named `<archive>!/...`).
+    return {"kaggle": handle(data.kaggle), "cache": str(root)} | folder.ingest_tree(
+        root, data, writer)
