@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +177,13 @@ def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     the input's own axes, shape, affine and header."""
     import nibabel as nib
 
+    prep = predictor.prep
+    if not prep.trained_on_volumes:
+        warnings.warn(f"{path}: the model was trained on 2D images, so the HU window "
+                      f"{list(prep.hu_window)} it applies is an assumption ({prep.hu_window_from})",
+                      stacklevel=2)
     img = nib.load(str(path))
-    slices, ornt = volume_slices(img, predictor.prep)
+    slices, ornt = volume_slices(img, prep)
     canonical_mask = predictor.masks(slices)  # [Z, H, W], canonical
     mask = to_input_orientation(canonical_mask, ornt, img.shape)
     header = img.header.copy()
