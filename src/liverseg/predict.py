@@ -1,16 +1,20 @@
 """Predictions from a trained or registered model on new slices and volumes.
 
-Inputs: PNG/JPG slices, folders of them, and NIfTI volumes (`.nii`, `.nii.gz`, values in
-Hounsfield units), all through `liverseg.preprocess` with the parameters the model recorded
-(grey conversion, canonical orientation, the training HU window, the resize to the trained
-size and back), so a mask has the input's geometry and is what evaluate measured; NIfTI
-masks are written in the input's own axes, with its affine and header.
+Inputs: PNG/JPG slices, folders of them, NIfTI volumes (`.nii`, `.nii.gz`, values in
+Hounsfield units) and DICOM CT series (`liverseg.dicom`: files recognised by content,
+grouped by series, each series a volume). All go through `liverseg.preprocess` with the
+parameters the model recorded (grey conversion, canonical orientation, the training HU
+window, the resize to the trained size and back), so a mask has the input's geometry and
+is what evaluate measured; volume masks are written in the input's own axes, with its
+affine and header.
 
 Outputs in DIR: `<name>_mask.png|.nii.gz` (class indices for NIfTI: 0/1, or 0/1/2 =
 background/liver/tumour as LiTS labels them; PNG values as `liverseg.labels` stores masks:
 0/255 or 0/128/255), `<name>_overlay.png` (for a volume: the slice with the largest predicted
-foreground) and `predictions.csv`, one row per input with each class's size in pixels and,
-for a volume, in ml (from the header's voxel spacing).
+foreground), for a DICOM series also `<folder>_series-<N>_seg.dcm` (a DICOM SEG on the
+source images, one segment per class), and `predictions.csv`, one row per input with each
+class's size in pixels and, for a volume, in ml (from the voxel spacing); a DICOM row also
+has the series UID and the files skipped (scouts, non-images).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from liverseg import checkpoint, labels
+from liverseg import checkpoint, dicom, labels
 from liverseg.io import atomic_path
 from liverseg.preprocess import (
     Preprocessing,
@@ -96,31 +100,44 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
+def _stem(item: Path | dicom.Series) -> str:
+    if isinstance(item, dicom.Series):  # named by folder and series
+        tag = f"series-{item.number}" if item.number is not None else item.uid
+        return f"{item.files[0].parent.name}_{tag}"
+    name = item.name
     for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return item.stem
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, folders as their images and volumes (sorted); anything else fails."""
-    files = []
+def _is_image_or_nifti(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(path)
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path | dicom.Series]:
+    """Files as given, folders as their images, volumes and DICOM series (DICOM recognised
+    by content, grouped by series); anything else fails, naming it."""
+    files, dicom_files = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file()
-                           and (p.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(p)))
-            if not found:
-                raise FileNotFoundError(f"{item}: no PNG/JPG/NIfTI files in this folder")
-            files += found
+            found = sorted(p for p in item.rglob("*") if p.is_file())
+            dcm = [p for p in found if not _is_image_or_nifti(p) and dicom.is_dicom(p)]
+            if not dcm and not any(map(_is_image_or_nifti, found)):
+                raise FileNotFoundError(f"{item}: no PNG/JPG/NIfTI/DICOM files in this folder")
+            files += [p for p in found if _is_image_or_nifti(p)]
+            dicom_files += dcm
         elif item.is_file():
-            if not (item.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(item)):
-                raise ValueError(f"{item}: unsupported input (PNG, JPG or NIfTI expected)")
-            files.append(item)
+            if _is_image_or_nifti(item):
+                files.append(item)
+            elif dicom.is_dicom(item):
+                dicom_files.append(item)
+            else:
+                raise ValueError(f"{item}: unsupported input (PNG, JPG, NIfTI or DICOM "
+                                 "expected)")
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+    return files + (dicom.find_series(dicom_files) if dicom_files else [])
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -172,23 +189,22 @@ def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
             "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
 
 
-def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
-    """Slices in canonical orientation, windowed as in training; the mask written back in
-    the input's own axes, shape, affine and header."""
+def segment_volume(predictor: Predictor, img, stem: str, out_dir: Path) -> tuple[np.ndarray,
+                                                                                 dict]:
+    """The mask of a nibabel image in its own axes (slices in canonical orientation,
+    windowed as in training), written as NIfTI with its affine and header, and the overlay."""
     import nibabel as nib
 
     prep = predictor.prep
     if not prep.trained_on_volumes:
-        warnings.warn(f"{path}: the model was trained on 2D images, so the HU window "
+        warnings.warn(f"{stem}: the model was trained on 2D images, so the HU window "
                       f"{list(prep.hu_window)} it applies is an assumption ({prep.hu_window_from})",
                       stacklevel=2)
-    img = nib.load(str(path))
     slices, ornt = volume_slices(img, prep)
     canonical_mask = predictor.masks(slices)  # [Z, H, W], canonical
     mask = to_input_orientation(canonical_mask, ornt, img.shape)
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
-    stem = _stem(path)
     with atomic_path(out_dir / f"{stem}_mask.nii.gz") as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
     areas = (canonical_mask > 0).sum(axis=(1, 2))
@@ -196,10 +212,36 @@ def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     classes = predictor.classes
     _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], canonical_mask[best], classes))
     voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
-    return {"input": str(path), "kind": "volume", "shape": "x".join(map(str, mask.shape)),
-            **class_sizes(mask, classes, voxel_mm3),
-            "mask": f"{stem}_mask.nii.gz", "overlay": f"{stem}_overlay.png",
-            "overlay_slice": best}
+    return mask, {"kind": "volume", "shape": "x".join(map(str, mask.shape)),
+                  **class_sizes(mask, classes, voxel_mm3),
+                  "mask": f"{stem}_mask.nii.gz", "overlay": f"{stem}_overlay.png",
+                  "overlay_slice": best}
+
+
+def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+    """A NIfTI volume; the mask in the input's own axes, shape, affine and header."""
+    import nibabel as nib
+
+    _, row = segment_volume(predictor, nib.load(str(path)), _stem(path), out_dir)
+    return {"input": str(path), **row}
+
+
+def predict_series(predictor: Predictor, series: dicom.Series, out_dir: Path) -> dict:
+    """A DICOM CT series, as a volume; the mask also as a DICOM SEG on the source images."""
+    img, datasets = dicom.load_series(series)
+    stem = _stem(series)
+    mask, row = segment_volume(predictor, img, stem, out_dir)
+    with atomic_path(out_dir / f"{stem}_seg.dcm") as tmp:
+        dicom.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"])
+    return {"input": str(series.files[0].parent), **row, "kind": "dicom",
+            "series_uid": series.uid, "slices": len(datasets), "seg": f"{stem}_seg.dcm",
+            "skipped": "; ".join(series.skipped)}
+
+
+def _predict_one(predictor: Predictor, item: Path | dicom.Series, out_dir: Path) -> dict:
+    if isinstance(item, dicom.Series):
+        return predict_series(predictor, item, out_dir)
+    return (predict_volume if _is_nifti(item) else predict_image)(predictor, item, out_dir)
 
 
 def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path) -> dict:
@@ -214,8 +256,7 @@ def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path) -> dict:
     if len(set(stems)) != len(stems):  # two inputs would overwrite each other's mask
         dupes = sorted({s for s in stems if stems.count(s) > 1})
         raise ValueError(f"inputs share output names {dupes}; predict them into separate --out")
-    rows = [(predict_volume if _is_nifti(f) else predict_image)(predictor, f, out_dir)
-            for f in files]
+    rows = [_predict_one(predictor, item, out_dir) for item in files]
     with atomic_path(out_dir / "predictions.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return {"model": model_ref, "inputs": len(rows), "out": str(out_dir),
