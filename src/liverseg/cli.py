@@ -19,12 +19,26 @@ from liverseg.offline import disable_telemetry
 
 disable_telemetry()  # before the stage's libraries are imported
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Liver-tumour segmentation pipeline: one command per DVC stage.")
+# `liverseg --help` lists the stages in the order of the flow, then the tools around them. A
+# command not named here is still listed: after these, in the order it was defined.
+FLOW_ORDER = ("ingest", "validate", "split", "train", "evaluate", "compare", "register",
+              "report", "predict", "export", "lineage", "models")
+
+
+class FlowOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return ([n for n in FLOW_ORDER if n in names]
+                + [n for n in names if n not in FLOW_ORDER])
+
+
+app = typer.Typer(cls=FlowOrder, add_completion=False, no_args_is_help=True,
+                  help="Liver-tumour segmentation pipeline: the stages in the order of the "
+                  "flow (one command per DVC stage), then the tools around them.")
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file.")
 MODEL_REF = typer.Option("models:/liverseg@champion", "--model", "-m",
                          help="MLflow model URI, version number, run id or models/<name>.")
-INPUTS = typer.Argument(..., help="PNG/JPG slices, folders of them, NIfTI volumes.")
+INPUTS = typer.Argument(..., help="PNG/JPG slices, NIfTI volumes, DICOM series, folders.")
 PREDICT_OUT = typer.Option(Path("predictions"), "--out", "-o", help="Output folder.")
 EXPORT_OUT = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx.")
 
@@ -48,49 +62,75 @@ def _run(stage: str, *args) -> None:
 
 @app.command()
 def ingest(params: Path = PARAMS) -> None:
-    """Bring the configured data source into data/raw."""
+    """Bring the configured data source into data/raw.
+
+    Example: liverseg ingest (data.source and data.path come from params.yaml)
+    """
     _run("ingest", params)
 
 
 @app.command()
 def validate(params: Path = PARAMS) -> None:
-    """Build data/manifest.parquet and check it with great-expectations."""
+    """Build data/manifest.parquet and check it with great-expectations.
+
+    Example: liverseg validate (bad slices go to data/quarantine.csv)
+    """
     _run("validate", params)
 
 
 @app.command()
 def split(params: Path = PARAMS) -> None:
-    """Patient-grouped train/validation split with normalisation stats."""
+    """Patient-grouped train/validation split with normalisation stats.
+
+    Example: liverseg split
+    """
     _run("split", params)
 
 
 @app.command()
 def train(model: str, params: Path = PARAMS) -> None:
-    """Train MODEL; best weights to models/MODEL, curves to reports/training."""
+    """Train MODEL: weights to models/MODEL, curves to reports/training.
+
+    Example: liverseg train enhanced_pan (`liverseg models` lists the names)
+    """
     _run("train", params, model)
 
 
 @app.command()
 def evaluate(model: str, params: Path = PARAMS) -> None:
-    """Evaluate MODEL on the validation split; metrics to reports/metrics/MODEL.json."""
+    """Score MODEL on the validation split: reports/metrics/MODEL.json.
+
+    Example: liverseg evaluate enhanced_pan
+    """
     _run("evaluate", params, model)
 
 
 @app.command()
 def compare(params: Path = PARAMS) -> None:
-    """One table over every model: reports/comparison.{csv,md,json}."""
+    """One table over every model: reports/comparison.{csv,md,json}.
+
+    Example: liverseg compare
+    """
     _run("compare", params)
 
 
 @app.command()
 def register(params: Path = PARAMS) -> None:
-    """Register the best model in MLflow: `champion` through the quality gate, else `challenger`."""
+    """Register the best model; the quality gate picks its MLflow alias.
+
+    Passing the gate moves `champion` to it, failing moves `challenger`.
+
+    Example: liverseg register
+    """
     _run("register", params)
 
 
 @app.command()
 def report(params: Path = PARAMS) -> None:
-    """Write reports/report.html and reports/report.md."""
+    """Write reports/report.html and reports/report.md.
+
+    Example: liverseg report, then open reports/report.html
+    """
     _run("report", params)
 
 
@@ -123,8 +163,13 @@ def lineage(
                                     help="Also ask `dvc status` for data edited since dvc.lock."),
     params: Path = PARAMS,
 ) -> None:
-    """The trail of a registered model (code, data, params, validation, metrics), checked
-    against the workspace: does it still reproduce, and if not, what differs."""
+    """Where a registered model came from; does it still reproduce?
+
+    The trail of a registered model (code, data, params, validation, metrics), checked
+    against the workspace: does it still reproduce, and if not, what differs.
+
+    Example: liverseg lineage models:/liverseg@champion
+    """
     from mlflow.exceptions import MlflowException
 
     from liverseg import lineage as lin
@@ -144,12 +189,49 @@ def lineage(
 
 
 @app.command()
+def audit(
+    model_uri: str = typer.Argument(..., help="models:/liverseg@champion, models:/liverseg/3, "
+                                    "a version number or an MLflow run id."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object, for machines."),
+    tolerance: float = typer.Option(0.01, help="Absolute tolerance on metrics and curve when a "
+                                    "GPU trained or rebuilt the model (CPU: bitwise)."),
+    record: bool = typer.Option(True, "--record/--no-record",
+                                help="Write the outcome as audit_* tags on the version."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the scratch workspace."),
+    params: Path = PARAMS,
+) -> None:
+    """Rebuild a registered model from its trail and compare it with the registry. Exit 0:
+    identical (CPU) or within tolerance (GPU); 1: it differs; 2: it cannot be rebuilt."""
+    from mlflow.exceptions import MlflowException
+
+    from liverseg import audit as aud
+    from liverseg.tracking import TrackingUnavailable
+
+    try:
+        report = aud.audit(model_uri, Path(params).resolve().parent, tolerance, record, keep)
+    except (ValueError, MlflowException, TrackingUnavailable) as exc:
+        typer.secho(f"liverseg audit: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2, default=str) if as_json
+               else "\n".join(aud.summary(report)))
+    if report.get("error"):
+        typer.secho(f"liverseg audit: {report['error']}", fg="red", err=True)
+    raise typer.Exit(0 if report["passed"] else 1 if report["result"] == "differs" else 2)
+
+
+@app.command()
 def predict(
     inputs: list[Path] = INPUTS,
     model: str = MODEL_REF,
     out: Path = PREDICT_OUT,
 ) -> None:
-    """Masks (input geometry; NIfTI keeps its affine), overlays and predictions.csv."""
+    """Segment scans: masks at input geometry, overlays, predictions.csv.
+
+    Inputs: PNG/JPG slices, NIfTI volumes, folders, DICOM CT series (found by content;
+    a series also gets a DICOM SEG). Volume masks keep the input's axes, affine and header.
+
+    Example: liverseg predict --model models:/liverseg@champion volume-117.nii.gz --out pred
+    """
     from liverseg import predict as pred
 
     try:
@@ -165,7 +247,10 @@ def export(
     out: Path = EXPORT_OUT,
     model: str = MODEL_REF,
 ) -> None:
-    """Export the model (ONNX) and check it against torch; prints the max abs difference."""
+    """Export to ONNX, checked against torch (max abs difference).
+
+    Example: liverseg export --format onnx --out model.onnx
+    """
     from liverseg import export as exp
 
     try:
@@ -178,7 +263,10 @@ def export(
 
 @app.command()
 def models(params: Path = PARAMS) -> None:
-    """List the models the registry builds, with parameter counts at the configured encoder."""
+    """List the models the registry builds, with their parameter counts.
+
+    Example: liverseg models
+    """
     from liverseg.config import load_params
     from liverseg.labels import out_channels
     from liverseg.models import MODEL_NAMES, build_model
