@@ -6,7 +6,10 @@ params.yaml + the preset in bench/quality.yaml, runs the whole pipeline with `dv
 collects one row per model into bench/results/quality-<dataset>.csv, with a JSON beside it
 that says how it was measured (machine, commit, command, params). Needs `make install`.
 Ablations: `--set model.enhanced_pan.aspp=false --name quality-tumor-no-aspp` (any params key,
-as `dvc exp run -S`). Options: --models / --epochs run less than the preset (the JSON then says
+as `dvc exp run -S`). Cross-validation: `--folds 4` runs every fold (`split.folds`/`split.fold`,
+one work directory each) and writes the per-fold rows plus `<name>-summary.csv`: each model's
+mean and sd over folds and the Enhanced PAN's paired difference to it with a 95% t-interval.
+Options: --models / --epochs run less than the preset (the JSON then says
 "complete_preset": false, and the CSV's rows and `epochs` column say what ran).
 """
 
@@ -111,6 +114,33 @@ def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
             .sort_values("fg_iou", ascending=False))
 
 
+def run_pipeline(workdir: Path, params: dict) -> tuple[pd.DataFrame, str]:
+    """`dvc repro` of `params` in a clone at HEAD; (one row per model, the commit)."""
+    commit = prepare_workdir(workdir, params)
+    subprocess.run(["dvc", "repro"], cwd=workdir, env=workdir_env(workdir), check=True)
+    return collect(workdir, params["models"]), commit
+
+
+def cv_summary(per_fold: pd.DataFrame, reference: str = "enhanced_pan",
+               key: str = "fg_iou") -> pd.DataFrame:
+    """Per model: mean and sd of `key` over folds, and `reference` minus the model, paired
+    by fold, with its 95% t-interval (folds are the unit that was sampled)."""
+    from scipy import stats
+
+    wide = per_fold.pivot(index="fold", columns="model", values=key)
+    rows = []
+    for model in wide.columns:
+        row = {"model": model, "folds": int(wide[model].notna().sum()),
+               f"{key}_mean": wide[model].mean(), f"{key}_sd": wide[model].std(ddof=1)}
+        if reference in wide and model != reference:
+            diff = (wide[reference] - wide[model]).dropna()
+            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5
+            row |= {"diff_vs_reference": diff.mean(), "diff_ci_low": diff.mean() - half,
+                    "diff_ci_high": diff.mean() + half}
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(f"{key}_mean", ascending=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset",
@@ -121,23 +151,33 @@ def main() -> None:
                         help="one more params override, e.g. model.enhanced_pan.aspp=false")
     parser.add_argument("--name", help="results file stem; default quality-<dataset>")
     parser.add_argument("--workdir", type=Path, help="default: bench/.work/<name>")
+    parser.add_argument("--folds", type=int, help="k-fold CV: every fold, then a summary")
     args = parser.parse_args()
 
     params = preset_params(args.dataset, args.models, args.epochs, args.set)
     stem = args.name or f"quality-{args.dataset}"
     workdir = (args.workdir or REPO / "bench" / ".work" / stem).resolve()
-    commit = prepare_workdir(workdir, params)
-    env = workdir_env(workdir)
     started = time.time()
-    subprocess.run(["dvc", "repro"], cwd=workdir, env=env, check=True)
-    table = collect(workdir, params["models"])
-
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.folds:
+        tables = []
+        for fold in range(args.folds):
+            fold_params = merge(params, {"split": {"folds": args.folds, "fold": fold}})
+            table, commit = run_pipeline(workdir.with_name(f"{workdir.name}-fold{fold}"),
+                                         fold_params)
+            tables.append(table.assign(fold=fold))
+        table = pd.concat(tables)
+        summary = cv_summary(table)
+        summary.to_csv(RESULTS / f"{stem}-summary.csv", index=False)
+        print(summary.to_markdown(index=False, floatfmt=".4f"))
+    else:
+        table, commit = run_pipeline(workdir, params)
     table.to_csv(RESULTS / f"{stem}.csv", index=False)
     facts = {"command": " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:])]),
              "commit": commit,
              # False when --models/--epochs ran less than the preset: the table says what ran
              "complete_preset": not (args.models or args.epochs or args.set),
+             "folds": args.folds,
              "wall_seconds": round(time.time() - started),
              "machine": {"platform": platform.platform(), "cpu": platform.processor(),
                          "cores": os.cpu_count(), "torch": torch.__version__,

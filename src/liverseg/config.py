@@ -172,11 +172,24 @@ class SplitParams(Strict):
     group_by: Literal["patient", "slab"] = "patient"
     # group_by patient only: a fixed rule instead of the seeded fractions (reference splits)
     patient_modulo: PatientModulo | None = None
+    # k-fold cross-validation: validation = fold `fold` of `folds` (contiguous slabs per
+    # volume with group_by slab, blocks of the seeded patient order otherwise); null = the
+    # fractions above. `fold_gap` slices on each side of a validation slab are left out of
+    # train (neighbours correlate), listed in stats.json.
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    fold_gap: int = Field(4, ge=0)
 
     @model_validator(mode="after")
     def _leaves_train(self):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave patients for train")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"split.fold {self.fold} is not one of the {self.folds} folds "
+                             f"(0..{self.folds - 1})")
+        if self.folds is not None and (self.test_fraction or self.patient_modulo):
+            raise ValueError("split.folds replaces test_fraction and patient_modulo; set "
+                             "test_fraction: 0 and patient_modulo: null")
         if self.patient_modulo and self.group_by != "patient":
             raise ValueError("patient_modulo splits by patient: it needs group_by: patient")
         return self

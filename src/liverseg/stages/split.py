@@ -1,4 +1,5 @@
-"""split: patient-grouped, tumour-stratified, seeded train/val/test split of accepted slices.
+"""split: patient-grouped, tumour-stratified, seeded train/val/test split of accepted slices
+(or fold k of a k-fold cross-validation: `split.folds`, `split.fold`).
 
 No patient and no identical image content is in two splits (checked, not assumed: the
 stage fails otherwise). Patients are stratified by whether any of their slices has
@@ -50,6 +51,15 @@ def assign_patients(patients: list[str], val_fraction: float, seed: int,
         raise ValueError(f"need at least 2 patients to split, got {len(patients)}: {patients}; "
                          "for a single volume use split.group_by=slab")
     n_val, n_test = split_sizes(len(patients), val_fraction, test_fraction)
+    order = patient_order(patients, seed, strata)
+    return {p: ("val" if i < n_val else "test" if i < n_val + n_test else "train")
+            for i, p in enumerate(order)}
+
+
+def patient_order(patients: list[str], seed: int, strata: dict[str, bool] | None = None
+                  ) -> list[str]:
+    """Patients shuffled with the seed within each stratum and spread evenly over one
+    ordering, so any contiguous block of it holds its share of each stratum."""
     rng = np.random.default_rng(seed)
     strata = strata or {}
     position = {}
@@ -57,9 +67,35 @@ def assign_patients(patients: list[str], val_fraction: float, seed: int,
         members = rng.permutation(sorted(p for p in patients if strata.get(p, False) == stratum))
         offset = rng.uniform()
         position |= {p: (i + offset) / len(members) for i, p in enumerate(members)}
-    order = sorted(patients, key=lambda p: (position[p], p))
-    return {p: ("val" if i < n_val else "test" if i < n_val + n_test else "train")
-            for i, p in enumerate(order)}
+    return sorted(patients, key=lambda p: (position[p], p))
+
+
+def assign_patient_folds(patients: list[str], folds: int, fold: int, seed: int,
+                         strata: dict[str, bool] | None = None) -> dict[str, str]:
+    """Patient -> split for k-fold CV: validation is block `fold` of the seeded order."""
+    if len(patients) < folds:
+        raise ValueError(f"split.folds={folds} needs at least {folds} patients, got "
+                         f"{len(patients)}")
+    order = patient_order(patients, seed, strata)
+    val = set(np.array_split(np.arange(len(order)), folds)[fold])
+    return {p: "val" if i in val else "train" for i, p in enumerate(order)}
+
+
+def assign_slab_folds(frame: pd.DataFrame, folds: int, fold: int, gap: int) -> pd.Series:
+    """Per volume, k contiguous slabs: slab `fold` is validation, the `gap` slices on each
+    side of it are left out ("gap"), the rest is train."""
+    side = pd.Series("train", index=frame.index)
+    for patient, rows in frame.groupby("patient_id"):
+        order = rows.sort_values(["slice_index", "slice_id"]).index
+        if len(order) < folds:
+            raise ValueError(f"volume {patient}: {len(order)} slices cannot make "
+                             f"split.folds={folds} slabs")
+        block = np.array_split(np.arange(len(order)), folds)[fold]
+        lo, hi = int(block[0]), int(block[-1]) + 1
+        side[order[max(0, lo - gap):lo]] = "gap"
+        side[order[hi:hi + gap]] = "gap"
+        side[order[lo:hi]] = "val"
+    return side
 
 
 def assign_slabs(frame: pd.DataFrame, val_fraction: float, test_fraction: float) -> pd.Series:
@@ -122,13 +158,18 @@ def run(
     if "id" not in accepted:  # a manifest from before the contract named it
         accepted = accepted.assign(id=accepted["slice_id"])
     cfg = params.split
-    if cfg.group_by == "slab":
+    positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
+    if cfg.folds and cfg.group_by == "slab":
+        side = assign_slab_folds(accepted, cfg.folds, cfg.fold, cfg.fold_gap)
+    elif cfg.folds:
+        side = accepted["patient_id"].map(assign_patient_folds(
+            list(accepted["patient_id"].unique()), cfg.folds, cfg.fold, params.seed, positive))
+    elif cfg.group_by == "slab":
         side = assign_slabs(accepted, cfg.val_fraction, cfg.test_fraction)
     elif cfg.patient_modulo:
         side = accepted["patient_id"].map(
             assign_by_modulo(list(accepted["patient_id"].unique()), cfg.patient_modulo))
     else:
-        positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
         by_patient = assign_patients(list(accepted["patient_id"].unique()), cfg.val_fraction,
                                      params.seed, cfg.test_fraction, strata=positive)
         side = accepted["patient_id"].map(by_patient)
@@ -138,7 +179,8 @@ def run(
         raise ValueError(f"split: the {' and '.join(empty)} split would be empty "
                          f"({len(accepted)} accepted slices); check the split section of params")
     check_no_leakage(splits, "patient_id" if cfg.group_by == "patient" else "slice_id")
-    if sum(len(f) for f in splits.values()) != len(accepted):
+    gap = accepted[side == "gap"]
+    if sum(len(f) for f in splits.values()) + len(gap) != len(accepted):
         raise AssertionError("split lost slices")
 
     classes = labels.read_classes(raw_dir)  # what ingest wrote; the loaders decode with it
@@ -146,7 +188,12 @@ def run(
              "grouped_by": cfg.group_by,
              "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else "seeded fractions",
              "stratified_by": "patient has foreground" if cfg.group_by == "patient"
-             and not cfg.patient_modulo else None}
+             and not cfg.patient_modulo else None,
+             "cv": {"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else None,
+             # Counts reconcile: train + val + test + excluded = accepted.
+             "excluded": {"slices": len(gap), "slice_ids": gap["slice_id"].tolist(),
+                          "rule": f"within split.fold_gap={cfg.fold_gap} slices of the "
+                                  "validation slab"} if len(gap) else None}
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
