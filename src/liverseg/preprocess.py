@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from liverseg import labels
 from liverseg.data import imageio
+from liverseg.data.phantom import WINDOW_LEVEL, WINDOW_WIDTH
 
 ORIENTATION = "closest canonical RAS+, slices along the last axis, transposed"
 RESIZE = "bilinear, half-pixel centres (align_corners=False), no antialias"
 GREY = "luminance (PIL 'L'); 16/32-bit: high_bit_window (else own min..max) -> 0..255"
-PHANTOM_WINDOW = (-150.0, 250.0)  # liverseg.data.phantom: level 50, width 400
+PHANTOM_WINDOW = (WINDOW_LEVEL - WINDOW_WIDTH / 2, WINDOW_LEVEL + WINDOW_WIDTH / 2)
 MAX_PIXELS = 40_000_000
 
 
@@ -67,7 +68,7 @@ class Preprocessing:
         or `data.nifti.window` (also what 2D-trained models apply to volumes: the window
         that made the 2D files is unknown, hence `hu_window_from` says which applies)."""
         data = params.data
-        window, source = (PHANTOM_WINDOW, "phantom (level 50, width 400)") \
+        window, source = (PHANTOM_WINDOW, "the phantom's window") \
             if data.source == "phantom" else (data.nifti.window, "data.nifti.window")
         volumes = data.source in ("phantom", "nifti")
         if not volumes:
