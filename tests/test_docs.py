@@ -27,7 +27,7 @@ RESULTS = REPO / "bench" / "results"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
 FLOW = ["ingest", "validate", "split", "train", "evaluate", "compare", "register", "report",
-        "predict", "export", "lineage", "models"]
+        "predict", "export", "lineage", "audit", "models"]
 
 
 @functools.cache

@@ -22,7 +22,7 @@ disable_telemetry()  # before the stage's libraries are imported
 # `liverseg --help` lists the stages in the order of the flow, then the tools around them. A
 # command not named here is still listed: after these, in the order it was defined.
 FLOW_ORDER = ("ingest", "validate", "split", "train", "evaluate", "compare", "register",
-              "report", "predict", "export", "lineage", "models")
+              "report", "predict", "export", "lineage", "audit", "models")
 
 
 class FlowOrder(typer.core.TyperGroup):
@@ -200,8 +200,13 @@ def audit(
     keep: bool = typer.Option(False, "--keep", help="Keep the scratch workspace."),
     params: Path = PARAMS,
 ) -> None:
-    """Rebuild a registered model from its trail and compare it with the registry. Exit 0:
-    identical (CPU) or within tolerance (GPU); 1: it differs; 2: it cannot be rebuilt."""
+    """Rebuild a registered model from its trail and compare.
+
+    Exit 0: identical (CPU) or within tolerance (GPU); 1: it differs; 2: it cannot be
+    rebuilt. The outcome is written back as audit_* tags on the version.
+
+    Example: liverseg audit models:/liverseg@champion --json
+    """
     from mlflow.exceptions import MlflowException
 
     from liverseg import audit as aud

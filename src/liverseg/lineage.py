@@ -12,10 +12,13 @@ without DVC installed in the same environment (DVC lives in its own tool environ
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -85,6 +88,30 @@ def params_hash(resolved_params: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def tensor_digest(path: str | Path) -> str:
+    """sha256 over a safetensors file's tensors (name, dtype, shape, bytes; sorted by name):
+    the weights' identity, independent of the file's header layout and metadata."""
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as fh:
+        for name in sorted(fh.keys()):
+            tensor = fh.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def who() -> str:
+    """user@host, for the registry's records (alias moves, audits)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
+
+
 def truncate(text: str, limit: int = TAG_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "...[truncated]"
 
@@ -149,7 +176,25 @@ def trail(client, version) -> dict:
         {k.removeprefix("metric_"): float(v) for k, v in tags.items() if k.startswith("metric_")},
         "quality_gate": tags.get("quality_gate"),
         "dagster_run_id": tags.get("dagster_run_id"),
+        "weights_sha256": tags.get("weights_sha256"),
+        "model_card": tags.get("model_card"),
+        "audit": audit_record(tags),
     }
+
+
+AUDIT_TAGS = ("at", "by", "result", "mode", "seconds", "differences")
+
+
+def audit_record(tags: dict) -> dict | None:
+    """The last `liverseg audit` of a version, from its `audit_*` tags (None: never audited)."""
+    if "audit_result" not in tags:
+        return None
+    record = {key: tags.get(f"audit_{key}") for key in AUDIT_TAGS}
+    try:
+        record["differences"] = json.loads(record["differences"] or "[]")
+    except json.JSONDecodeError:  # truncated to the tag limit: keep the text
+        pass
+    return record
 
 
 # ----------------------------------------------------------------------------- checking

@@ -12,18 +12,22 @@ alias history (mlflow#2169), so every alias move (who, when, from and to which v
 why) is appended to the registered-model tag `alias_history` (JSON, newest last, oldest
 entries dropped to fit MLflow's tag limit), tagged on the version it moved to
 (`alias_event`, never dropped) and written to reports/registry.json.
+
+The weights' tensor digest is recorded (`weights_sha256`) so `liverseg audit` can tell a
+registry artifact altered after registration from a rebuild that differs. Every version gets
+a model card written from the recorded facts (`liverseg.model_card`): reports/model_card.md
+and .json (register's outputs: models/<m>/ is train's), also logged to the version's run
+under `model_card/<name>/v<version>/`, named by the version's `model_card` tag.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-from liverseg import lineage, tracking
+from liverseg import lineage, model_card, tracking
 from liverseg.config import Params, RegisterParams
 from liverseg.io import read_json, write_json
 
@@ -31,10 +35,11 @@ METRIC_TAGS = ("fg_iou", "dice", "miou")
 
 
 def version_tags(params: Params, best: str, metrics: dict, validation: dict,
-                 config: dict) -> dict[str, str]:
+                 config: dict, weights: Path | None = None) -> dict[str, str]:
     model_config = {k: v for k, v in config.items() if k != "params"}
     tags = lineage.git_state() | lineage.locked_out_hashes() | {
         "model_md5": lineage.locked_model_hash(best),
+        **({"weights_sha256": lineage.tensor_digest(weights)} if weights else {}),
         "params_hash": lineage.params_hash(params.dump()),
         "params": lineage.truncate(json.dumps(params.dump(), sort_keys=True)),
         "model": best,
@@ -96,12 +101,7 @@ def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
     return passed, ("passed: " if passed else "failed: ") + "; ".join(failures + checks)
 
 
-def who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        user = os.environ.get("USER", "unknown")
-    return f"{user}@{socket.gethostname()}"
+who = lineage.who  # kept here too: alias events have always been signed by register
 
 
 def _history(client, name: str) -> list[dict]:
@@ -124,9 +124,31 @@ def move_alias(client, name: str, alias: str, version: str, why: str) -> tuple[d
     return event, history
 
 
+def audits(client, name: str, versions: list) -> list[dict]:
+    """The last `liverseg audit` of each version (None: never audited), for the report."""
+    out = []
+    for number in dict.fromkeys(v for v in versions if v is not None):
+        tags = client.get_model_version(name, str(number)).tags
+        out.append({"version": int(number), "audit": lineage.audit_record(tags)})
+    return out
+
+
+def publish_card(client, record: dict, paths: tuple[Path, Path]) -> str:
+    """Log the card to the version's run (one folder per version) and name it in a tag."""
+    # Named by model and version: one run can be registered under several names.
+    folder = f"model_card/{record['registered_model']}/v{record['version']}"
+    for path in paths:
+        client.log_artifact(record["run_id"], str(path), folder)
+    uri = f"runs:/{record['run_id']}/{folder}/{paths[0].name}"
+    client.set_model_version_tag(record["registered_model"], record["version"], "model_card", uri)
+    return uri
+
+
 def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
         validation_path: str | Path = "reports/validation.json",
-        models_dir: str | Path = "models", out_path: str | Path = "reports/registry.json") -> dict:
+        models_dir: str | Path = "models", out_path: str | Path = "reports/registry.json",
+        metrics_dir: str | Path = "reports/metrics", splits_dir: str | Path = "data/splits",
+        card_prefix: str | Path = "reports/model_card") -> dict:
     comparison, cfg = read_json(comparison_path), params.register_
     best = comparison["best_model"]
     metrics = next(row for row in comparison["models"] if row["model"] == best)
@@ -136,8 +158,9 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
         raise ValueError(f"{model_dir / 'run.json'}: {best} was trained with "
                          f"{tracking.TRACKING_ENV}=off, so there is no MLflow run to register; "
                          "retrain it with tracking on")
-    tags = version_tags(params, best, metrics, read_json(validation_path),
-                        read_json(model_dir / "config.json"))
+    validation = read_json(validation_path)
+    tags = version_tags(params, best, metrics, validation, read_json(model_dir / "config.json"),
+                        model_dir / "model.safetensors")
 
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
@@ -156,5 +179,11 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
               "model": best, "run_id": run["run_id"],
               "model_uri": run["model_uri"], "tags": tags, "alias_event": event,
               "alias_history": history}
+    card = model_card.write(record, model_dir, Path(metrics_dir) / f"{best}.json", comparison,
+                            validation, Path(splits_dir), Path(card_prefix))
+    record["model_card"] = {"markdown": str(card[0]), "json": str(card[1]),
+                            "artifact": publish_card(client, record, card)}
+    record["audits"] = audits(client, cfg.model_name,
+                              [record["version"], record["champion_version"]])
     write_json(out_path, record)
     return {k: record[k] for k in ("registered_model", "version", "alias", "quality_gate")}

@@ -478,6 +478,8 @@ def lineage_context(registry: dict) -> dict:
         ("Splits md5", tags.get("data_splits_md5", "missing")),
         ("Params hash", tags.get("params_hash", "missing")),
         ("Validation success", tags.get("validation_success", "unknown")),
+        ("Weights sha256 (tensors)", tags.get("weights_sha256", "not recorded")),
+        ("Model card", (registry.get("model_card") or {}).get("artifact", "none")),
     ]
     history = registry.get("alias_history") or []
     champion = registry.get("champion_version") or next(
@@ -493,7 +495,26 @@ def lineage_context(registry: dict) -> dict:
         "tags": Table(["Tag", "Value"], [[k, str(v)] for k, v in sorted(tags.items())]),
         "command": f"git checkout {commit} && dvc pull && dvc repro",
         "dirty": tags.get("git_dirty") == "true",
+        "audit_command": f"liverseg audit models:/{registry['registered_model']}/"
+                         f"{registry['version']}",
+        "audits": audit_table(registry.get("audits") or []),
+        "model_card": (registry.get("model_card") or {}).get("markdown"),
     }
+
+
+def audit_table(audits: list[dict]) -> Table:
+    """The last `liverseg audit` of the registered version and the champion, as register saw
+    them (an audit records itself on the version: `liverseg lineage` shows the newest)."""
+    rows = []
+    for entry in audits:
+        version, a = str(entry["version"]), entry.get("audit")
+        if a is None:
+            rows.append([version, "never", "", "not audited", ""])
+            continue
+        diffs = a["differences"]  # a list, or the text when the tag was truncated
+        rows.append([version, a["at"], a["by"] or "", a["result"],
+                     "; ".join(diffs) if isinstance(diffs, list) else diffs or ""])
+    return Table(["Version", "Audited at (UTC)", "By", "Result", "Differences"], rows)
 
 
 # ----------------------------------------------------------------------------- entry point
