@@ -291,4 +291,5 @@ def render_context(data):
                            "definitions": ""},
             "visual": {"best_model": "m", "chosen": empty, "figures": []},
             "lineage": {"rows": empty, "history": empty, "tags": empty, "command": "c",
-                        "dirty": False}}
+                        "dirty": False, "audit_command": "c", "audits": empty,
+                        "model_card": None}}
