@@ -73,9 +73,9 @@ def seed_epoch(seed: int, epoch: int, generator: torch.Generator, loader: DataLo
     value = epoch_seed(seed, epoch, rank)
     seed_everything(value)
     generator.manual_seed(value)  # the loader's shuffle order (and its workers' seeds)
-    transform = getattr(loader.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):  # albumentations keeps its own generator
-        transform.set_random_seed(value)
+    augment = loader.dataset.augment  # a SliceDataset's; no getattr: a rename must fail
+    if augment is not None:  # albumentations keeps its own generator
+        augment.set_random_seed(value)
 
 
 @dataclass(frozen=True)
