@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE ?= 1
 # pip on this kind of machine prints a warning per missing local index entry: keep the noise out.
 PIP_QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install repro test test-fast lint ui materialize clean-outputs
+.PHONY: install repro repro-parallel test test-fast lint ui materialize clean-outputs
 
 install: $(STAMP)
 
@@ -36,6 +36,15 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/dvc.txt
 
 repro: install
 	dvc repro
+
+# Every model at once, each in a workspace of its own, at most WORKERS at a time (0: one per
+# CPU core), then one `dvc repro` here that restores them from DVC's run-cache
+# (docs/SCALING.md). It is the Dagster job train_all_parallel, run without the UI.
+WORKERS ?= 0
+repro-parallel: install
+	test -f $(DAGSTER_HOME)/dagster.yaml || { mkdir -p $(DAGSTER_HOME) && cp pipeline/dagster.yaml $(DAGSTER_HOME)/; }
+	python -m pipeline.parallel
+	LIVERSEG_WORKERS=$(WORKERS) dagster job execute -m pipeline.definitions -j train_all_parallel
 
 test: install
 	pytest -q

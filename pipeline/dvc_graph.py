@@ -27,6 +27,7 @@ class Stage:
     outs: tuple[str, ...]  # every output path: outs, metrics and plots
     metrics: tuple[str, ...] = ()
     upstream: frozenset[str] = field(default_factory=frozenset)
+    uncached: tuple[str, ...] = ()  # outputs with `cache: false` (kept in git, not the cache)
 
     @property
     def group(self) -> str:
@@ -60,6 +61,11 @@ def _paths(entries) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
 
 
+def _uncached(entries) -> list[str]:
+    return [next(iter(e)) for e in entries or []
+            if isinstance(e, dict) and (next(iter(e.values())) or {}).get("cache") is False]
+
+
 def _expand(name: str, spec: dict, params: dict) -> list[tuple[str, dict]]:
     """One (name, spec) per item of a matrix/foreach stage, `${item...}` resolved."""
     if "matrix" in spec:
@@ -79,7 +85,7 @@ def _expand(name: str, spec: dict, params: dict) -> list[tuple[str, dict]]:
             for key, item in zip(keys, items, strict=True)]
 
 
-def _overlaps(a: str, b: str) -> bool:
+def overlaps(a: str, b: str) -> bool:
     pa, pb = PurePosixPath(a), PurePosixPath(b)
     return pa == pb or pa in pb.parents or pb in pa.parents
 
@@ -94,12 +100,13 @@ def load_stages(root: str | Path = ".") -> dict[str, Stage]:
         for item_name, s in _expand(name, spec, params):
             metrics = _paths(s.get("metrics"))
             outs = _paths(s.get("outs")) + metrics + _paths(s.get("plots"))
+            uncached = [p for key in ("outs", "metrics", "plots") for p in _uncached(s.get(key))]
             raw[item_name] = Stage(item_name, s["cmd"], tuple(_paths(s.get("deps"))),
-                                   tuple(outs), tuple(metrics))
+                                   tuple(outs), tuple(metrics), uncached=tuple(uncached))
     producers = [(out, st.name) for st in raw.values() for out in st.outs]
     return {
         name: Stage(st.name, st.cmd, st.deps, st.outs, st.metrics, frozenset(
             producer for dep in st.deps for out, producer in producers
-            if producer != name and _overlaps(dep, out)))
+            if producer != name and overlaps(dep, out)), st.uncached)
         for name, st in raw.items()
     }
