@@ -116,6 +116,9 @@ class DataParams(Strict):
     # tumour | liver: binary masks; liver_tumour: three classes (background, liver, tumour)
     target: Literal["tumour", "liver", "liver_tumour"] = "tumour"
     max_pixels: int = Field(40_000_000, ge=1024)  # per image; larger is refused as a bomb
+    # 2.5D: each slice's k neighbours on each side become extra input channels (volume
+    # sources only; model.in_channels must be 2k + 1; edge slices repeat the edge).
+    context_slices: int = Field(0, ge=0, le=8)
     phantom: PhantomParams = PhantomParams()
     folder: FolderParams = FolderParams()
     archive: ArchiveParams = ArchiveParams()
@@ -131,6 +134,10 @@ class DataParams(Strict):
         if folder_like and self.target == "liver_tumour" and not mapped >= {1, 2}:
             raise ValueError("data.target liver_tumour from 2D masks needs "
                              "data.folder.mask_mapping onto classes 0/1/2, e.g. {0: 0, 1: 1, 2: 2}")
+        if self.context_slices and self.source not in ("phantom", "nifti"):
+            raise ValueError(f"data.context_slices={self.context_slices} needs a volume source "
+                             f"(phantom or nifti): data.source {self.source} has 2D slices "
+                             "without neighbours")
         if folder_like and self.target != "liver_tumour" and 2 in mapped:
             raise ValueError(f"data.folder.mask_mapping maps onto class 2, but data.target "
                              f"{self.target} is binary (classes 0/1)")
@@ -301,6 +308,20 @@ class Params(Strict):
             raise ValueError(f"model.num_classes is {self.model.num_classes} but data.target "
                              f"{self.data.target} has {len(classes)} classes {list(classes)}; "
                              "num_classes 3 goes with data.target liver_tumour")
+        return self
+
+    @model_validator(mode="after")
+    def _context_fits(self):
+        k = self.data.context_slices
+        if self.model.in_channels != 2 * k + 1:
+            raise ValueError(f"model.in_channels is {self.model.in_channels} but "
+                             f"data.context_slices={k} gives each slice 2k + 1 = {2 * k + 1} "
+                             "channels (the slice and its neighbours); set them together")
+        if k and self.split.folds and self.split.group_by == "slab" \
+                and self.split.fold_gap < k:
+            raise ValueError(f"split.fold_gap={self.split.fold_gap} is below "
+                             f"data.context_slices={k}: training slices next to the "
+                             "validation slab would see its slices as context")
         return self
 
     def dump(self) -> dict:

@@ -1,7 +1,9 @@
 """The MLflow pyfunc served for every liverseg model (logged as code, not a pickle).
 
 Input: float32 array [N, C, H, W] of grey values 0..255 (any H, W): a slice as
-`liverseg.preprocess` makes it (for a volume: canonical orientation, the model's HU window).
+`liverseg.preprocess` makes it (for a volume: canonical orientation, the model's HU window;
+a 2.5D model, `context_slices` k in its metadata, takes slices z-k..z+k as the C = 2k + 1
+channels, edges repeating the edge: `preprocess.context_stack`).
 Output: float32 probabilities at the input's H, W: the foreground's [N, 1, H, W] for a
 binary model, each class's [N, C, H, W] (softmax) for a multi-class one. The resize to the
 trained size, the normalisation and the resize back happen inside (`preprocess.Served`), the

@@ -34,6 +34,7 @@ from liverseg.io import atomic_path
 from liverseg.preprocess import (
     Preprocessing,
     Served,
+    context_stack,
     read_image,
     to_input_orientation,
     volume_slices,
@@ -83,10 +84,14 @@ class Predictor:
 
     def masks(self, slices: np.ndarray) -> np.ndarray:
         """uint8 grey slices [N, H, W] -> class indices [N, H, W] (uint8), one batch at a
-        time (a volume's probabilities never all sit in memory)."""
-        return np.concatenate([self.net.classes_of(slices[i:i + self.batch_size]).numpy()
-                               for i in range(0, len(slices), self.batch_size)]
-                              ).astype(np.uint8)
+        time (a volume's probabilities never all sit in memory). A 2.5D model gets each
+        slice with its neighbours among `slices` (a volume's, in order) as channels."""
+        k, out = self.prep.context_slices, []
+        for i in range(0, len(slices), self.batch_size):
+            batch = np.arange(i, min(i + self.batch_size, len(slices)))
+            x = context_stack(slices, k, batch) if k else slices[batch]
+            out.append(self.net.classes_of(x).numpy())
+        return np.concatenate(out).astype(np.uint8)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -179,6 +184,11 @@ def _save_gray(path: Path, array: np.ndarray) -> None:
 
 
 def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+    if predictor.prep.context_slices:
+        raise ValueError(f"{path}: the model reads each slice with its "
+                         f"{predictor.prep.context_slices} neighbour(s) on each side "
+                         "(data.context_slices); give it a volume (NIfTI or a DICOM series), "
+                         "not a single 2D image")
     gray = read_image(path, predictor.prep)
     mask, classes = predictor.masks(gray[None])[0], predictor.classes
     stem = _stem(path)

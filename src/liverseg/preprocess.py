@@ -8,6 +8,8 @@ Every path that feeds a model goes through here, so what evaluate measures is wh
     - one slice of a NIfTI volume      `volume_slices`: closest canonical orientation (RAS+),
                                        slice k of the last axis, transposed (rows = A axis),
                                        HU window -> 0..255 (clip, round)
+    2.5D (`context_slices` k > 0)      `context_stack`: slice z and its k neighbours on each
+                                       side (z-k .. z+k, edges repeat the edge) as channels
     grey [N, C, H, W] (0..255)    ->   `Served`: bilinear resize to the trained size,
                                        (x / 255 - mean) / std, the network, sigmoid/softmax,
                                        bilinear resize of the probabilities back to H, W
@@ -48,6 +50,7 @@ class Preprocessing:
     in_channels: int
     mean: float
     std: float
+    context_slices: int = 0  # k: the input is slices z-k..z+k of a volume (in_channels 2k+1)
     classes: tuple[str, ...] = labels.BINARY
     threshold: float = 0.5
     hu_window: tuple[float, float] = (-200.0, 250.0)
@@ -74,7 +77,7 @@ class Preprocessing:
         if not volumes:
             source += " (assumed: the 2D training images came windowed)"
         return cls(image_size=params.train.image_size, in_channels=params.model.in_channels,
-                   mean=float(mean), std=float(std),
+                   mean=float(mean), std=float(std), context_slices=data.context_slices,
                    classes=tuple(classes or labels.TARGETS[data.target]),
                    threshold=params.evaluate.threshold, hu_window=tuple(window),
                    hu_window_from=source, trained_on_volumes=volumes,
@@ -151,6 +154,18 @@ def volume_slices(img, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     return window(to_slices(data), prep.hu_window), ornt
 
 
+def context_stack(slices: np.ndarray, k: int, indices=None) -> np.ndarray:
+    """[Z, H, W] slices -> [len(indices), 2k + 1, H, W]: each slice (all by default) with
+    its k neighbours on each side, in slice order; beyond the volume the edge repeats."""
+    indices = np.arange(len(slices)) if indices is None else np.asarray(indices)
+    return slices[context_indices(indices, len(slices), k)]
+
+
+def context_indices(indices, n: int, k: int) -> np.ndarray:
+    """[len(indices), 2k + 1] slice numbers z-k .. z+k, clamped to 0 .. n-1."""
+    return np.clip(np.asarray(indices)[:, None] + np.arange(-k, k + 1), 0, n - 1)
+
+
 def to_input_orientation(slices: np.ndarray, ornt: np.ndarray, shape: tuple) -> np.ndarray:
     """Slice masks [Z, H, W] (canonical) -> an array in the input volume's own axes."""
     import nibabel as nib
@@ -169,9 +184,11 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def resize_image(gray: np.ndarray, size: int) -> np.ndarray:
-    """A uint8 [H, W] slice -> float32 [size, size] grey values (the training loader's)."""
-    x = torch.from_numpy(np.asarray(gray, np.float32))[None, None]
-    return resize(x, (size, size))[0, 0].numpy()
+    """A uint8 slice [H, W] or context stack [C, H, W] -> float32 grey values at
+    [size, size] (or [C, size, size]): the training loader's resize."""
+    x = torch.from_numpy(np.asarray(gray, np.float32))
+    stack = x.reshape(-1, 1, *x.shape[-2:])  # channels as a batch: resized independently
+    return resize(stack, (size, size)).reshape(*x.shape[:-2], size, size).numpy()
 
 
 def normalise(x, prep: Preprocessing):
@@ -192,11 +209,18 @@ class Served(torch.nn.Module):
         return resize(labels.probabilities(self.model(x)), raw.shape[-2:])
 
     def grey_batch(self, slices: np.ndarray) -> torch.Tensor:
-        """uint8 [N, H, W] grey slices -> [N, C, H, W] float input (grey in every channel)."""
-        x = torch.from_numpy(np.asarray(slices, np.float32))[:, None]
-        return x.expand(-1, self.prep.in_channels, -1, -1)
+        """uint8 grey slices [N, H, W] (or context stacks [N, C, H, W]) -> float input
+        [N, C, H, W]; the channels must be the model's."""
+        x = torch.from_numpy(np.asarray(slices, np.float32))
+        x = x[:, None] if x.ndim == 3 else x
+        if x.shape[1] != self.prep.in_channels:
+            k = self.prep.context_slices
+            raise ValueError(f"the model takes {self.prep.in_channels} channel(s) per slice "
+                             f"(context_slices={k}: slices z-{k}..z+{k} of a volume), got "
+                             f"{x.shape[1]}")
+        return x
 
     @torch.no_grad()
     def classes_of(self, slices: np.ndarray) -> torch.Tensor:
-        """uint8 [N, H, W] grey slices -> [N, H, W] class indices (int64)."""
+        """uint8 grey slices [N, H, W] or stacks [N, C, H, W] -> [N, H, W] class indices."""
         return labels.to_classes(self(self.grey_batch(slices)), self.prep.threshold)

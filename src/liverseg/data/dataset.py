@@ -47,8 +47,8 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 class SliceDataset(Dataset):
-    """Yields (image [1,S,S] float32 normalised, mask [1,S,S] float32 class indices (0/1 for
-    a binary target), slice_id) at the trained size S.
+    """Yields (image [C,S,S] float32 normalised, mask [1,S,S] float32 class indices (0/1 for
+    a binary target), slice_id) at the trained size S; C = 1, or 2k + 1 with 2.5D context.
 
     Reads the split's decoded-slice cache when the split stage wrote one (see
     `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding. `rows` are
@@ -73,17 +73,20 @@ class SliceDataset(Dataset):
         if self.cache is not None:
             return np.array(self.cache[0][i]), np.array(self.cache[1][i])
         row = self.rows[i]
-        return (load_gray(self.raw_dir / row["image"]),
+        return (slice_cache.load_input(self.raw_dir, row),
                 labels.decode(load_gray(self.raw_dir / row["mask"]), self.num_classes))
 
     def __getitem__(self, i: int):
         row = self.rows[i]
         image, mask = self.stored(i)
-        image = resize_image(image, self.image_size) / np.float32(255.0)
+        # [C, S, S]: one channel, or the 2k + 1 slices of a 2.5D context stack
+        image = resize_image(image, self.image_size).reshape(-1, self.image_size,
+                                                             self.image_size) / np.float32(255.0)
         mask = resize_mask(mask, self.image_size)
-        if self.augment is not None:
-            out = self.augment(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        x = ((image - self.mean) / self.std).astype(np.float32)
-        return (torch.from_numpy(x)[None], torch.from_numpy(mask.astype(np.float32))[None],
+        if self.augment is not None:  # albumentations: [H, W] or channels-last
+            hwc = image[0] if len(image) == 1 else np.ascontiguousarray(image.transpose(1, 2, 0))
+            out = self.augment(image=hwc, mask=mask)
+            image, mask = out["image"].reshape(*mask.shape, -1).transpose(2, 0, 1), out["mask"]
+        x = np.ascontiguousarray((image - self.mean) / self.std, dtype=np.float32)
+        return (torch.from_numpy(x), torch.from_numpy(mask.astype(np.float32))[None],
                 row["slice_id"])

@@ -3,6 +3,8 @@
     data/raw/images/<slice_id>.png   8-bit grayscale CT slice (windowed)
     data/raw/masks/<slice_id>.png    8-bit mask: 0 background / 255 foreground, or for three
                                      classes 0/128/255 (`liverseg.labels`)
+    data/raw/context/<slice_id>.png  2.5D (data.context_slices): a neighbour that is not a
+                                     row itself (e.g. outside data.nifti.slices: organ)
     data/raw/classes.json            the target and its class names
     data/raw/slices.csv              one row per source item: INDEX_COLUMNS + FACT_COLUMNS
 
@@ -30,7 +32,7 @@ INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "ma
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
                 "paired", "image_decodable", "mask_decodable", "mask_values_allowed",
-                "ingest_detail"]
+                "ingest_detail", "context"]
 
 
 def slice_id(patient_id: str, slice_index: int) -> str:
@@ -45,6 +47,15 @@ def safe_stem(name: str) -> str:
     return safe
 
 
+def _unique(sid: str, taken: set[str]) -> str:
+    base, n = sid, 1
+    while sid in taken:  # e.g. two train/ and test/ folders with the same names
+        n += 1
+        sid = f"{base}-{n}"
+    taken.add(sid)
+    return sid
+
+
 class SliceWriter:
     """Writes slices into a layout directory and collects the index rows."""
 
@@ -54,14 +65,10 @@ class SliceWriter:
         (self.out_dir / "masks").mkdir(exist_ok=True)
         self.rows: list[dict] = []
         self.ids: set[str] = set()
+        self.context_ids: set[str] = set()
 
     def _unique(self, sid: str) -> str:
-        base, n = sid, 1
-        while sid in self.ids:  # e.g. two train/ and test/ folders with the same names
-            n += 1
-            sid = f"{base}-{n}"
-        self.ids.add(sid)
-        return sid
+        return _unique(sid, self.ids)
 
     def add(self, sid: str, patient_id: str | None, slice_index: int,
             image: np.ndarray | None, mask: np.ndarray | None, **facts) -> str:
@@ -77,9 +84,33 @@ class SliceWriter:
             row["mask"] = f"masks/{sid}.png"
             save_png(self.out_dir / row["mask"], labels.encode(mask, self.num_classes))
         defaults = {"paired": True, "image_decodable": True, "mask_decodable": True,
-                    "mask_values_allowed": True, "ingest_detail": ""}
+                    "mask_values_allowed": True, "ingest_detail": "", "context": ""}
         self.rows.append(row | defaults | facts)
         return sid
+
+    def link_context(self, rows: dict[int, str], n: int, k: int, image_of) -> None:
+        """2.5D: give each of one volume's rows (slice index -> slice id, of `n` slices)
+        its context, "|"-joined image paths of slices z-k .. z+k (`preprocess.context_indices`:
+        edges repeat the edge). A neighbour that is a row is its image; any other is written
+        once as `context/<slice_id>.png` from `image_of(index)`."""
+        from liverseg.preprocess import context_indices  # torch: only 2.5D ingest needs it
+
+        wanted = set(rows.values())
+        by_id = {row["slice_id"]: row for row in self.rows if row["slice_id"] in wanted}
+        extra: dict[int, str] = {}
+        for z, sid in rows.items():
+            paths = []
+            for j in context_indices([z], n, k)[0].tolist():
+                if j in rows:
+                    paths.append(by_id[rows[j]]["image"])
+                    continue
+                if j not in extra:
+                    cid = _unique(slice_id(by_id[sid]["patient_id"], j), self.context_ids)
+                    extra[j] = f"context/{cid}.png"
+                    (self.out_dir / "context").mkdir(exist_ok=True)
+                    save_png(self.out_dir / extra[j], image_of(j))
+                paths.append(extra[j])
+            by_id[sid]["context"] = "|".join(paths)
 
     def index(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=INDEX_COLUMNS + FACT_COLUMNS)

@@ -1,11 +1,12 @@
 """The decoded-slice cache: each split's slices decoded once, as memory-mappable arrays.
 
 The split stage writes `data/splits/<split>.images.npy` (uint8 [N, H, W], as decoded from
-the PNGs) and `<split>.masks.npy` (uint8 class indices, `liverseg.labels.decode`), rows
-in the order of `<split>.csv`, inside the same DVC output as the CSVs, so the three never
-disagree. `SliceDataset` maps them (`np.load(mmap_mode="r")`) instead of decoding PNGs every
-epoch; the pixels are the same bytes, so training results do not change. A split whose
-slices differ in size has no cache (the loader then decodes the files).
+the PNGs; [N, 2k + 1, H, W] with `data.context_slices` k) and `<split>.masks.npy` (uint8
+class indices, `liverseg.labels.decode`), rows in the order of `<split>.csv`, inside the
+same DVC output as the CSVs, so the three never disagree. `SliceDataset` maps them
+(`np.load(mmap_mode="r")`) instead of decoding PNGs every epoch; the pixels are the same
+bytes, so training results do not change. A split whose slices differ in size has no cache
+(the loader then decodes the files).
 """
 
 from __future__ import annotations
@@ -34,16 +35,28 @@ def write(frame: pd.DataFrame, raw_dir: Path, split_csv: Path, num_classes: int 
     if frame.empty or frame["width"].nunique() > 1 or frame["height"].nunique() > 1:
         return False
     shape = (len(frame), int(frame["height"].iloc[0]), int(frame["width"].iloc[0]))
+    rows = frame.to_dict("records")
+    channels = load_input(raw_dir, rows[0]).shape[:-2]
     image_path, mask_path = paths(split_csv)
     # Filled slice by slice into the mapped files: memory stays at one slice, not the split.
-    images = np.lib.format.open_memmap(image_path, mode="w+", dtype=np.uint8, shape=shape)
+    images = np.lib.format.open_memmap(image_path, mode="w+", dtype=np.uint8,
+                                       shape=shape[:1] + channels + shape[1:])
     masks = np.lib.format.open_memmap(mask_path, mode="w+", dtype=np.uint8, shape=shape)
-    for i, (image, mask) in enumerate(zip(frame["image"], frame["mask"], strict=True)):
-        images[i] = load_gray(raw_dir / image)  # a size other than the manifest's raises
-        masks[i] = labels.decode(load_gray(raw_dir / mask), num_classes)
+    for i, row in enumerate(rows):
+        images[i] = load_input(raw_dir, row)  # a size other than the manifest's raises
+        masks[i] = labels.decode(load_gray(raw_dir / row["mask"]), num_classes)
     images.flush()
     masks.flush()
     return True
+
+
+def load_input(raw_dir: Path, row: dict) -> np.ndarray:
+    """A split row's network input as stored: its grey slice [H, W], or with 2.5D context
+    (the row's "|"-joined `context` paths) the stack [2k + 1, H, W]."""
+    context = row.get("context")
+    if isinstance(context, str) and context:
+        return np.stack([load_gray(raw_dir / rel) for rel in context.split("|")])
+    return load_gray(raw_dir / row["image"])
 
 
 def open_cache(split_csv: str | Path, rows: int) -> tuple[np.ndarray, np.ndarray] | None:

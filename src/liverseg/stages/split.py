@@ -21,11 +21,11 @@ import pandas as pd
 from liverseg import labels
 from liverseg.config import Params
 from liverseg.data import slice_cache
-from liverseg.io import atomic_dir, load_gray, write_json
+from liverseg.io import atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
-           "image_sha256", "height", "width"]
+           "image_sha256", "height", "width", "context"]
 
 
 class LeakageError(AssertionError, ValueError):  # ValueError: the CLI prints it cleanly
@@ -157,6 +157,8 @@ def run(
     accepted = manifest[manifest["accepted"]]
     if "id" not in accepted:  # a manifest from before the contract named it
         accepted = accepted.assign(id=accepted["slice_id"])
+    if "context" not in accepted:  # ... or before 2.5D context
+        accepted = accepted.assign(context="")
     cfg = params.split
     positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
     if cfg.folds and cfg.group_by == "slab":
@@ -205,8 +207,9 @@ def run(
                                                              tmp / f"{name}.csv", len(classes))
         # From the cache just written when there is one: each PNG is decoded once.
         cache = slice_cache.open_cache(tmp / "train.csv", len(splits["train"]))
-        train_images = cache[0] if cache else (load_gray(Path(raw_dir) / rel)
-                                               for rel in splits["train"]["image"])
+        train_images = cache[0] if cache else (
+            slice_cache.load_input(Path(raw_dir), row)
+            for row in splits["train"].to_dict("records"))
         mean, std = pixel_stats(train_images)
         write_json(tmp / "stats.json", {"mean": mean, "std": std} | stats)
     return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}

@@ -15,7 +15,8 @@ sub-datasets that both hold case `0` do not cross-pair.
 
 Slices: the volume in closest canonical orientation (RAS+), slice k of the last axis,
 transposed; intensities windowed in HU (`data.nifti.window`), exactly as `liverseg predict`
-serves a volume. Labels: 0 background, 1 liver, 2 tumour.
+serves a volume. Labels: 0 background, 1 liver, 2 tumour. With `data.context_slices` k each
+row also names its neighbours' images (`SliceWriter.link_context`), as predict stacks them.
 
 Nothing is dropped: a volume without a label volume, a label volume without a volume, a
 case with two candidates on one side (`.nii` beside `.nii.gz`), a volume that cannot be
@@ -225,11 +226,16 @@ def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
         ornt = preprocess.orientation(affine)
         image, labels = (preprocess.to_slices(preprocess.to_canonical(a, ornt))
                          for a in (image, labels))
+        rows = {}
         for k in select_slices(labels, cfg.slices, cfg.empty_fraction, rng):
-            writer.add(slice_id(pid, k), pid, k, preprocess.window(image[k], cfg.window),
-                       label_schema.from_volume_labels(labels[k], data.target),
-                       source_image=f"{vol}#{k}", source_mask=f"{label}#{k}", channels=1,
-                       dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]))
+            rows[k] = writer.add(
+                slice_id(pid, k), pid, k, preprocess.window(image[k], cfg.window),
+                label_schema.from_volume_labels(labels[k], data.target),
+                source_image=f"{vol}#{k}", source_mask=f"{label}#{k}", channels=1,
+                dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]))
+        if data.context_slices and rows:
+            writer.link_context(rows, len(image), data.context_slices,
+                                lambda j, volume=image: preprocess.window(volume[j], cfg.window))
     pairs = sum(c.paired for c in cases)
     return {"volumes": volumes, "pairs": pairs, "refused": pairs - volumes,
             "unpaired": sum(not (c.images and c.labels) for c in cases),
