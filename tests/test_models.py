@@ -168,3 +168,36 @@ def test_encoder_weights_without_matching_keys_raise(tmp_path) -> None:
     save_file({"decoder.foo": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="unrelated.safetensors"):
         build_model("enhanced_pan", encoder_weights=str(path))
+
+
+@pytest.mark.parametrize("name", ["enhanced_pan", "unet_cbam", "manet"])
+def test_each_model_starts_from_its_own_earlier_training(tmp_path, name: str) -> None:
+    """`encoder_weights: <run>/models/{model}/model.safetensors`: every model's encoder from
+    its own full checkpoint (e.g. its liver training, for the tumour task)."""
+    from liverseg.config import ModelParams
+
+    earlier = build_model(name)
+    (tmp_path / name).mkdir()
+    save_file(earlier.state_dict(), str(tmp_path / name / "model.safetensors"))
+    weights = ModelParams(encoder_weights=f"{tmp_path}/{{model}}/model.safetensors")
+    started = build_model(name, encoder_weights=weights.encoder_weights_for(name))
+    expected = _encoder_state(earlier)
+    assert all(torch.equal(started.encoder.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("name", ["enhanced_pan", "unet_cbam", "manet"])
+def test_imagenet_weights_come_from_the_hub(monkeypatch, name: str) -> None:
+    """`encoder_weights: imagenet` reaches timm's hub download (unreachable here: stopped
+    at that call) for every model alike."""
+    import timm.models._builder as builder
+
+    asked = []
+
+    def offline(model_id, *args, **kwargs):
+        asked.append(model_id)
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", offline)
+    with pytest.raises(ConnectionError):
+        build_model(name, encoder="tu-efficientnet_b0", encoder_weights="imagenet")
+    assert asked and "efficientnet_b0" in str(asked[0])

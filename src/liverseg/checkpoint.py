@@ -37,6 +37,17 @@ class UnsafeCheckpointError(ValueError):
     """A weights or state file is not what we write (possibly a pickle that would run code)."""
 
 
+def encoder_init(weights: str | None) -> dict:
+    """Where the encoder started, for lineage: scratch, named (downloaded) weights, or a
+    local file with its sha256 (the file is no DVC dependency, so the hash is the record)."""
+    if weights is None:
+        return {"weights": None}
+    path = Path(weights)
+    if not path.is_file():
+        return {"weights": weights}  # a named set such as imagenet (build_model checks)
+    return {"weights": str(path.resolve()), "sha256": sha256_file(path)}
+
+
 def model_config(params, name: str, mean: float, std: float,
                  classes: tuple[str, ...] | None = None) -> dict:
     """`classes`: the data's, as the split recorded them (default: the configured target's).
@@ -50,6 +61,7 @@ def model_config(params, name: str, mean: float, std: float,
         "num_classes": params.model.num_classes,
         "classes": list(prep.classes),
         "options": params.model.options_for(name),
+        "encoder_init": encoder_init(params.model.encoder_weights_for(name)),
         "image_size": params.train.image_size,
         "normalisation": {"mean": mean, "std": std, "scale": 255.0},
         "threshold": params.evaluate.threshold,

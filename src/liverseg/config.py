@@ -216,12 +216,19 @@ class EnhancedPanParams(Strict):
 
 class ModelParams(Strict):
     encoder: str = "tu-efficientnet_b0"
+    # null: from scratch; imagenet: downloaded (needs the hub); else a local file, where
+    # "{model}" becomes each model's name (each starts from its own earlier training)
     encoder_weights: str | None = None
     in_channels: int = Field(1, ge=1)
     # 2: binary (one sigmoid logit); 3: background/liver/tumour (softmax), which needs
     # data.target liver_tumour. Checked against the data's classes again at training.
     num_classes: Literal[2, 3] = 2
     enhanced_pan: EnhancedPanParams = EnhancedPanParams()
+
+    def encoder_weights_for(self, name: str) -> str | None:
+        """`encoder_weights` for model `name`: "{model}" in a path is replaced by it."""
+        weights = self.encoder_weights
+        return weights.replace("{model}", name) if weights else weights
 
     def options_for(self, name: str) -> dict:
         """Architecture-specific switches (only the Enhanced PAN has some)."""

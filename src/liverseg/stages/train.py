@@ -235,7 +235,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     train_loader, val_loader, sampler = make_loaders(params, splits_dir, raw_dir, stats,
                                                      generator, ctx)
     model = build_model(model_name, encoder=params.model.encoder,
-                        encoder_weights=params.model.encoder_weights,
+                        encoder_weights=params.model.encoder_weights_for(model_name),
                         in_channels=params.model.in_channels,
                         classes=labels.out_channels(len(classes)),
                         options=params.model.options_for(model_name)).to(rt.device)
