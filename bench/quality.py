@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 import yaml
 
+from liverseg.metrics import paired_difference
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 COLUMNS = ["model", "fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "sec_per_epoch",
@@ -125,18 +127,15 @@ def cv_summary(per_fold: pd.DataFrame, reference: str = "enhanced_pan",
                key: str = "fg_iou") -> pd.DataFrame:
     """Per model: mean and sd of `key` over folds, and `reference` minus the model, paired
     by fold, with its 95% t-interval (folds are the unit that was sampled)."""
-    from scipy import stats
-
     wide = per_fold.pivot(index="fold", columns="model", values=key)
     rows = []
     for model in wide.columns:
         row = {"model": model, "folds": int(wide[model].notna().sum()),
                f"{key}_mean": wide[model].mean(), f"{key}_sd": wide[model].std(ddof=1)}
         if reference in wide and model != reference:
-            diff = (wide[reference] - wide[model]).dropna()
-            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5
-            row |= {"diff_vs_reference": diff.mean(), "diff_ci_low": diff.mean() - half,
-                    "diff_ci_high": diff.mean() + half}
+            diff = paired_difference(wide[reference], wide[model])
+            row |= {"diff_vs_reference": diff["diff"], "diff_ci_low": diff["ci_low"],
+                    "diff_ci_high": diff["ci_high"]}
         rows.append(row)
     return pd.DataFrame(rows).sort_values(f"{key}_mean", ascending=False)
 

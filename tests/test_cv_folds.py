@@ -81,3 +81,24 @@ def test_cv_summary_pairs_the_enhanced_pan_with_each_model_by_fold():
     assert (unet["diff_ci_low"], unet["diff_ci_high"]) == pytest.approx(
         (0.083333 - half, 0.083333 + half), abs=1e-5)
     assert pd.isna(summary.loc["enhanced_pan", "diff_vs_reference"])
+
+
+def test_cv_table_labels_runs_and_pairs_context_with_none():
+    from bench.cv_table import tables, variant
+
+    assert variant("python bench/quality.py tumor --folds 4 --set data.context_slices=1 "
+                   "--set model.in_channels=3") == "context_slices=1"
+    folds = [0, 1, 2]
+    rows = pd.DataFrame({
+        "fold": folds * 3, "fg_iou": [0.5, 0.6, 0.4, 0.4, 0.55, 0.3, 0.45, 0.6, 0.35],
+        "dice": 0.0, "gflops": 1.0, "images_per_second": 10.0,
+        "base_model": ["enhanced_pan"] * 3 + ["unet"] * 6,
+        "variant": [""] * 6 + ["context_slices=1"] * 3,
+        "model": ["enhanced_pan"] * 3 + ["unet"] * 3 + ["unet [context_slices=1]"] * 3})
+    summary, pairs, context = tables(rows)
+    assert summary.model.tolist()[0] == "enhanced_pan"
+    versus_unet = pairs.set_index("versus").loc["unet"]
+    assert versus_unet["diff"] == pytest.approx(0.083333, abs=1e-6)  # as cv_summary's
+    assert bool(versus_unet["excludes_0"]) is True
+    assert context.iloc[0][["model", "folds"]].tolist() == ["unet", 3]
+    assert context.iloc[0]["diff"] == pytest.approx(0.05)

@@ -221,3 +221,16 @@ def bootstrap_ci(counts: np.ndarray, resamples: int, seed: int, level: float = 0
         out[f"{key}_ci"] = ([float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha))]
                             if len(v) else None)
     return out
+
+
+def paired_difference(a, b, level: float = 0.95) -> dict:
+    """Mean of `a - b` over the units both have (e.g. cross-validation folds, each model
+    scored on the same ones), with its t-interval: the folds are the sampled unit."""
+    from scipy import stats
+
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    diff = diff[~np.isnan(diff)]
+    half = stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+    low, high = diff.mean() - half, diff.mean() + half
+    return {"folds": len(diff), "diff": float(diff.mean()), "ci_low": float(low),
+            "ci_high": float(high), "excludes_0": bool(low > 0 or high < 0)}
