@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE ?= 1
 # pip on this kind of machine prints a warning per missing local index entry: keep the noise out.
 PIP_QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install repro repro-parallel test test-fast lint ui materialize clean-outputs
+.PHONY: install repro repro-parallel test test-slow test-all lint ui materialize clean-outputs
 
 install: $(STAMP)
 
@@ -46,11 +46,15 @@ repro-parallel: install
 	python -m pipeline.parallel
 	LIVERSEG_WORKERS=$(WORKERS) dagster job execute -m pipeline.definitions -j train_all_parallel
 
+# `make test`: everything but the `slow` end-to-end tests (minutes); `make test-all` (CI):
+# those too (about half an hour on 2 cores).
 test: install
-	pytest -q
-
-test-fast: install
 	pytest -q -m "not slow"
+
+test-slow: install
+	pytest -q -m slow
+
+test-all: test test-slow
 
 lint: install
 	ruff check src pipeline tests

@@ -96,7 +96,8 @@ def test_readme_is_a_front_door_of_at_most_160_lines():
 def test_readme_keeps_the_test_command_ci_runs():
     text = README.read_text()
     section = text[text.index("\n## Tests"):]
-    assert "`make test`" in section
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "`make test-all`" in section and "\nmake test-all\n" in ci
 
 
 def test_every_docs_page_is_linked_from_the_readme():
