@@ -282,10 +282,11 @@ def test_limitations_are_stated_from_the_facts():
                               "splits": {"val": {"patients": 1, "slices": 9}}},
             "training": {"epochs": 30, "best_epoch": 12, "image_size": 128, "device": "cuda:0"},
             "preprocessing": {"trained_on_volumes": True},
-            "architecture": {"encoder_weights": "imagenet"},
+            "architecture": {"encoder_weights": "imagenet", "context_slices": 1},
             "quality_gate": {"passed": False, "text": "failed: fg_iou 0.3 < 0.5"},
             "lineage": {"git_dirty": "false"}}
     text = "\n".join(model_card.limitations(card))
+    assert "its 1 neighbour(s) on each side" in text
     assert "phantom" not in text and "from scratch" not in text
     assert "resized to 128x128" in text and "Validated on 1 patients (9 slices)" in text
     assert "slab" in text and "2 of 40 ingested slices were quarantined" in text

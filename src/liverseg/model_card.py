@@ -41,6 +41,8 @@ def facts(record: dict, config: dict, metrics: dict, comparison: dict, validatio
         "architecture": {k: config.get(k) for k in ("model", "encoder", "in_channels",
                                                      "num_classes", "classes", "options")}
         | {"encoder_weights": params.get("model", {}).get("encoder_weights"),
+           "encoder_init": config.get("encoder_init"),
+           "context_slices": data.get("context_slices", 0),
            "n_parameters": metrics.get("n_parameters"), "flops": metrics.get("flops")},
         "training_data": {
             "source": data.get("source"), "path": data.get("path"), "target": data.get("target"),
@@ -90,6 +92,11 @@ def limitations(card: dict) -> list[str]:
     if arch["encoder_weights"] in (None, "none"):
         out.append(f"Trained from scratch (model.encoder_weights null) for {train['epochs']} "
                    f"epochs (best epoch {train['best_epoch']}).")
+    k = arch.get("context_slices")
+    if k:
+        out.append(f"2.5D: reads each slice with its {k} neighbour(s) on each side "
+                   "(data.context_slices), so it needs a volume (NIfTI or DICOM series) with "
+                   "contiguous slices, not single 2D images.")
     size = train["image_size"]
     out.append(f"Every slice is resized to {size}x{size} px for the network and the "
                "probabilities back: detail finer than one pixel at that size is lost.")
