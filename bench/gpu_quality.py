@@ -53,7 +53,27 @@ RUNS = {
     "quality-liver-seed2-gpu": ("liver", ["enhanced_pan", "unetplusplus", "unet_cbam"],
                                 ["seed=2"]),
     "quality-tumor-unet_cbam-gpu": ("tumor", ["unet_cbam"], []),
+    # issue 19 (a third session: --only these): the data's own resolution, liver at 256 px
+    "quality-liver-256-gpu": ("liver", ["enhanced_pan", "unet_cbam", "unetplusplus"],
+                              ["train.image_size=256"]),
 }
+ALL_MODELS = ["enhanced_pan", "pan", "unet_cbam", "manet", "linknet", "pspnet", "unet",
+              "unetplusplus", "deeplabv3plus"]
+FOLDS = 4
+
+
+def cv_runs(name: str, models: list[str], sets: list[str]) -> dict:
+    """The tumour cross-validation as one run per fold (`<name>-fold<k>`); `collect` joins
+    them into bench/results/<name>.csv with a fold column, as `quality.py --folds` does."""
+    return {f"{name}-fold{k}": ("tumor", models, [*sets, f"split.folds={FOLDS}",
+                                                  f"split.fold={k}"]) for k in range(FOLDS)}
+
+
+# issue 19: every model on every fold at the preset's 60 epochs, the candidate, 2.5D
+RUNS |= cv_runs("quality-tumor-cv-gpu", ALL_MODELS, [])
+RUNS |= cv_runs("quality-tumor-cv-no-se-gpu", ["enhanced_pan"], ["model.enhanced_pan.se=false"])
+RUNS |= cv_runs("quality-tumor-cv-context1-gpu", ["enhanced_pan", "unet_cbam", "manet"],
+                ["data.context_slices=1", "model.in_channels=3"])
 # What training and evaluation read (the PNGs are not needed: the split's cache holds them).
 DATA = ["data/raw/classes.json", "data/raw/slices.csv", "data/splits"]
 MACHINE = ("import json, os, torch, timm, segmentation_models_pytorch as smp; print(json.dumps("
@@ -182,6 +202,32 @@ def collect(results: Path) -> None:
         (quality.RESULTS / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
         print(name)
         print(table.to_markdown(index=False, floatfmt=".4f"))
+    join_folds()
+
+
+def join_folds() -> None:
+    """`<cv>-fold<k>` results -> bench/results/<cv>.csv (a fold column) and a JSON with
+    quality.py's keys (folds, a command with the --set overrides), for bench/cv_table.py."""
+    groups: dict[str, list[str]] = {}
+    for name in RUNS:
+        if (match := re.fullmatch(r"(.+)-fold(\d+)", name)) and \
+                (REPO / "bench" / "results" / f"{name}.csv").is_file():
+            groups.setdefault(match[1], []).append(name)
+    for cv, names in groups.items():
+        import pandas as pd
+
+        results = REPO / "bench" / "results"
+        table = pd.concat([pd.read_csv(results / f"{n}.csv").assign(fold=int(n.rsplit("fold", 1)[1]))
+                           for n in names])
+        table.to_csv(results / f"{cv}.csv", index=False)
+        facts = json.loads((results / f"{names[0]}.json").read_text())
+        sets = [a for a in facts["sets"] if not a.startswith("split.fold")]
+        facts |= {"folds": FOLDS, "folds_finished": sorted(table.fold.unique().tolist()),
+                  "command": " ".join(["python bench/gpu_quality.py", facts["preset"],
+                                       *(f"--set {a}" for a in sets)]),
+                  "per_fold_files": names}
+        (results / f"{cv}.json").write_text(json.dumps(facts, indent=2) + "\n")
+        print(f"{cv}: folds {facts['folds_finished']} -> bench/results/{cv}.csv")
 
 
 def run_names(text: str) -> list[str]:

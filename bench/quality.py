@@ -34,7 +34,7 @@ from liverseg.metrics import paired_difference
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 COLUMNS = ["model", "fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "sec_per_epoch",
-           "epochs", "params", "best_epoch"]
+           "epochs", "params", "best_epoch", "gflops", "images_per_second"]
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -108,7 +108,11 @@ def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
                      "pixel_accuracy": metrics["pixel_accuracy"],
                      "sec_per_epoch": round(config["train_seconds"] / epochs, 2),
                      "epochs": epochs, "params": metrics["n_parameters"],
-                     "best_epoch": metrics["best_epoch"]})
+                     "best_epoch": metrics["best_epoch"],
+                     # cost beside the score: forward GFLOPs per image at the trained size,
+                     # evaluate's images/s (on whatever else the machine was running)
+                     "gflops": metrics["flops"] / 1e9,
+                     "images_per_second": metrics["images_per_second"]})
         classes = {k: v for k, v in metrics.items() if k.startswith("iou_")}
         rows[-1] |= classes
         per_class += [k for k in classes if k not in per_class]
