@@ -79,7 +79,7 @@ def tables(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
                .reset_index().sort_values("fg_iou_mean", ascending=False))
     wide = rows.pivot(index="fold", columns="model", values="fg_iou")
     pans = [m for m in wide if m.startswith("enhanced_pan")]
-    pairs = pd.DataFrame([{"enhanced_pan": a, "versus": b, **paired_difference(wide[a], wide[b])}
+    pairs = pd.DataFrame([{"model": a, "versus": b, **paired_difference(wide[a], wide[b])}
                           for a in pans for b in wide if b != a])
     with_context = rows[rows.variant.str.contains("context_slices")]
     context = pd.DataFrame([

@@ -217,8 +217,8 @@ def join_folds() -> None:
         import pandas as pd
 
         results = REPO / "bench" / "results"
-        table = pd.concat([pd.read_csv(results / f"{n}.csv").assign(fold=int(n.rsplit("fold", 1)[1]))
-                           for n in names])
+        table = pd.concat([pd.read_csv(results / f"{n}.csv")
+                           .assign(fold=int(n.rsplit("fold", 1)[1])) for n in names])
         table.to_csv(results / f"{cv}.csv", index=False)
         facts = json.loads((results / f"{names[0]}.json").read_text())
         sets = [a for a in facts["sets"] if not a.startswith("split.fold")]
