@@ -7,8 +7,9 @@ Each run's per-fold rows (`bench/results/<stem>.csv`) are labelled by the `--set
 of its command (e.g. `enhanced_pan [se=false]`); rows are paired by fold (same folds, seed
 and epochs in every run, checked). Writes to bench/results/:
 - `<name>.csv`: per row, mean and sd over folds of fg IoU and Dice, beside its cost:
-  GFLOPs per image at the trained size and evaluate's images/s (the CSV's columns, or for
-  an older run each fold's metrics JSON in bench/.work/);
+  GFLOPs per image at the trained size and evaluate's images/s (the CSV's columns; a run
+  collected before quality.py wrote them gets them from each fold's metrics JSON in
+  bench/.work/, written into its CSV);
 - `<name>-paired.csv`: every Enhanced PAN row minus every other row, paired by fold, with
   the 95% t-interval (folds are the sampled unit) and whether it excludes 0;
 - `<name>-context.csv`: for a model run with and without `data.context_slices`, the paired
@@ -57,13 +58,14 @@ def per_fold_rows(stems: list[str]) -> pd.DataFrame:
         recipes[stem] = (facts["folds"], facts["params"]["seed"],
                          facts["params"]["train"]["epochs"])
         frame = pd.read_csv(RESULTS / f"{stem}.csv")
+        if "gflops" not in frame:  # a run collected before quality.py wrote the cost: the
+            frame[["gflops", "images_per_second"]] = [  # same run's metrics, added to its CSV
+                list(cost(stem, m, f).values()) for m, f in zip(frame.model, frame.fold,
+                                                              strict=True)]
+            frame.to_csv(RESULTS / f"{stem}.csv", index=False)
         frame["base_model"] = frame["model"]
         frame["variant"] = label
         frame["model"] = [f"{m} [{label}]" if label else m for m in frame["model"]]
-        if "gflops" not in frame:  # a run collected before quality.py wrote the cost
-            frame[["gflops", "images_per_second"]] = [
-                list(cost(stem, m, f).values()) for m, f in zip(frame.base_model, frame.fold,
-                                                              strict=True)]
         frames.append(frame)
     if len(set(recipes.values())) > 1:
         raise SystemExit(f"runs differ in (folds, seed, epochs): {recipes}; rows would not pair")

@@ -39,6 +39,14 @@ def f4(value) -> str:
     return f"{float(value):.4f}"
 
 
+def f1(value) -> str:
+    return f"{float(value):.1f}"
+
+
+def f2(value) -> str:
+    return f"{float(value):.2f}"
+
+
 def millions(value) -> str:
     return f"{float(value) / 1e6:.2f} M"
 
@@ -65,6 +73,12 @@ COLUMNS = {
     "iou_liver": ("liver IoU", f3),
     "iou_tumour": ("tumour IoU", f3),
     "device": ("device", plain),
+    "gflops": ("GFLOPs", f2),
+    "images_per_second": ("images/s", f1),
+    "versus": ("versus", plain),
+    "diff": ("fg IoU difference [95% CI]", f3),
+    "excludes_0": ("interval excludes 0", plain),
+    "with": ("with", plain),
 }
 
 
@@ -129,6 +143,8 @@ class ModelTable:
                 return device_of(self.csv, r)
             if key == "fg_iou" and with_ci:
                 return f"{f3(r['fg_iou'])} [{f3(r['fg_iou_ci_low'])}, {f3(r['fg_iou_ci_high'])}]"
+            if key == "diff":  # bench/cv_table.py's paired differences
+                return f"{f3(r['diff'])} [{f3(r['ci_low'])}, {f3(r['ci_high'])}]"
             return COLUMNS[key][1](r[key])
 
         header = ["model"] + [COLUMNS[k][0] + (" [95% CI]" if k == "fg_iou" and with_ci else "")
@@ -185,6 +201,34 @@ class SeedTable:
 
 
 @dataclass
+class FoldTable:
+    """Cross-validation (`bench/quality.py --folds`): one row per (model, run), fg IoU per
+    fold, mean ± sd over the folds, and the cost columns of fold 0's row."""
+
+    rows: list[tuple[str, str, str]]  # (label, model, per-fold CSV)
+    folds: int = 4
+    extra: list[str] = field(default_factory=lambda: ["gflops", "images_per_second"])
+
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(csv_name for _, _, csv_name in self.rows))
+
+    def render(self) -> list[str]:
+        header = (["configuration"] + [f"fg IoU fold {k}" for k in range(self.folds)]
+                  + ["fg IoU mean ± sd"] + [COLUMNS[k][0] + (" (fold 0)" if k ==
+                                                            "images_per_second" else "")
+                                            for k in self.extra] + [f"from `{RESULTS}/`"])
+        out = []
+        for label, model, name in self.rows:
+            found = sorted((r for r in read_csv(name) if r["model"] == model),
+                           key=lambda r: int(r["fold"]))
+            values = [float(r["fg_iou"]) for r in found]
+            out.append([label] + [f3(v) for v in values]
+                       + [f"{f3(statistics.mean(values))} ± {f3(statistics.stdev(values))}"]
+                       + [COLUMNS[k][1](found[0][k]) for k in self.extra] + [f"`{name}`"])
+        return markdown(header, out)
+
+
+@dataclass
 class JsonTable:
     """Measures read from one JSON of bench/results/: (what, key path, unit)."""
 
@@ -207,7 +251,7 @@ def seeds(stem: str, n: int = 3, suffix: str = "") -> list[str]:
 
 QUALITY = ["fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "params"]
 
-TABLES: dict[str, ModelTable | SeedTable | JsonTable] = {
+TABLES: dict[str, ModelTable | SeedTable | FoldTable | JsonTable] = {
     "tumour": ModelTable("quality-tumor.csv", QUALITY + ["best_epoch", "device"]),
     "liver": ModelTable("quality-liver.csv", QUALITY + ["best_epoch", "device"]),
     "liver-seeds": SeedTable(
