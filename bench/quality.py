@@ -78,11 +78,16 @@ def preset_params(dataset: str, models: list[str] | None, epochs: int | None,
     return params
 
 
-def prepare_workdir(workdir: Path, params: dict) -> str:
+def head_commit() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def prepare_workdir(workdir: Path, params: dict, head: str | None = None) -> str:
+    """A clone of REPO at `head` (default: HEAD now) with `params` as its params.yaml."""
     if not (workdir / ".git").exists():
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(workdir)], check=True)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    head = head or head_commit()
     subprocess.run(["git", "-C", str(workdir), "fetch", "--quiet", str(REPO), head], check=True)
     subprocess.run(["git", "-C", str(workdir), "checkout", "--quiet", "--force", head],
                    check=True)
@@ -120,9 +125,9 @@ def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
             .sort_values("fg_iou", ascending=False))
 
 
-def run_pipeline(workdir: Path, params: dict) -> tuple[pd.DataFrame, str]:
-    """`dvc repro` of `params` in a clone at HEAD; (one row per model, the commit)."""
-    commit = prepare_workdir(workdir, params)
+def run_pipeline(workdir: Path, params: dict, head: str) -> tuple[pd.DataFrame, str]:
+    """`dvc repro` of `params` in a clone at commit `head`; (one row per model, the commit)."""
+    commit = prepare_workdir(workdir, params, head)
     subprocess.run(["dvc", "repro"], cwd=workdir, env=workdir_env(workdir), check=True)
     return collect(workdir, params["models"]), commit
 
@@ -160,21 +165,21 @@ def main() -> None:
     params = preset_params(args.dataset, args.models, args.epochs, args.set)
     stem = args.name or f"quality-{args.dataset}"
     workdir = (args.workdir or REPO / "bench" / ".work" / stem).resolve()
-    started = time.time()
+    started, head = time.time(), head_commit()  # every fold at the commit of the start
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.folds:
         tables = []
         for fold in range(args.folds):
             fold_params = merge(params, {"split": {"folds": args.folds, "fold": fold}})
             table, commit = run_pipeline(workdir.with_name(f"{workdir.name}-fold{fold}"),
-                                         fold_params)
+                                         fold_params, head)
             tables.append(table.assign(fold=fold))
         table = pd.concat(tables)
         summary = cv_summary(table)
         summary.to_csv(RESULTS / f"{stem}-summary.csv", index=False)
         print(summary.to_markdown(index=False, floatfmt=".4f"))
     else:
-        table, commit = run_pipeline(workdir, params)
+        table, commit = run_pipeline(workdir, params, head)
     table.to_csv(RESULTS / f"{stem}.csv", index=False)
     facts = {"command": " ".join(["python bench/quality.py", *map(shlex.quote, sys.argv[1:])]),
              "commit": commit,
