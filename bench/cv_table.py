@@ -10,8 +10,8 @@ and epochs in every run, checked). Writes to bench/results/:
   GFLOPs per image at the trained size and evaluate's images/s (the CSV's columns; a run
   collected before quality.py wrote them gets them from each fold's metrics JSON in
   bench/.work/, written into its CSV);
-- `<name>-paired.csv`: every Enhanced PAN row minus every other row, paired by fold, with
-  the 95% t-interval (folds are the sampled unit) and whether it excludes 0;
+- `<name>-paired.csv`: every Enhanced PAN row minus every other row (each pair once), paired
+  by fold, with the 95% t-interval (folds are the sampled unit) and whether it excludes 0;
 - `<name>-context.csv`: for a model run with and without `data.context_slices`, the paired
   difference (context minus none).
 """
@@ -81,8 +81,10 @@ def tables(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
                .reset_index().sort_values("fg_iou_mean", ascending=False))
     wide = rows.pivot(index="fold", columns="model", values="fg_iou")
     pans = [m for m in wide if m.startswith("enhanced_pan")]
+    # each Enhanced PAN row against every baseline, and against each later Enhanced PAN row
     pairs = pd.DataFrame([{"model": a, "versus": b, **paired_difference(wide[a], wide[b])}
-                          for a in pans for b in wide if b != a])
+                          for i, a in enumerate(pans) for b in wide
+                          if b not in pans or pans.index(b) > i])
     with_context = rows[rows.variant.str.contains("context_slices")]
     context = pd.DataFrame([
         {"model": base, "with": m, "without": base, **paired_difference(wide[m], wide[base])}

@@ -203,20 +203,19 @@ class SeedTable:
 @dataclass
 class FoldTable:
     """Cross-validation (`bench/quality.py --folds`): one row per (model, run), fg IoU per
-    fold, mean ± sd over the folds, and the cost columns of fold 0's row."""
+    fold, mean ± sd over the folds, and the cost (GFLOPs per image, parameters)."""
 
     rows: list[tuple[str, str, str]]  # (label, model, per-fold CSV)
     folds: int = 4
-    extra: list[str] = field(default_factory=lambda: ["gflops", "images_per_second"])
+    extra: list[str] = field(default_factory=lambda: ["gflops", "params"])
 
     def sources(self) -> list[str]:
         return list(dict.fromkeys(csv_name for _, _, csv_name in self.rows))
 
     def render(self) -> list[str]:
         header = (["configuration"] + [f"fg IoU fold {k}" for k in range(self.folds)]
-                  + ["fg IoU mean ± sd"] + [COLUMNS[k][0] + (" (fold 0)" if k ==
-                                                            "images_per_second" else "")
-                                            for k in self.extra] + [f"from `{RESULTS}/`"])
+                  + ["fg IoU mean ± sd"] + [COLUMNS[k][0] for k in self.extra]
+                  + [f"from `{RESULTS}/`"])
         out = []
         for label, model, name in self.rows:
             found = sorted((r for r in read_csv(name) if r["model"] == model),
@@ -285,6 +284,18 @@ TABLES: dict[str, ModelTable | SeedTable | FoldTable | JsonTable] = {
         SeedRow("`decoder_stride: 2` + `decoder_channels: 128`", "enhanced_pan",
                 ["quality-tumor-stride-2-ch128.csv"]),
     ], ["fg_iou"]),
+    "tumour-cv": FoldTable([
+        ("enhanced_pan (paper default)", "enhanced_pan", "quality-tumor-cv.csv"),
+        ("unet_cbam", "unet_cbam", "quality-tumor-cv.csv"),
+        ("manet", "manet", "quality-tumor-cv.csv"),
+        ("unet", "unet", "quality-tumor-cv.csv"),
+        ("enhanced_pan, 2.5D (context_slices 1)", "enhanced_pan",
+         "quality-tumor-cv-context1.csv"),
+    ]),
+    "tumour-cv-paired": ModelTable("quality-tumor-cv-table-paired.csv",
+                                   ["versus", "diff", "excludes_0"]),
+    "tumour-cv-context": ModelTable("quality-tumor-cv-table-context.csv",
+                                    ["with", "diff", "excludes_0"]),
     "tumour-device": SeedTable([
         SeedRow("enhanced_pan, 2-core CPU", "enhanced_pan", ["quality-tumor.csv"]),
         SeedRow("enhanced_pan, H100", "enhanced_pan", ["quality-tumor-enhanced_pan-gpu.csv"]),
