@@ -289,6 +289,8 @@ TABLES: dict[str, ModelTable | SeedTable | FoldTable | JsonTable] = {
         ("unet_cbam", "unet_cbam", "quality-tumor-cv.csv"),
         ("manet", "manet", "quality-tumor-cv.csv"),
         ("unet", "unet", "quality-tumor-cv.csv"),
+        ("enhanced_pan, se: false (the candidate)", "enhanced_pan",
+         "quality-tumor-cv-no-se.csv"),
         ("enhanced_pan, 2.5D (context_slices 1)", "enhanced_pan",
          "quality-tumor-cv-context1.csv"),
     ]),
