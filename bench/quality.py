@@ -9,6 +9,7 @@ Ablations: `--set model.enhanced_pan.aspp=false --name quality-tumor-no-aspp` (a
 as `dvc exp run -S`). Cross-validation: `--folds 4` runs every fold (`split.folds`/`split.fold`,
 one work directory each) and writes the per-fold rows plus `<name>-summary.csv`: each model's
 mean and sd over folds and the Enhanced PAN's paired difference to it with a 95% t-interval.
+`--sharing TEXT` records what else ran on the machine meanwhile.
 Options: --models / --epochs run less than the preset (the JSON then says
 "complete_preset": false, and the CSV's rows and `epochs` column say what ran).
 """
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--name", help="results file stem; default quality-<dataset>")
     parser.add_argument("--workdir", type=Path, help="default: bench/.work/<name>")
     parser.add_argument("--folds", type=int, help="k-fold CV: every fold, then a summary")
+    parser.add_argument("--sharing", default="nothing else",
+                        help="what else ran on the machine meanwhile (recorded in the JSON)")
     args = parser.parse_args()
 
     params = preset_params(args.dataset, args.models, args.epochs, args.set)
@@ -187,6 +190,7 @@ def main() -> None:
              "complete_preset": not (args.models or args.epochs or args.set),
              "folds": args.folds,
              "wall_seconds": round(time.time() - started),
+             "sharing_the_machine": args.sharing,
              "machine": {"platform": platform.platform(), "cpu": platform.processor(),
                          "cores": os.cpu_count(), "torch": torch.__version__,
                          "threads": torch.get_num_threads(),

@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["LIVERSEG_TRACKING"] = "off"
     import liverseg
-    from liverseg import predict
+    from liverseg.serving import predict
     from liverseg.config import parse_params
     from liverseg.stages import evaluate, ingest, split, train, validate
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from liverseg import export, predict
+from liverseg.serving import export, predict
 from liverseg.config import ConfigError, parse_params
 from liverseg.data import slice_cache
 from liverseg.io import load_gray

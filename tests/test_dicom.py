@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, RLELossless
 
-from liverseg import dicom, predict
+from liverseg.serving import dicom, predict
 from liverseg.config import parse_params
 from tests.conftest import SHARED_DATA, tiny_raw_params
 from tests.dicom_series import write_series

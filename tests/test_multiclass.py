@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_raw_params
 from PIL import Image
 
-from liverseg import export, labels, predict, tracking
+from liverseg import labels, tracking
+from liverseg.serving import export, predict
 from liverseg.config import ConfigError, parse_params
 from liverseg.data.layout import read_index
 from liverseg.stages import compare, evaluate, ingest, register, report, split, train, validate

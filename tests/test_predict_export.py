@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from liverseg import export, predict
+from liverseg.serving import export, predict
 from liverseg.cli import app
 from liverseg.preprocess import Preprocessing, Served
 

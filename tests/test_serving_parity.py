@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from liverseg import labels, predict
+from liverseg import labels
+from liverseg.serving import predict
 from liverseg.config import parse_params
 from liverseg.stages import evaluate, ingest, split, train, validate
 from tests.conftest import tiny_raw_params

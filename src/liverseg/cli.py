@@ -237,7 +237,7 @@ def predict(
 
     Example: liverseg predict --model models:/liverseg@champion volume-117.nii.gz --out pred
     """
-    from liverseg import predict as pred
+    from liverseg.serving import predict as pred
 
     try:
         summary = pred.run(model, inputs, out)
@@ -256,7 +256,7 @@ def export(
 
     Example: liverseg export --format onnx --out model.onnx
     """
-    from liverseg import export as exp
+    from liverseg.serving import export as exp
 
     try:
         summary = exp.run(model, fmt, out)

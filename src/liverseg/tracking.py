@@ -27,7 +27,7 @@ from pathlib import Path
 from liverseg.redact import install_log_redaction, redact
 
 EXPERIMENT = "liverseg"
-PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+PYFUNC_CODE = Path(__file__).parent / "serving" / "mlflow_pyfunc.py"
 PROBE_TIMEOUT_ENV = "LIVERSEG_TRACKING_TIMEOUT"  # seconds for the reachability probe
 TRACKING_ENV = "LIVERSEG_TRACKING"  # on (default) | off
 

@@ -1,7 +1,7 @@
 """Predictions from a trained or registered model on new slices and volumes.
 
 Inputs: PNG/JPG slices, folders of them, NIfTI volumes (`.nii`, `.nii.gz`, values in
-Hounsfield units) and DICOM CT series (`liverseg.dicom`: files recognised by content,
+Hounsfield units) and DICOM CT series (`liverseg.serving.dicom`: files recognised by content,
 grouped by series, each series a volume). All go through `liverseg.preprocess` with the
 parameters the model recorded (grey conversion, canonical orientation, the training HU
 window, the resize to the trained size and back), so a mask has the input's geometry and
@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from liverseg import checkpoint, dicom, labels
+from liverseg import checkpoint, labels
+from liverseg.serving import dicom
 from liverseg.io import atomic_path
 from liverseg.preprocess import (
     Preprocessing,
@@ -60,7 +61,7 @@ def model_uri(ref: str, registered_model: str = "liverseg") -> str:
 def load(ref: str) -> tuple[torch.nn.Module, dict]:
     """(eval-mode torch model, its config) from a model directory (models/<name>) or an
     MLflow URI (models:/liverseg@champion, models:/liverseg/3, runs:/ID/model, a version
-    number or a run id), loaded through the project's pyfunc (liverseg.mlflow_pyfunc)."""
+    number or a run id), loaded through the project's pyfunc (liverseg.serving.mlflow_pyfunc)."""
     if Path(ref).is_dir():
         return checkpoint.load_model(ref)
     from liverseg import tracking

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverseg import predict
+from liverseg.serving import predict
 from liverseg.preprocess import Preprocessing, Served
 
 FORMATS = ("onnx",)
