@@ -51,8 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["LIVERSEG_TRACKING"] = "off"
     import liverseg
-    from liverseg.serving import predict
     from liverseg.config import parse_params
+    from liverseg.serving import predict
     from liverseg.stages import evaluate, ingest, split, train, validate
 
     # The params.yaml of the checkout whose code runs (its keys are the ones it parses).

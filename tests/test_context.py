@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from liverseg.serving import export, predict
 from liverseg.config import ConfigError, parse_params
 from liverseg.data import slice_cache
 from liverseg.io import load_gray
 from liverseg.preprocess import context_stack
+from liverseg.serving import export, predict
 from liverseg.stages import evaluate, ingest, split, train, validate
 from tests.conftest import tiny_raw_params
 

@@ -11,9 +11,9 @@ from conftest import tiny_raw_params
 from PIL import Image
 
 from liverseg import labels, tracking
-from liverseg.serving import export, predict
 from liverseg.config import ConfigError, parse_params
 from liverseg.data.layout import read_index
+from liverseg.serving import export, predict
 from liverseg.stages import compare, evaluate, ingest, register, report, split, train, validate
 
 THREE = ("background", "liver", "tumour")

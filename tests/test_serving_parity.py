@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from liverseg import labels
-from liverseg.serving import predict
 from liverseg.config import parse_params
+from liverseg.serving import predict
 from liverseg.stages import evaluate, ingest, split, train, validate
 from tests.conftest import tiny_raw_params
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverseg.serving import predict
 from liverseg.preprocess import Preprocessing, Served
+from liverseg.serving import predict
 
 FORMATS = ("onnx",)
 
