@@ -33,23 +33,32 @@ def _base(study: str, series: str, frame: str, number: int) -> Dataset:
     return ds
 
 
-def write_series(volume: Path, out_dir: Path, series_number: int = 2,
-                 study_uid: str | None = None) -> list[Path]:
-    """Write `volume` (NIfTI, HU) as one DICOM file per slice along its last axis."""
+def write_series(volume: Path, out_dir: Path, series_number: int | None = 2,
+                 study_uid: str | None = None, series_uid: str | None = None,
+                 tilt_degrees: float = 0.0, drop: tuple[str, ...] = ()) -> list[Path]:
+    """Write `volume` (NIfTI, HU) as one DICOM file per slice along its last axis.
+
+    `series_number` None leaves SeriesNumber out; `tilt_degrees` stacks the slices at that
+    angle to their normal, as a gantry tilt does (each slice's pixels unchanged, its
+    position shifted towards posterior); `drop` names attributes to leave out."""
     img = nib.as_closest_canonical(nib.load(str(volume)))  # RAS axes: x to R, y to A
     hu = np.asarray(img.dataobj).astype(np.int32)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     intercept = min(-1024, int(hu.min()))
-    study, series, frame = study_uid or generate_uid(), generate_uid(), generate_uid()
+    study, series, frame = study_uid or generate_uid(), series_uid or generate_uid(), \
+        generate_uid()
     out_dir.mkdir(parents=True, exist_ok=True)
     nx, ny, nz = hu.shape
     files = []
-    rng = np.random.default_rng(series_number)
+    rng = np.random.default_rng(series_number or 0)
+    shift = np.tan(np.radians(tilt_degrees)) * zooms[2]
     for k in range(nz):
         ds = _base(study, series, frame, series_number)
+        for keyword in drop + (("SeriesNumber",) if series_number is None else ()):
+            delattr(ds, keyword)
         # Column index c runs to the left (-x in RAS), row index r to posterior (-y): the
         # pixel (r, c) is voxel (nx-1-c, ny-1-r, k).
-        corner = LPS @ (img.affine @ [nx - 1, ny - 1, k, 1])[:3]
+        corner = LPS @ (img.affine @ [nx - 1, ny - 1, k, 1])[:3] + [0, k * shift, 0]
         ds.ImagePositionPatient = [round(float(v), 4) for v in corner]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [zooms[1], zooms[0]], zooms[2]

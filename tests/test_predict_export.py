@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from liverseg.serving import export, predict
 from liverseg.cli import app
 from liverseg.preprocess import Preprocessing, Served
+from liverseg.serving import export, predict
 
 CHAMPION = "models:/liverseg@champion"
 
@@ -75,9 +75,13 @@ def test_predict_lits_volume_117(registry, shared_data, tmp_path):
 
 def test_predict_refuses_unknown_inputs(registry, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "notes.txt"), "--out",
-                                      str(tmp_path / "o")])
-    assert result.exit_code == 1 and "unsupported input" in result.output
+    image = next((registry / "data/raw/images").glob("*.png"))
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "notes.txt"), str(image),
+                                      "--model", CHAMPION, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unsupported input" in result.output  # the others done
+    rows = pd.read_csv(tmp_path / "o/predictions.csv").set_index("status")
+    assert rows.loc["refused", "input"] == str(tmp_path / "notes.txt")
+    assert rows.loc["done", "input"] == str(image)
 
 
 def _served_champion():

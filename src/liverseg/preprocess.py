@@ -148,9 +148,12 @@ def to_slices(canonical_volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(canonical_volume, (2, 1, 0)))
 
 
-def volume_slices(img, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 grey slices [Z, H, W] in canonical order, the input's orientation)."""
+def volume_slices(img, prep: Preprocessing, screen=None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 grey slices [Z, H, W] in canonical order, the input's orientation).
+    `screen(hu) -> hu` sees the voxels before the window (serving's intensity checks)."""
     data, ornt = canonical(img)
+    if screen is not None:
+        data = screen(data)
     return window(to_slices(data), prep.hu_window), ornt
 
 

@@ -9,13 +9,21 @@ binary model, each class's [N, C, H, W] (softmax) for a multi-class one. The res
 trained size, the normalisation and the resize back happen inside (`preprocess.Served`), the
 same code evaluate and `liverseg predict` run; the parameters are the model's
 `config.json` `preprocessing` block, also in the registered model's metadata.
+
+This is the REST contract (`mlflow models serve`): an input outside it (NaN/inf, values
+outside 0..255, channels other than the model's, H or W outside 16..2048, more than 64
+images, not 4-D; `liverseg.serving.boundary.Limits`) is refused with an MlflowException
+naming the rule, which the scoring server answers with HTTP 400.
 """
 
 import json
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
 
 
 class LiversegModel(PythonModel):
@@ -34,10 +42,18 @@ class LiversegModel(PythonModel):
         self.net = Served(self.model, Preprocessing.from_config(self.config)).eval()
         self.torch = torch
 
-    def predict(self, context, model_input, params=None):
-        x = self.torch.from_numpy(np.asarray(model_input, dtype=np.float32))
+    # np.ndarray: a hint MLflow accepts without converting or validating the input (the
+    # boundary's checks below do that), and without its "Add type hints" warning.
+    def predict(self, context, model_input: np.ndarray, params=None):
+        from liverseg.serving.boundary import Limits, Refused, check_grey_batch
+
+        try:
+            x = np.asarray(model_input, dtype=np.float32)
+            check_grey_batch(x, self.net.prep.in_channels, Limits.from_env())
+        except (Refused, ValueError, TypeError) as exc:  # TypeError: ragged or non-numbers
+            raise MlflowException(f"liverseg: {exc}", INVALID_PARAMETER_VALUE) from None
         with self.torch.no_grad():
-            return self.net(x).numpy()
+            return self.net(self.torch.from_numpy(x)).numpy()
 
 
 mlflow.models.set_model(LiversegModel())

@@ -1,28 +1,37 @@
-"""Predictions from a trained or registered model on new slices and volumes.
+"""Predictions from a trained or registered model on new slices and volumes, in a batch
+that never dies for one input (DESIGN rule 9).
 
 Inputs: PNG/JPG slices, folders of them, NIfTI volumes (`.nii`, `.nii.gz`, values in
-Hounsfield units) and DICOM CT series (`liverseg.serving.dicom`: files recognised by content,
-grouped by series, each series a volume). All go through `liverseg.preprocess` with the
-parameters the model recorded (grey conversion, canonical orientation, the training HU
-window, the resize to the trained size and back), so a mask has the input's geometry and
-is what evaluate measured; volume masks are written in the input's own axes, with its
-affine and header.
+Hounsfield units) and DICOM CT series (`liverseg.serving.dicom`: files recognised by
+content, grouped by series). All go through `liverseg.preprocess` with the parameters the
+model recorded (grey conversion, canonical orientation, the training HU window, the resize
+to the trained size and back), so a mask has the input's geometry and is what evaluate
+measured; volume masks are written in the input's own axes, with its affine and header.
 
-Outputs in DIR: `<name>_mask.png|.nii.gz` (class indices for NIfTI: 0/1, or 0/1/2 =
-background/liver/tumour as LiTS labels them; PNG values as `liverseg.labels` stores masks:
-0/255 or 0/128/255), `<name>_overlay.png` (for a volume: the slice with the largest predicted
-foreground), for a DICOM series also `<folder>_series-<N>_seg.dcm` (a DICOM SEG on the
-source images, one segment per class), and `predictions.csv`, one row per input with each
-class's size in pixels and, for a volume, in ml (from the voxel spacing); a DICOM row also
-has the series UID and the files skipped (scouts, non-images).
+Before any work each input passes the boundary (`liverseg.serving.boundary`): sizes from
+the header within `Limits`, no NaN/inf voxel (unless `Policy.allow_nonfinite`: counted,
+and masked as background), values that can be CT in HU (unless `Policy.hu_check` is off).
+
+Outputs mirror the inputs' structure under DIR, every part of every name made safe by
+`boundary.safe_name`: `<name>_mask.png|.nii.gz` (class indices for NIfTI: 0/1, or 0/1/2 =
+background/liver/tumour as LiTS labels them; PNG values as `liverseg.labels` stores masks),
+`<name>_overlay.png` (for a volume: the slice with the largest predicted foreground), for a
+DICOM series `<folder>_series-<N>_seg.dcm` (a DICOM SEG on the source images, one segment
+per class). A name two inputs would share gets a short hash of each input, and its rows say
+so. `predictions.csv` has one row per input, rewritten atomically as each input finishes:
+`status` done / refused / skipped with the `reason` naming the file and the rule, each
+class's size (pixels; ml for a volume), the model (`model_ref`, `model_version`,
+`model_run`) and `preprocessing_sha256`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +39,6 @@ import pandas as pd
 import torch
 
 from liverseg import checkpoint, labels
-from liverseg.serving import dicom
 from liverseg.io import atomic_path
 from liverseg.preprocess import (
     Preprocessing,
@@ -40,10 +48,23 @@ from liverseg.preprocess import (
     to_input_orientation,
     volume_slices,
 )
+from liverseg.serving import dicom
+from liverseg.serving.boundary import Limits, Refused, check_hu, nonfinite, safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
+SUMMARY = "predictions.csv"
+PAD_HU = -1024.0  # what a NaN/inf voxel becomes under allow_nonfinite (then masked out)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the boundary lets through (`liverseg predict --allow-nonfinite/--no-hu-check`)."""
+
+    limits: Limits = field(default_factory=Limits.from_env)
+    allow_nonfinite: bool = False
+    hu_check: bool = True
 
 
 # ----------------------------------------------------------------------------- the model
@@ -61,7 +82,7 @@ def model_uri(ref: str, registered_model: str = "liverseg") -> str:
 def load(ref: str) -> tuple[torch.nn.Module, dict]:
     """(eval-mode torch model, its config) from a model directory (models/<name>) or an
     MLflow URI (models:/liverseg@champion, models:/liverseg/3, runs:/ID/model, a version
-    number or a run id), loaded through the project's pyfunc (liverseg.serving.mlflow_pyfunc)."""
+    number or a run id), loaded through the project's pyfunc (serving.mlflow_pyfunc)."""
     if Path(ref).is_dir():
         return checkpoint.load_model(ref)
     from liverseg import tracking
@@ -69,6 +90,30 @@ def load(ref: str) -> tuple[torch.nn.Module, dict]:
     served = tracking.mlflow().pyfunc.load_model(model_uri(ref))
     python_model = served.unwrap_python_model()
     return python_model.model.eval(), python_model.config
+
+
+def model_identity(ref: str, config: dict) -> dict:
+    """Which model made a row: the reference given, its registry version and run (when it
+    has them) and a hash of the preprocessing it applies."""
+    prep = json.dumps(Preprocessing.from_config(config).to_dict(), sort_keys=True)
+    out = {"model_ref": ref, "model_name": config.get("model", ""), "model_version": "",
+           "model_run": "",
+           "preprocessing_sha256": hashlib.sha256(prep.encode()).hexdigest()[:16]}
+    if Path(ref).is_dir():
+        run = Path(ref) / "run.json"
+        out["model_run"] = json.loads(run.read_text()).get("run_id") or "" if run.exists() else ""
+        return out
+    uri = model_uri(ref)
+    if uri.startswith("runs:/"):
+        out["model_run"] = uri.split("/")[1]
+    elif match := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", uri):
+        from liverseg import tracking
+
+        client, (name, number, alias) = tracking.mlflow().MlflowClient(), match.groups()
+        version = (client.get_model_version(name, number) if number
+                   else client.get_model_version_by_alias(name, alias))
+        out["model_version"], out["model_run"] = str(version.version), version.run_id or ""
+    return out
 
 
 @dataclass
@@ -102,51 +147,122 @@ class Predictor:
 # ----------------------------------------------------------------------------- inputs
 
 
+@dataclass
+class Item:
+    """One input to predict, and the name (a relative path) its outputs get."""
+
+    source: Path | dicom.Series
+    name: str
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        if isinstance(self.source, dicom.Series):
+            return str(self.source.files[0].parent)
+        return str(self.source)
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _stem(item: Path | dicom.Series) -> str:
-    if isinstance(item, dicom.Series):  # named by folder and series
-        tag = f"series-{item.number}" if item.number is not None else item.uid
-        return f"{item.files[0].parent.name}_{tag}"
-    name = item.name
-    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return item.stem
 
 
 def _is_image_or_nifti(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(path)
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path | dicom.Series]:
-    """Files as given, folders as their images, volumes and DICOM series (DICOM recognised
-    by content, grouped by series); anything else fails, naming it."""
-    files, dicom_files = [], []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file())
+def _file_stem(path: Path) -> str:
+    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def output_name(root: Path, item: Path | dicom.Series) -> str:
+    """The outputs' relative name: the input's folders below the folder it was given in,
+    then its stem (a series: `<its folder>_series-<SeriesNumber>`), every part safe."""
+    path = item.files[0] if isinstance(item, dicom.Series) else item
+    folders = list(path.parent.relative_to(root).parts) if root != path else []
+    if isinstance(item, dicom.Series):
+        folder = folders.pop() if folders else (root.name if root != path else path.parent.name)
+        tag = f"series-{item.number}" if item.number is not None else f"uid-{item.uid}"
+        stem = f"{safe_name(folder)}_{safe_name(tag)}"
+    else:
+        stem = safe_name(_file_stem(path))
+    return "/".join([*map(safe_name, folders), stem])
+
+
+def resolve_clashes(items: list[Item]) -> None:
+    """Two inputs with one output name (compared ignoring case, as some file systems do)
+    each get a short hash of their own identity appended, and a note saying so."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.name.lower(), []).append(item)
+    for clashing in (g for g in groups.values() if len(g) > 1):
+        for item in clashing:
+            identity = (item.source.uid if isinstance(item.source, dicom.Series)
+                        else str(item.source.resolve()))
+            digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+            item.note = (f"output name {item.name!r} shared by {len(clashing)} inputs: "
+                         f"suffixed -{digest}")
+            item.name = f"{item.name}-{digest}"
+
+
+def expand_inputs(inputs: list[str | Path], limits: Limits | None = None
+                  ) -> tuple[list[Item], list[dict]]:
+    """(the items to predict, a skipped or refused row for everything else): files as
+    given, folders as their images, volumes and DICOM series (DICOM recognised by content,
+    grouped by series, headers checked against `limits`)."""
+    items, rows, dicom_files = [], [], []  # dicom_files: (root, file)
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.is_file())
+            images = [p for p in found if _is_image_or_nifti(p)]
             dcm = [p for p in found if not _is_image_or_nifti(p) and dicom.is_dicom(p)]
-            if not dcm and not any(map(_is_image_or_nifti, found)):
-                raise FileNotFoundError(f"{item}: no PNG/JPG/NIfTI/DICOM files in this folder")
-            files += [p for p in found if _is_image_or_nifti(p)]
-            dicom_files += dcm
-        elif item.is_file():
-            if _is_image_or_nifti(item):
-                files.append(item)
-            elif dicom.is_dicom(item):
-                dicom_files.append(item)
-            else:
-                raise ValueError(f"{item}: unsupported input (PNG, JPG, NIfTI or DICOM "
-                                 "expected)")
+            if not images and not dcm:
+                rows.append(_row(given, "refused", "no PNG/JPG/NIfTI/DICOM files in this "
+                                                    "folder (rule: a supported input)"))
+            items += [Item(p, output_name(given, p)) for p in images]
+            dicom_files += [(given, p) for p in dcm]
+        elif given.is_file() and _is_image_or_nifti(given):
+            items.append(Item(given, output_name(given, given)))
+        elif given.is_file() and dicom.is_dicom(given):
+            dicom_files.append((given, given))
+        elif given.exists():
+            rows.append(_row(given, "refused", "unsupported input (rule: PNG, JPG, NIfTI or "
+                                               "DICOM)"))
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return files + (dicom.find_series(dicom_files) if dicom_files else [])
+            rows.append(_row(given, "refused", "no such file or folder"))
+    if dicom_files:
+        found = dicom.find_series([f for _, f in dicom_files], limits)
+        root_of = {f: root for root, f in dicom_files}
+        items += [Item(s, output_name(root_of[s.files[0]], s)) for s in found.series]
+        rows += [_row(f, "skipped", why, "dicom") for f, why in found.skipped]
+        rows += [_row(f, "refused", why, "dicom") for f, why in found.refused]
+    resolve_clashes(items)
+    return items, rows
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def _row(path, status: str, reason: str = "", kind: str = "") -> dict:
+    return {"input": str(path), "kind": kind, "status": status, "reason": reason}
+
+
+class Outcomes:
+    """predictions.csv, rewritten atomically after every input (a killed batch leaves the
+    rows of the inputs it finished), each row with the model's identity."""
+
+    def __init__(self, out_dir: Path, identity: dict):
+        self.path, self.identity, self.rows = out_dir / SUMMARY, identity, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row | self.identity)
+        with atomic_path(self.path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray, classes: tuple[str, ...] = labels.BINARY
@@ -170,106 +286,184 @@ def class_sizes(mask: np.ndarray, classes: tuple[str, ...],
     return out
 
 
-def _save_rgb(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-
-
-def _save_gray(path: Path, array: np.ndarray) -> None:
+def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def predict_image(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+def _overlay_row(predictor: Predictor, slices: np.ndarray, masks: np.ndarray, out: Path
+                 ) -> dict:
+    """The overlay of the slice with the largest predicted foreground."""
+    areas = (masks > 0).sum(axis=(1, 2))
+    best = int(areas.argmax()) if areas.any() else len(slices) // 2
+    _save_png(out.with_name(f"{out.name}_overlay.png"),
+              overlay(slices[best], masks[best], predictor.classes))
+    return {"overlay": f"{out.name}_overlay.png", "overlay_slice": best}
+
+
+# ----------------------------------------------------------------------------- one input
+
+
+class Screen:
+    """A volume's intensities checked before they become grey slices (`volume_slices`)."""
+
+    def __init__(self, what: str, policy: Policy):
+        self.what, self.policy, self.invalid, self.count = what, policy, None, 0
+
+    def __call__(self, hu: np.ndarray) -> np.ndarray:
+        self.count = nonfinite(hu)
+        if self.count:
+            if not self.policy.allow_nonfinite:
+                raise Refused(f"{self.what}: {self.count} NaN or infinite voxel(s) (rule: "
+                              "finite intensities; --allow-nonfinite masks them instead)")
+            self.invalid = ~np.isfinite(hu)
+            hu = np.where(self.invalid, PAD_HU, hu)
+        if self.policy.hu_check:
+            check_hu(self.what, hu)
+        return hu
+
+
+def predict_image(predictor: Predictor, path: Path, out: Path) -> dict:
     if predictor.prep.context_slices:
-        raise ValueError(f"{path}: the model reads each slice with its "
-                         f"{predictor.prep.context_slices} neighbour(s) on each side "
-                         "(data.context_slices); give it a volume (NIfTI or a DICOM series), "
-                         "not a single 2D image")
+        raise Refused(f"{path}: the model reads each slice with its "
+                      f"{predictor.prep.context_slices} neighbour(s) on each side "
+                      "(data.context_slices); give it a volume (NIfTI or a DICOM series), "
+                      "not a single 2D image")
     gray = read_image(path, predictor.prep)
     mask, classes = predictor.masks(gray[None])[0], predictor.classes
-    stem = _stem(path)
-    _save_gray(out_dir / f"{stem}_mask.png", labels.encode(mask, len(classes)))
-    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(gray, mask, classes))
-    return {"input": str(path), "kind": "image", "shape": "x".join(map(str, gray.shape)),
-            **class_sizes(mask, classes),
-            "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
+    _save_png(out.with_name(f"{out.name}_mask.png"), labels.encode(mask, len(classes)))
+    _save_png(out.with_name(f"{out.name}_overlay.png"), overlay(gray, mask, classes))
+    return {"kind": "image", "shape": "x".join(map(str, gray.shape)),
+            **class_sizes(mask, classes), "mask": f"{out.name}_mask.png",
+            "overlay": f"{out.name}_overlay.png"}
 
 
-def segment_volume(predictor: Predictor, img, stem: str, out_dir: Path) -> tuple[np.ndarray,
-                                                                                 dict]:
+def segment_volume(predictor: Predictor, img, what: str, out: Path, policy: Policy
+                   ) -> tuple[np.ndarray, dict]:
     """The mask of a nibabel image in its own axes (slices in canonical orientation,
-    windowed as in training), written as NIfTI with its affine and header, and the overlay."""
+    windowed as in training), written as NIfTI with its affine and header, and the overlay.
+    The header's size is checked before a voxel is read, the intensities before the model."""
     import nibabel as nib
 
+    policy.limits.check_volume(what, img.shape, img.get_data_dtype().itemsize)
     prep = predictor.prep
     if not prep.trained_on_volumes:
-        warnings.warn(f"{stem}: the model was trained on 2D images, so the HU window "
+        warnings.warn(f"{what}: the model was trained on 2D images, so the HU window "
                       f"{list(prep.hu_window)} it applies is an assumption ({prep.hu_window_from})",
                       stacklevel=2)
-    slices, ornt = volume_slices(img, prep)
+    screen = Screen(what, policy)
+    slices, ornt = volume_slices(img, prep, screen)
     canonical_mask = predictor.masks(slices)  # [Z, H, W], canonical
+    if screen.invalid is not None:  # NaN/inf voxels are never foreground
+        canonical_mask[np.transpose(np.atleast_3d(screen.invalid), (2, 1, 0))] = 0
     mask = to_input_orientation(canonical_mask, ornt, img.shape)
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
-    with atomic_path(out_dir / f"{stem}_mask.nii.gz") as tmp:
+    with atomic_path(out.with_name(f"{out.name}_mask.nii.gz")) as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
-    areas = (canonical_mask > 0).sum(axis=(1, 2))
-    best = int(areas.argmax()) if areas.any() else len(slices) // 2
-    classes = predictor.classes
-    _save_rgb(out_dir / f"{stem}_overlay.png", overlay(slices[best], canonical_mask[best], classes))
     voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
     return mask, {"kind": "volume", "shape": "x".join(map(str, mask.shape)),
-                  **class_sizes(mask, classes, voxel_mm3),
-                  "mask": f"{stem}_mask.nii.gz", "overlay": f"{stem}_overlay.png",
-                  "overlay_slice": best}
+                  **class_sizes(mask, predictor.classes, voxel_mm3),
+                  "mask": f"{out.name}_mask.nii.gz", "nonfinite_voxels": screen.count,
+                  **_overlay_row(predictor, slices, canonical_mask, out)}
 
 
-def predict_volume(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+def segment_slices(predictor: Predictor, images: list, what: str, policy: Policy
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Single-slice images of one series, each in its own geometry (no regular grid):
+    (grey slices [N, H, W] and their masks, canonical; the masks [N, rows, columns] in
+    each slice's own axes). NaN/inf are refused here (DICOM stores integers anyway)."""
+    if predictor.prep.context_slices:
+        raise Refused(f"{what}: the model reads each slice with its neighbours "
+                      "(data.context_slices), which needs regularly spaced slices")
+    for img in images:
+        policy.limits.check_volume(what, img.shape, img.get_data_dtype().itemsize)
+    policy_each = Policy(policy.limits, allow_nonfinite=False, hu_check=False)
+    grey, ornts = zip(*(volume_slices(img, predictor.prep, Screen(what, policy_each))
+                        for img in images), strict=True)
+    if policy.hu_check:  # on the whole series: one slice of air alone is not a CT volume
+        check_hu(what, np.stack([np.asarray(i.dataobj) for i in images]))
+    slices = np.concatenate(grey)
+    masks = predictor.masks(slices)
+    own = [to_input_orientation(masks[i:i + 1], ornt, img.shape)[0]  # [1, rows, cols]
+           for i, (ornt, img) in enumerate(zip(ornts, images, strict=True))]
+    return slices, masks, np.stack(own)
+
+
+def predict_volume(predictor: Predictor, path: Path, out: Path, policy: Policy) -> dict:
     """A NIfTI volume; the mask in the input's own axes, shape, affine and header."""
     import nibabel as nib
 
-    _, row = segment_volume(predictor, nib.load(str(path)), _stem(path), out_dir)
-    return {"input": str(path), **row}
+    return segment_volume(predictor, nib.load(str(path)), str(path), out, policy)[1]
 
 
-def predict_series(predictor: Predictor, series: dicom.Series, out_dir: Path) -> dict:
-    """A DICOM CT series, as a volume; the mask also as a DICOM SEG on the source images."""
-    img, datasets = dicom.load_series(series)
-    stem = _stem(series)
-    mask, row = segment_volume(predictor, img, stem, out_dir)
-    with atomic_path(out_dir / f"{stem}_seg.dcm") as tmp:
+def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy: Policy
+                   ) -> dict:
+    """A DICOM CT series: as a volume (NIfTI mask too) when its slices form a regular grid,
+    else slice by slice; either way a DICOM SEG on the source images."""
+    images, datasets = dicom.load_series(series)
+    what = f"series {series.uid} ({series.files[0].parent})"
+    if series.irregular is None:
+        mask, row = segment_volume(predictor, images, what, out, policy)
+    else:
+        slices, masks, mask = segment_slices(predictor, images, what, policy)
+        row = {"kind": "dicom", "shape": "x".join(map(str, mask.shape)),
+               **class_sizes(mask, predictor.classes), "mask": "",
+               "reason": f"no NIfTI mask or ml: {series.irregular}; SEG on the source frames",
+               **_overlay_row(predictor, slices, masks, out)}
+    with atomic_path(out.with_name(f"{out.name}_seg.dcm")) as tmp:
         dicom.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"])
-    return {"input": str(series.files[0].parent), **row, "kind": "dicom",
-            "series_uid": series.uid, "slices": len(datasets), "seg": f"{stem}_seg.dcm",
-            "skipped": "; ".join(series.skipped)}
+    return row | {"kind": "dicom", "series_uid": series.uid, "study_uid": series.study_uid,
+                  "slices": len(datasets), "seg": f"{out.name}_seg.dcm"}
 
 
-def _predict_one(predictor: Predictor, item: Path | dicom.Series, out_dir: Path) -> dict:
-    if isinstance(item, dicom.Series):
-        return predict_series(predictor, item, out_dir)
-    return (predict_volume if _is_nifti(item) else predict_image)(predictor, item, out_dir)
+def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy) -> dict:
+    """One input's row: done, or refused naming the file and the rule."""
+    out = out_dir / item.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = ("dicom" if isinstance(item.source, dicom.Series)
+            else "volume" if _is_nifti(item.source) else "image")
+    try:
+        if kind == "dicom":
+            row = predict_series(predictor, item.source, out, policy)
+        elif kind == "volume":
+            row = predict_volume(predictor, item.source, out, policy)
+        else:
+            row = predict_image(predictor, item.source, out)
+    except Exception as exc:  # one input's failure is its row, never the batch's end
+        reason = str(exc) if isinstance(exc, ValueError | OSError) else \
+            f"{item.label}: {type(exc).__name__}: {exc}"
+        return _row(item.label, "refused", reason, kind) | {"name": item.name}
+    folder = str(Path(item.name).parent)
+    for key in ("mask", "overlay", "seg"):  # paths relative to --out
+        if row.get(key) and folder != ".":
+            row[key] = f"{folder}/{row[key]}"
+    reason = "; ".join(filter(None, [item.note, row.pop("reason", "")]))
+    return _row(item.label, "done", reason, kind) | {"name": item.name} | row
 
 
-def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path) -> dict:
-    files = expand_inputs(inputs)
-    if not files:
+def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path,
+        policy: Policy | None = None) -> dict:
+    """Every input gets a row in DIR/predictions.csv; the summary counts them."""
+    policy = policy or Policy()
+    items, other_rows = expand_inputs(inputs, policy.limits)
+    if not items and not other_rows:
         raise ValueError("no inputs given")
     model, config = load(model_ref)
     predictor = Predictor(model, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stems = [_stem(f) for f in files]
-    if len(set(stems)) != len(stems):  # two inputs would overwrite each other's mask
-        dupes = sorted({s for s in stems if stems.count(s) > 1})
-        raise ValueError(f"inputs share output names {dupes}; predict them into separate --out")
-    rows = [_predict_one(predictor, item, out_dir) for item in files]
-    with atomic_path(out_dir / "predictions.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    return {"model": model_ref, "inputs": len(rows), "out": str(out_dir),
-            "summary": str(out_dir / "predictions.csv"),
-            **{k: sum(r[k] for r in rows) for k in rows[0] if k.endswith("_pixels")}}
+    outcomes = Outcomes(out_dir, model_identity(model_ref, config))
+    for row in other_rows:
+        outcomes.add(row)
+    for item in items:
+        outcomes.add(predict_item(predictor, item, out_dir, policy))
+    return {"model": model_ref, "inputs": len(outcomes.rows), "out": str(out_dir),
+            "summary": str(outcomes.path),
+            **{s: outcomes.count(s) for s in ("done", "refused", "skipped")},
+            "refusals": [r["reason"] for r in outcomes.rows if r["status"] == "refused"],
+            **{k: sum(r.get(k) or 0 for r in outcomes.rows)
+               for k in dict.fromkeys(k for r in outcomes.rows for k in r)
+               if k.endswith("_pixels")}}
