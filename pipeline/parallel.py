@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from liverseg.redact import redact
 from pipeline import fanout
 from pipeline.assets import POOL, asset_key
 from pipeline.dvc_graph import load_stages
@@ -50,11 +51,12 @@ def _materializations(stages, done: dict[str, str], root: Path, mlflow: MlflowRe
 
 
 def _fail(exc: fanout.FanoutError) -> dg.Failure:
-    meta = {"error": dg.MetadataValue.text(str(exc)[-4000:])}
+    text = redact(str(exc))  # a worker's log may quote the tracking URI's credentials
+    meta = {"error": dg.MetadataValue.text(text[-4000:])}
     if isinstance(exc, fanout.WorkerFailed):
-        meta |= {"log": dg.MetadataValue.text(exc.tail),
+        meta |= {"log": dg.MetadataValue.text(redact(exc.tail)),
                  "log_file": dg.MetadataValue.path(str(exc.log_file))}
-    return dg.Failure(description=str(exc).splitlines()[0], metadata=meta)
+    return dg.Failure(description=text.splitlines()[0], metadata=meta)
 
 
 @dg.op(pool=POOL, out=dg.DynamicOut(dict),

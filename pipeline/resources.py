@@ -8,12 +8,14 @@ tracking server, an object-store DVC remote) without editing code.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+
+from liverseg import runner
+from liverseg.redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,17 +27,11 @@ ENV = {
 }
 
 
-def _default_dvc() -> str:
-    """The dvc next to this interpreter (the Makefile links it there), else the one on PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
-
-
 class DvcResource(dg.ConfigurableResource):
     """Runs DVC stages in the repository, so dvc.lock and the cache stay the record."""
 
     repo_root: str = str(REPO_ROOT)
-    executable: str = _default_dvc()
+    executable: str = runner.dvc_executable()
     # A DVC remote name (e.g. an S3 remote in .dvc/config): each stage pulls its outputs
     # from it first (an unchanged stage then costs nothing on a fresh machine) and pushes
     # them after, so the next run, wherever it is launched, finds them.
@@ -52,11 +48,13 @@ class DvcResource(dg.ConfigurableResource):
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         proc = subprocess.run(cmd, cwd=self.repo_root, env=os.environ | env | {"PATH": path},
                               capture_output=True, text=True)
-        for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
+        # Redacted: a stage's output or a failure may quote the tracking URI's credentials.
+        for line in redact(proc.stdout + proc.stderr).splitlines()[-40:]:
             log.info(line)
         if proc.returncode != 0:
             raise dg.Failure(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}",
-                             metadata={"output": dg.MetadataValue.text(proc.stderr[-4000:])})
+                             metadata={"output": dg.MetadataValue.text(
+                                 redact(proc.stderr[-4000:]))})
 
     def repro(self, stage: str, env: dict[str, str], log) -> None:
         if self.remote:
@@ -80,7 +78,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     def browser_url(self) -> str:
         http = self.tracking_uri.startswith(("http://", "https://"))
-        return self.tracking_uri if http else self.ui_url
+        return redact(self.tracking_uri) if http else self.ui_url  # a link, not a password
 
 
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:

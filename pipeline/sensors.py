@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from liverseg.redact import redact
 from pipeline.resources import REPO_ROOT, DvcResource
 from pipeline.schedules import retrain_job
 
@@ -99,5 +100,5 @@ def record_run_failure(context: dg.RunFailureSensorContext):
     path = failures_log(getattr(context.instance, "root_directory", None))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:  # one JSON line per failure: append-only, greppable
-        f.write(json.dumps(record, default=str) + "\n")
-    context.log.error(f"run {run.run_id} of {run.job_name} failed: {record['message']}")
+        f.write(redact(json.dumps(record, default=str)) + "\n")
+    context.log.error(redact(f"run {run.run_id} of {run.job_name} failed: {record['message']}"))

@@ -1,5 +1,5 @@
-"""`liverseg <stage>`: one thin command per DVC stage, plus `models`, `lineage`, `predict`
-and `export`.
+"""`liverseg <stage>`: one thin command per DVC stage, plus `predict`, `export`, `lineage`,
+`audit` and `models`.
 
 Each command parses params.yaml once (typed, strict), calls the stage's `run` and prints
 its summary as JSON. Expected failures (bad params, bad data) print one clear message and
@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from liverseg.offline import disable_telemetry
+from liverseg.redact import redact, redacted_errors
 
 disable_telemetry()  # before the stage's libraries are imported
 
@@ -32,7 +33,9 @@ class FlowOrder(typer.core.TyperGroup):
                 + [n for n in names if n not in FLOW_ORDER])
 
 
+# No local variables in a traceback: they can hold a tracking URI's password.
 app = typer.Typer(cls=FlowOrder, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_show_locals=False,
                   help="Liver-tumour segmentation pipeline: the stages in the order of the "
                   "flow (one command per DVC stage), then the tools around them.")
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file.")
@@ -51,11 +54,11 @@ def _run(stage: str, *args) -> None:
     from liverseg.tracking import TrackingUnavailable
 
     try:
-        params = load_params(args[0])
-        summary = import_module(f"liverseg.stages.{stage}").run(params, *args[1:])
+        with redacted_errors():  # no credential of a tracking URI reaches the terminal
+            params = load_params(args[0])
+            summary = import_module(f"liverseg.stages.{stage}").run(params, *args[1:])
     except (ConfigError, FileNotFoundError, ValueError, TrackingUnavailable) as exc:
-        typer.secho(f"liverseg {stage}: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        _fail(stage, exc)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         typer.echo(json.dumps(summary, indent=2, default=str))
 
@@ -135,7 +138,7 @@ def report(params: Path = PARAMS) -> None:
 
 
 def _fail(command: str, exc: Exception) -> None:
-    typer.secho(f"liverseg {command}: {exc}", fg="red", err=True)
+    typer.secho(f"liverseg {command}: {redact(str(exc))}", fg="red", err=True)
     raise typer.Exit(1) from None
 
 
@@ -174,13 +177,15 @@ def lineage(
 
     from liverseg import lineage as lin
     from liverseg.config import ConfigError
+    from liverseg.tracking import TrackingUnavailable
 
     if (model_uri is None) == (data_hash is None):
         _fail("lineage", ValueError("give either MODEL_URI or --data-hash HASH"))
     try:
-        info = (lin.find_data_hash(data_hash, params) if data_hash
-                else lin.describe(model_uri, params, run_dvc=dvc_status))
-    except (ConfigError, ValueError, MlflowException) as exc:
+        with redacted_errors():
+            info = (lin.find_data_hash(data_hash, params) if data_hash
+                    else lin.describe(model_uri, params, run_dvc=dvc_status))
+    except (ConfigError, ValueError, MlflowException, TrackingUnavailable) as exc:
         _fail("lineage", exc)
     if as_json or data_hash:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -213,14 +218,16 @@ def audit(
     from liverseg.tracking import TrackingUnavailable
 
     try:
-        report = aud.audit(model_uri, Path(params).resolve().parent, tolerance, record, keep)
+        with redacted_errors():
+            report = aud.audit(model_uri, Path(params).resolve().parent, tolerance, record,
+                               keep)
     except (ValueError, MlflowException, TrackingUnavailable) as exc:
-        typer.secho(f"liverseg audit: {exc}", fg="red", err=True)
+        typer.secho(f"liverseg audit: {redact(str(exc))}", fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2, default=str) if as_json
                else "\n".join(aud.summary(report)))
     if report.get("error"):
-        typer.secho(f"liverseg audit: {report['error']}", fg="red", err=True)
+        typer.secho(f"liverseg audit: {redact(report['error'])}", fg="red", err=True)
     raise typer.Exit(0 if report["passed"] else 1 if report["result"] == "differs" else 2)
 
 
@@ -229,21 +236,39 @@ def predict(
     inputs: list[Path] = INPUTS,
     model: str = MODEL_REF,
     out: Path = PREDICT_OUT,
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Count NaN/inf voxels and mask them as background "
+        "instead of refusing the volume."),
+    hu_check: bool = typer.Option(
+        True, "--hu-check/--no-hu-check", help="Refuse volumes whose values cannot be CT in "
+        "Hounsfield units (within 0..1, almost constant, none below 0)."),
 ) -> None:
     """Segment scans: masks at input geometry, overlays, predictions.csv.
 
     Inputs: PNG/JPG slices, NIfTI volumes, folders, DICOM CT series (found by content;
     a series also gets a DICOM SEG). Volume masks keep the input's axes, affine and header.
+    Every input gets a row in predictions.csv (done, refused with the rule, or skipped);
+    size limits come from LIVERSEG_MAX_VOXELS, _MAX_SLICES, _MAX_SIDE, _MAX_BYTES.
+    Exit 0: nothing refused; 2: some input refused (the others are done); 1: no model or
+    no inputs.
 
     Example: liverseg predict --model models:/liverseg@champion volume-117.nii.gz --out pred
     """
     from liverseg.serving import predict as pred
 
     try:
-        summary = pred.run(model, inputs, out)
-    except (FileNotFoundError, ValueError) as exc:
+        with redacted_errors():
+            policy = pred.Policy(allow_nonfinite=allow_nonfinite, hu_check=hu_check)
+            summary = pred.run(model, inputs, out, policy)
+    except Exception as exc:  # no model, no inputs, a tracking server down: one line
         _fail("predict", exc)
     typer.echo(json.dumps(summary, indent=2, default=str))
+    if summary["refused"]:
+        for reason in summary["refusals"]:
+            typer.secho(f"liverseg predict: refused: {reason}", fg="red", err=True)
+        typer.secho(f"liverseg predict: {summary['refused']} input(s) refused, the others "
+                    f"done; {summary['summary']} has a row for each", fg="red", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -259,7 +284,8 @@ def export(
     from liverseg.serving import export as exp
 
     try:
-        summary = exp.run(model, fmt, out)
+        with redacted_errors():
+            summary = exp.run(model, fmt, out)
     except (FileNotFoundError, ValueError) as exc:
         _fail("export", exc)
     typer.echo(f"max abs diff vs torch: {summary['max_abs_diff']:.3g}", err=True)

@@ -13,6 +13,10 @@ why) is appended to the registered-model tag `alias_history` (JSON, newest last,
 entries dropped to fit MLflow's tag limit), tagged on the version it moved to
 (`alias_event`, never dropped) and written to reports/registry.json.
 
+Crash-safe: a rerun after a crash reuses the version already registered from the same
+training run (one version per run) and its recorded gate, and the history is written before
+the alias moves, so the rerun completes a recorded move instead of recording it twice.
+
 The weights' tensor digest is recorded (`weights_sha256`) so `liverseg audit` can tell a
 registry artifact altered after registration from a rebuild that differs. Every version gets
 a model card written from the recorded facts (`liverseg.model_card`): reports/model_card.md
@@ -110,18 +114,37 @@ def _history(client, name: str) -> list[dict]:
 
 
 def move_alias(client, name: str, alias: str, version: str, why: str) -> tuple[dict, list[dict]]:
-    """Point `alias` at `version` and record the move; returns (event, history)."""
+    """Point `alias` at `version` and record the move; returns (event, history).
+
+    The history is written before the alias moves, so a crash between the two leaves a
+    recorded move that a rerun completes (no second event); a move already made and
+    recorded is not recorded again."""
     current = client.get_registered_model(name).aliases.get(alias)
-    event = {"alias": alias, "from_version": int(current) if current else None,
-             "to_version": int(version), "who": who(),
-             "when": datetime.now(UTC).isoformat(timespec="seconds"), "why": why}
-    client.set_registered_model_alias(name, alias, version)
-    history = _history(client, name) + [event]
-    while len(json.dumps(history)) > lineage.TAG_LIMIT and len(history) > 1:
-        history.pop(0)  # the full record stays on each version's `alias_event` tag
-    client.set_registered_model_tag(name, "alias_history", json.dumps(history))
+    current = int(current) if current else None
+    history = _history(client, name)
+    last = next((e for e in reversed(history) if e["alias"] == alias), None)
+    if last and last["to_version"] == int(version) and current in (last["from_version"],
+                                                                   int(version)):
+        event = last  # a rerun after a crash: the move is recorded (and maybe made)
+    else:
+        event = {"alias": alias, "from_version": current, "to_version": int(version),
+                 "who": who(), "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "why": why}
+        history.append(event)
+        while len(json.dumps(history)) > lineage.TAG_LIMIT and len(history) > 1:
+            history.pop(0)  # the full record stays on each version's `alias_event` tag
+        client.set_registered_model_tag(name, "alias_history", json.dumps(history))
+    if current != int(version):
+        client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "alias_event", lineage.truncate(json.dumps(event)))
     return event, history
+
+
+def registered_version(client, name: str, run_id: str):
+    """The version already registered from this training run (a rerun of register after a
+    crash), or None: one version per run."""
+    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def audits(client, name: str, versions: list) -> list[dict]:
@@ -165,8 +188,14 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
     champion = champion_info(client, cfg)
-    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
-    version = mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
+    existing = registered_version(client, cfg.model_name, run["run_id"])
+    if existing is not None and existing.tags.get("quality_gate"):  # judged before a crash
+        gate = existing.tags["quality_gate"]
+        passed = gate.startswith("passed")
+    else:
+        passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
+    version = existing.version if existing is not None else \
+        mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
     if not passed:
         client.set_model_version_tag(cfg.model_name, version, "gate_reason", gate)
