@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from liverseg import runner
 from pipeline.dvc_graph import Stage, overlaps
 
 WORKSPACES_ENV = "LIVERSEG_WORKSPACES"  # where worker workspaces live (default: in .git)
@@ -131,7 +132,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], log: Log,
 
 
 def _git(root: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    proc = runner.run(["git", *args], cwd=root, timeout=None)
     if proc.returncode:
         raise FanoutError(f"`git {' '.join(args)}` failed in {root}: {proc.stderr.strip()}")
     return proc.stdout

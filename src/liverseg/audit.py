@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from liverseg import lineage, tracking
+from liverseg import lineage, runner, tracking
 
 DEFAULT_TOLERANCE = 0.01  # absolute, on metrics and curve values, when a GPU was involved
 TIMING_KEYS = {"images_per_second"}  # measured speed, not a property of the model
@@ -57,17 +57,6 @@ class AuditError(ValueError):
 # ----------------------------------------------------------------------------- commands
 
 
-def _cmd(args: list[str], cwd: Path, env: dict | None = None,
-         timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def dvc_executable() -> str:
-    """LIVERSEG_DVC, else the dvc beside this interpreter (the Makefile links it), else PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    return os.environ.get("LIVERSEG_DVC") or (str(beside) if beside.exists() else "dvc")
-
-
 def _tail(proc: subprocess.CompletedProcess, lines: int = 15) -> str:
     return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-lines:])
 
@@ -79,12 +68,12 @@ def clone_at(root: Path, commit: str, dest: Path) -> Path:
     """A shared clone of `root` checked out at `commit` (the primary's .git is only read)."""
     if not commit or commit == "unknown":
         raise AuditError("the trail records no git commit (tag git_commit): nothing to rebuild")
-    if _cmd(["git", "cat-file", "-e", f"{commit}^{{commit}}"], root, timeout=60).returncode:
+    if runner.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], root, timeout=60).returncode:
         raise AuditError(f"commit {commit} (tag git_commit) is not in the repository at {root}: "
                          "fetch it (git fetch --all) or audit from a clone that has it")
     for args, cwd in ((["git", "clone", "-q", "--shared", "--no-checkout", str(root), str(dest)],
                        root), (["git", "checkout", "-q", "--detach", commit], dest)):
-        proc = _cmd(args, cwd)
+        proc = runner.run(args, cwd)
         if proc.returncode != 0:
             raise AuditError(f"`{' '.join(args)}` failed: {_tail(proc)}")
     return dest
@@ -93,7 +82,7 @@ def clone_at(root: Path, commit: str, dest: Path) -> Path:
 def _remotes(root: Path) -> dict[str, dict[str, str]]:
     """The primary's DVC remotes: name -> {option: value} (url resolved by DVC; options
     such as endpointurl or profile kept). `dvc config --list`: `dvc remote list` wraps."""
-    proc = _cmd([dvc_executable(), "config", "--list"], root, timeout=120)
+    proc = runner.run([runner.dvc_executable(), "config", "--list"], root, timeout=120)
     remotes: dict[str, dict[str, str]] = {}
     for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
         if match := re.fullmatch(r"remote\.(.+)\.([^.=]+)=(.*)", line.strip()):
@@ -116,18 +105,18 @@ def fetch_data(root: Path, hashes: dict[str, str], work: Path, dest: Path) -> di
     """Check out the recorded data outputs by hash into `dest` (the clone): a scratch DVC
     project whose cache is the primary's and whose remotes are the primary's, holding one
     `.dvc` file per output. Returns where each came from."""
-    dvc = dvc_executable()
+    dvc = runner.dvc_executable()
     missing = [key for key in DATA if hashes.get(key) in (None, "missing")]
     if missing:
         raise AuditError(f"the trail records no DVC hash for {missing}: cannot fetch the data")
-    cache = _cmd([dvc, "cache", "dir"], root, timeout=120)
+    cache = runner.run([dvc, "cache", "dir"], root, timeout=120)
     if cache.returncode != 0:
         raise AuditError(f"`dvc cache dir` failed in {root}: {_tail(cache)}")
     scratch = work / "data"
     scratch.mkdir()
     for args in ([dvc, "init", "--no-scm", "-q"], [dvc, "config", "cache.dir",
                                                     cache.stdout.strip()]):
-        if (proc := _cmd(args, scratch, timeout=120)).returncode != 0:
+        if (proc := runner.run(args, scratch, timeout=120)).returncode != 0:
             raise AuditError(f"`{' '.join(args)}` failed: {_tail(proc)}")
     remotes = _remotes(root)
     _write_remotes(scratch, remotes)
@@ -138,9 +127,9 @@ def fetch_data(root: Path, hashes: dict[str, str], work: Path, dest: Path) -> di
             {"outs": [{"md5": hashes[key], "hash": "md5", "path": name}]}))
         targets.append(f"{name}.dvc")
     source = {"cache": cache.stdout.strip()}
-    if _cmd([dvc, "checkout", *targets], scratch).returncode != 0:
+    if runner.run([dvc, "checkout", *targets], scratch).returncode != 0:
         pulled = [name for name in remotes
-                  if _cmd([dvc, "pull", "-r", name, *targets], scratch).returncode == 0]
+                  if runner.run([dvc, "pull", "-r", name, *targets], scratch).returncode == 0]
         if not pulled:
             wanted = ", ".join(f"{DATA[k]} (md5 {hashes[k]}, tag {k})" for k in DATA)
             where = (" nor in " + ", ".join(f"remote '{n}' ({o['url']})"
@@ -160,7 +149,7 @@ def fetch_data(root: Path, hashes: dict[str, str], work: Path, dest: Path) -> di
 
 
 def _python(work: Path, code: str, env: dict) -> subprocess.CompletedProcess:
-    return _cmd([sys.executable, "-c", code], work, env, timeout=600)
+    return runner.run([sys.executable, "-c", code], work, env, timeout=600)
 
 
 def commit_params(work: Path, env: dict) -> dict:
@@ -204,7 +193,7 @@ def rebuild(work: Path, model: str, env: dict, log) -> dict[str, float]:
     for stage in ("train", "evaluate"):
         log(f"audit: liverseg {stage} {model} at the recorded commit")
         start = time.perf_counter()
-        proc = _cmd([sys.executable, "-m", "liverseg", stage, model], work, env)
+        proc = runner.run([sys.executable, "-m", "liverseg", stage, model], work, env)
         seconds[stage] = round(time.perf_counter() - start, 1)
         if proc.returncode != 0:
             raise AuditError(f"`liverseg {stage} {model}` at the recorded commit failed "

@@ -17,12 +17,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from liverseg import runner
 
 # The data outputs whose hashes identify what a model was trained and validated on.
 DATA_OUTPUTS = {"raw": ("ingest", "data/raw"), "manifest": ("validate", "data/manifest.parquet"),
@@ -37,20 +38,11 @@ def _is_bookkeeping(path: str) -> bool:
 TAG_LIMIT = 5000  # MLflow's limit on a tag value (SQL stores)
 
 
-def _git(*args: str, cwd: str | Path | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    # rstrip only: porcelain status lines start with a significant space
-    return out.stdout.rstrip() if out.returncode == 0 else None
-
-
 def git_state(cwd: str | Path | None = None) -> dict:
     """The commit and whether tracked files differ from it (untracked files and dvc.lock
     ignored); the differing files are listed so a dirty flag is never a mystery."""
-    commit = _git("rev-parse", "HEAD", cwd=cwd)
-    status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
+    commit = runner.git("rev-parse", "HEAD", cwd=cwd)
+    status = runner.git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
     if status is None:
         return {"git_commit": commit or "unknown", "git_dirty": "unknown"}
     files = [line[3:] for line in status.splitlines() if not _is_bookkeeping(line[3:])]
@@ -203,11 +195,8 @@ def audit_record(tags: dict) -> dict | None:
 def dvc_status(root: str | Path = ".") -> dict | None:
     """`dvc status --json` (stages whose deps/outs changed since dvc.lock), or None when the
     dvc command is unavailable or fails (then only the recorded hashes are compared)."""
-    if shutil.which("dvc") is None:
-        return None
     try:
-        out = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True,
-                             timeout=120, cwd=root)
+        out = runner.run([runner.dvc_executable(), "status", "--json"], cwd=root, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
     try:
