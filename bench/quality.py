@@ -34,8 +34,9 @@ from liverseg.metrics import paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-COLUMNS = ["model", "fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "sec_per_epoch",
-           "epochs", "params", "best_epoch", "gflops", "images_per_second"]
+COLUMNS = ["model", "fg_iou", "fg_iou_ci_low", "fg_iou_ci_high", "dice", "miou", "image_iou",
+           "pixel_accuracy", "sec_per_epoch", "epochs", "params", "best_epoch", "gflops",
+           "images_per_second"]
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -109,7 +110,9 @@ def collect(workdir: Path, models: list[str]) -> pd.DataFrame:
         metrics = json.loads((workdir / "reports/metrics" / f"{name}.json").read_text())
         config = json.loads((workdir / "models" / name / "config.json").read_text())
         epochs = config["params"]["train"]["epochs"]
-        rows.append({"model": name, "fg_iou": metrics["fg_iou"], "dice": metrics["dice"],
+        low, high = metrics.get("fg_iou_ci") or (None, None)  # 95% bootstrap over images
+        rows.append({"model": name, "fg_iou": metrics["fg_iou"], "fg_iou_ci_low": low,
+                     "fg_iou_ci_high": high, "dice": metrics["dice"],
                      "miou": metrics["miou"], "image_iou": metrics["per_image_fg_iou_mean"],
                      "pixel_accuracy": metrics["pixel_accuracy"],
                      "sec_per_epoch": round(config["train_seconds"] / epochs, 2),

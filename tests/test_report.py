@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from liverseg.io import save_masks
 from liverseg.stages import report
 
 MODELS = ["enhanced_pan", "unet_cbam"]
 SIZE = 64
 FIGURES = ["fg_fraction.png", "samples.png", "visual.png", "overlay.png", "iou_distribution.png",
-           *(f"training_{m}.png" for m in MODELS)]
+           "quality_cost.png", *(f"training_{m}.png" for m in MODELS)]
 
 
 def make_params(models: list[str]):
@@ -76,6 +77,7 @@ def metrics_row(model: str, i: int) -> dict:
             "dice": 0.83, "precision": None if i else 0.81, "recall": 0.79,
             "pixel_accuracy": 0.981, "per_image_fg_iou_mean": 0.66, "n_images": 6,
             "n_empty_both": 1, "n_parameters": 123456 * (i + 1), "images_per_second": 42.5,
+            "flops": 1.5e9 * (i + 1), "fg_iou_ci": [0.66 - 0.1 * i, 0.75 - 0.1 * i],
             "best_epoch": 3, "threshold": 0.5, "aggregation": "global"}
 
 
@@ -117,15 +119,13 @@ def workspace(tmp_path_factory) -> dict:
         # evaluate stores them (at each slice's size: flat masks and their shapes).
         preds = {sid: np.roll(t, 2 * (i + 1) + k % 3, axis=1).astype(np.uint8)
                  for k, (sid, t) in enumerate(truths.items())}
-        np.savez_compressed(_mk(reports / "predictions" / f"{model}.npz"),
-                            slice_id=np.array(list(preds), dtype=str),
-                            shapes=np.array([p.shape for p in preds.values()]),
-                            masks=np.concatenate([p.ravel() for p in preds.values()]))
+        save_masks(reports / "predictions" / f"{model}.npz", preds)
         per_image_rows(truths, preds).to_csv(_mk(reports / "per_image" / f"{model}.csv"),
                                              index=False)
         metrics = metrics_row(model, i)
         write_json(reports / "metrics" / f"{model}.json", metrics)
-        rows.append({k: metrics.get(k) for k, _, _ in report.COMPARISON_COLUMNS})
+        rows.append({k: metrics.get(k) for k, _, _ in report.COMPARISON_COLUMNS}
+                    | {"gflops": metrics["flops"] / 1e9})
     rows[1]["precision"] = float("nan")  # compare writes NaN (not null) for undefined values
     (reports / "comparison.json").write_text(json.dumps({
         "rank_by": "fg_iou", "best_model": MODELS[0], "best_score": 0.71,
@@ -204,6 +204,27 @@ def test_figures_on_disk_match_embedded(workspace):
         assert base64.b64encode(png).decode() in html
     assert workspace["summary"]["figures"] == len(FIGURES)
     assert len(html.encode()) < 3_000_000
+
+
+def test_quality_cost_figure_plots_the_metrics_files_numbers(workspace):
+    """Each point of both panels is a metrics file's fg IoU against its cost, its error bar
+    the file's 95% interval; the better and cheaper model is the front."""
+    from liverseg import quality_cost
+
+    comparison = json.loads((workspace["reports"] / "comparison.json").read_text())
+    points = quality_cost.points_of(comparison["models"])
+    fig = quality_cost.figure(points)
+    for ax, (cost, _, better) in zip(fig.axes, quality_cost.COSTS, strict=True):
+        drawn = sorted(tuple(c.lines[0].get_xydata()[0]) for c in ax.containers)
+        bars = sorted(tuple(c.lines[2][0].get_segments()[0][:, 1]) for c in ax.containers)
+        files = [json.loads((workspace["reports"] / "metrics" / f"{m}.json").read_text())
+                 for m in MODELS]
+        cost_of = {"gflops": lambda f: f["flops"] / 1e9,
+                   "images_per_second": lambda f: f["images_per_second"]}[cost]
+        np.testing.assert_allclose(drawn, sorted((cost_of(f), f["fg_iou"]) for f in files))
+        np.testing.assert_allclose(bars, sorted(tuple(f["fg_iou_ci"]) for f in files))
+        assert quality_cost.on_front(points, cost, better) == {MODELS[0]}
+    assert "Quality against cost" in workspace["html"]
 
 
 def test_markdown(workspace):

@@ -117,3 +117,33 @@ def load_gray(path: str | Path) -> np.ndarray:
     """Load an image as a 2D uint8 array (colour images are converted to luminance)."""
     with Image.open(path) as img:
         return np.asarray(img.convert("L"))
+
+
+# ----------------------------------------------------------------------------- masks archive
+# evaluate writes each model's validation masks here and the report reads them: slices may
+# differ in size, so one flat array, each mask's shape and its slice id.
+
+
+def save_masks(path: str | Path, masks: dict[str, np.ndarray]) -> None:
+    """{slice_id: 2D mask} as one compressed .npz, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, slice_id=np.array(list(masks), dtype=str),
+                            shapes=np.array([m.shape for m in masks.values()],
+                                            np.int64).reshape(-1, 2),
+                            masks=np.concatenate([m.ravel() for m in masks.values()]))
+
+
+def load_masks(path: str | Path) -> dict[str, np.ndarray]:
+    """What `save_masks` wrote; a missing or inconsistent file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected file is missing (did the upstream stage run?)")
+    with np.load(path) as npz:
+        ids, shapes, flat = npz["slice_id"].astype(str), npz["shapes"], npz["masks"]
+    sizes = shapes.prod(axis=1)
+    if len(ids) != len(shapes) or sizes.sum() != flat.size:
+        raise ValueError(f"{path}: {len(ids)} slice ids, {len(shapes)} shapes and "
+                         f"{flat.size} mask pixels do not add up")
+    masks = np.split(flat, np.cumsum(sizes)[:-1])
+    return {sid: m.reshape(shape) for sid, m, shape in zip(ids.tolist(), masks, shapes,
+                                                           strict=True)}

@@ -27,7 +27,7 @@ import torch
 from liverseg import checkpoint, labels, tracking
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset
-from liverseg.io import atomic_path, read_json, write_json
+from liverseg.io import atomic_path, read_json, save_masks, write_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
@@ -163,12 +163,8 @@ def run(
     write_json(reports_dir / "metrics" / f"{model_name}.json", metrics)
     with atomic_path(reports_dir / "per_image" / f"{model_name}.csv") as tmp:
         per_image.to_csv(tmp, index=False)
-    with atomic_path(reports_dir / "predictions" / f"{model_name}.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            # Slices may differ in size: one flat array and each mask's shape.
-            np.savez_compressed(fh, slice_id=per_image["slice_id"].to_numpy(str),
-                                shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
-                                masks=np.concatenate([m.ravel() for m in masks]))
+    save_masks(reports_dir / "predictions" / f"{model_name}.npz",
+               dict(zip(per_image["slice_id"].astype(str), masks, strict=True)))
 
     run_id = read_json(model_dir / "run.json")["run_id"]
     if run_id is None or not tracking.enabled():

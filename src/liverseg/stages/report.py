@@ -2,8 +2,9 @@
 
 Figures are written as PNGs under `reports/figures/` and the same bytes are embedded in
 `reports/report.html` as base64 data URIs, so the HTML is a single file that opens offline.
-The stage only reads files that earlier stages wrote; it never imports torch, DVC, MLflow or
-Dagster, so the report renders anywhere the light dependencies are installed.
+The stage only reads files that earlier stages wrote, and this module imports neither torch,
+DVC, MLflow nor Dagster (`liverseg report` parses params.yaml first, and that parse imports
+torch: the model-name validator asks the model registry).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from liverseg import labels  # noqa: E402
-from liverseg.io import atomic_dir, load_gray, read_json, write_text  # noqa: E402
+from liverseg import labels, quality_cost  # noqa: E402
+from liverseg.io import atomic_dir, load_gray, load_masks, read_json, write_text  # noqa: E402
 
 DPI = 100  # keeps the HTML small (well under 3 MB for six models)
 TRUTH_COLOUR, PRED_COLOUR = "#00c853", "#ff1744"
@@ -129,20 +130,6 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     return frame
 
 
-def read_predictions(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected file is missing (did the upstream stage run?)")
-    with np.load(path) as npz:  # evaluate's layout: flat masks, one shape per slice
-        ids, shapes, flat = npz["slice_id"].astype(str), npz["shapes"], npz["masks"]
-    sizes = shapes.prod(axis=1)
-    if len(ids) != len(shapes) or sizes.sum() != flat.size:
-        raise ValueError(f"{path}: {len(ids)} slice ids, {len(shapes)} shapes and "
-                         f"{flat.size} mask pixels do not add up")
-    masks = np.split(flat, np.cumsum(sizes)[:-1])
-    return {sid: m.reshape(shape) for sid, m, shape in zip(ids.tolist(), masks, shapes,
-                                                           strict=True)}
-
-
 @dataclass
 class Inputs:
     validation: dict
@@ -168,7 +155,7 @@ def load_inputs(models: list[str], splits_dir: Path, reports_dir: Path) -> Input
         comparison=read_json(reports_dir / "comparison.json"),
         per_image={m: read_csv(reports_dir / "per_image" / f"{m}.csv", PER_IMAGE_COLUMNS)
                    for m in models},
-        predictions={m: read_predictions(reports_dir / "predictions" / f"{m}.npz")
+        predictions={m: load_masks(reports_dir / "predictions" / f"{m}.npz")
                      for m in models},
         registry=read_json(reports_dir / "registry.json"),
     )
@@ -330,7 +317,12 @@ def comparison_context(comparison: dict) -> dict:
                   [[fmt(row.get(k), spec) for k, _, spec in columns]
                    for row in comparison["models"]])
     paper = Table(["Model (paper)", "Reported score"], [[m, f"{s:.4f}"] for m, s in PAPER_RESULTS])
+    points = quality_cost.points_of(comparison["models"])
+    cost = render_png(quality_cost.figure(points), "quality_cost.png",
+                      "FG IoU (95% CI) against GFLOPs per image and images/s; red and *: on "
+                      "the front of the best trade-off (no model both better and cheaper)")
     return {"table": table, "paper": paper, "paper_title": PAPER_TITLE,
+            "cost_figure": cost, "cost_points": points,
             "rank_by": comparison["rank_by"], "best_model": comparison["best_model"],
             "best_score": fmt(comparison["best_score"]),
             "margin": fmt(comparison.get("margin_over_next")),
@@ -551,7 +543,7 @@ def build_context(params, raw_dir: Path, inputs: Inputs) -> dict:
 
 def all_figures(context: dict) -> list[Figure]:
     return (context["data"]["figures"] + [t["figure"] for t in context["training"]]
-            + context["visual"]["figures"])
+            + [context["comparison"]["cost_figure"]] + context["visual"]["figures"])
 
 
 def run(params, raw_dir: str | Path = "data/raw", splits_dir: str | Path = "data/splits",
