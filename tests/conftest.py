@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -73,14 +74,37 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def split_data(workdir, tiny_params):
-    """A tiny phantom dataset, ingested, validated and split in `workdir`."""
+@contextlib.contextmanager
+def inside(root: Path):
+    """Run stages in `root` with its own MLflow store (as `workdir` does), then come back."""
+    cwd, uri = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(root)
+    try:
+        yield root
+    finally:
+        os.chdir(cwd)
+        if uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+@pytest.fixture(scope="session")
+def split_template(tmp_path_factory) -> Path:
+    """The tiny phantom dataset ingested, validated and split once per session; tests get a
+    copy (`split_data`), so great-expectations runs once, not once per test."""
+    from liverseg.config import parse_params
     from liverseg.stages import ingest, split, validate
 
-    ingest.run(tiny_params)
-    validate.run(tiny_params)
-    split.run(tiny_params)
+    params = parse_params(tiny_raw_params())
+    with inside(tmp_path_factory.mktemp("split-template")) as root:
+        for stage in (ingest, validate, split):
+            stage.run(params)
+    return root
+
+
+@pytest.fixture
+def split_data(workdir, split_template):
+    """A tiny phantom dataset, ingested, validated and split in `workdir` (a copy)."""
+    shutil.copytree(split_template, workdir, dirs_exist_ok=True, symlinks=True)
     return workdir
 
 

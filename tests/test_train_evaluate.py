@@ -1,6 +1,7 @@
 """train@MODEL and evaluate@MODEL on a tiny phantom split, with the MLflow store in tmp."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -8,12 +9,26 @@ import pytest
 
 from liverseg import checkpoint, tracking
 from liverseg.stages import compare, evaluate, register, train
+from tests.conftest import inside, tiny_raw_params
+
+
+@pytest.fixture(scope="session")
+def trained_template(split_template, tmp_path_factory):
+    """One tiny model trained once (MLflow store included); each test gets a copy."""
+    from liverseg.config import parse_params
+
+    root = tmp_path_factory.mktemp("trained-template")
+    shutil.copytree(split_template, root, dirs_exist_ok=True, symlinks=True)
+    with inside(root):
+        summary = train.run(parse_params(tiny_raw_params()), "enhanced_pan")
+    return root, summary
 
 
 @pytest.fixture
-def trained(split_data, tiny_params):
-    summary = train.run(tiny_params, "enhanced_pan")
-    return split_data, summary
+def trained(workdir, trained_template):
+    template, summary = trained_template
+    shutil.copytree(template, workdir, dirs_exist_ok=True, symlinks=True)
+    return workdir, summary
 
 
 def test_train_writes_model_config_curves_and_mlflow_run(trained, tiny_params):
@@ -92,6 +107,7 @@ def test_gate_failure_registers_as_challenger_with_reason(trained, tiny_params):
     assert "min_fg_iou 1.0" in client.get_model_version("liverseg", "1").tags["gate_reason"]
 
 
+@pytest.mark.slow  # every name's forward and backward step is test_models' (fast) job
 def test_every_registered_model_trains_and_evaluates_through_the_stages(split_data,
                                                                          tiny_params):
     """The train and evaluate stages, unchanged, for every registry name (one 64 px epoch;
