@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline.dvc_graph import Stage, load_stages
+from liverseg.fanout.dvc_graph import Stage, load_stages
 from pipeline.metadata import stage_metadata
 from pipeline.resources import REPO_ROOT, DvcResource, MlflowResource
 

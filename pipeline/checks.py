@@ -20,8 +20,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from liverseg.fanout.dvc_graph import Stage
 from pipeline.assets import asset_key
-from pipeline.dvc_graph import Stage
 from pipeline.metadata import csv_rows, read_json
 from pipeline.resources import DvcResource, MlflowResource
 

@@ -8,9 +8,9 @@ disable_telemetry()  # before dagster is imported
 
 import dagster as dg  # noqa: E402
 
+from liverseg.fanout.dvc_graph import load_stages  # noqa: E402
 from pipeline.assets import build_assets  # noqa: E402
 from pipeline.checks import build_audit_check, build_checks  # noqa: E402
-from pipeline.dvc_graph import load_stages  # noqa: E402
 from pipeline.parallel import train_all_parallel  # noqa: E402
 from pipeline.resources import REPO_ROOT, resources_from_env  # noqa: E402
 from pipeline.schedules import retrain_job, retrain_schedule  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from pipeline.dvc_graph import Stage
+from liverseg.fanout.dvc_graph import Stage
 
 MODEL_METRICS = ("fg_iou", "miou", "dice", "pixel_accuracy", "precision", "recall",
                  "best_epoch", "n_parameters", "images_per_second")

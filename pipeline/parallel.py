@@ -1,7 +1,7 @@
 """`train_all_parallel`: every model at once, one step (and workspace) per model.
 
 fan_out (primary) -> train_model[<model>] x N (workers, Dagster's executor) -> restore
-(primary). The workspaces and DVC commands are pipeline/fanout.py; Dagster only runs the
+(primary). The workspaces and DVC commands are liverseg/fanout/engine.py; Dagster only runs the
 steps: the multiprocess executor here, the k8s/Docker executor in a deployment
 (docs/SCALING.md). `make repro-parallel WORKERS=N` runs this job from the shell.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from liverseg.fanout import engine as fanout
+from liverseg.fanout.dvc_graph import load_stages
 from liverseg.redact import redact
-from pipeline import fanout
 from pipeline.assets import POOL, asset_key
-from pipeline.dvc_graph import load_stages
 from pipeline.metadata import mlflow_run_url, stage_metadata
 from pipeline.resources import REPO_ROOT, DvcResource, MlflowResource
 

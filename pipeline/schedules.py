@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
+from liverseg.config import load_params
 from pipeline.resources import REPO_ROOT
 
 retrain_job = dg.define_asset_job("retrain", selection=dg.AssetSelection.all(),
@@ -14,7 +14,6 @@ retrain_job = dg.define_asset_job("retrain", selection=dg.AssetSelection.all(),
 
 
 def retrain_schedule(root: Path = REPO_ROOT) -> dg.ScheduleDefinition:
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    cron = params.get("schedule", {}).get("cron", "0 3 * * 1")
+    cron = load_params(root / "params.yaml").schedule.cron  # the default lives in config
     return dg.ScheduleDefinition(name="weekly_retrain", job=retrain_job, cron_schedule=cron,
                                  default_status=dg.DefaultScheduleStatus.STOPPED)

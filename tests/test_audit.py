@@ -19,8 +19,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from liverseg import audit, lineage, model_card, tracking
+from liverseg import tracking
 from liverseg.cli import app
+from liverseg.provenance import audit, lineage, model_card
 from liverseg.stages import report
 
 # ----------------------------------------------------------------------------- fixtures
@@ -317,9 +318,9 @@ def test_the_report_lineage_section_shows_the_audit():
 
 
 def test_the_audit_check_is_non_blocking_and_skipped_by_the_retrain_job(tmp_path, monkeypatch):
+    from liverseg.fanout.dvc_graph import load_stages
     from pipeline import checks
     from pipeline.assets import asset_key, build_assets
-    from pipeline.dvc_graph import load_stages
     from pipeline.resources import MlflowResource
     from pipeline.schedules import retrain_job
     from tests.conftest import REPO

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
+from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import asset_key
-from pipeline.dvc_graph import load_stages
 from tests.conftest import REPO, stop_process_group
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 import yaml
 
+from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import POOL, asset_key, build_assets
 from pipeline.checks import build_checks
-from pipeline.dvc_graph import load_stages
 from pipeline.resources import DvcResource, MlflowResource, resources_from_env
 from pipeline.sensors import data_source_sensor, record_run_failure, source_fingerprint
 from tests.conftest import REPO

@@ -20,9 +20,9 @@ import dagster as dg
 import pytest
 import yaml
 
-from pipeline import fanout
+from liverseg.fanout import engine as fanout
+from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import POOL
-from pipeline.dvc_graph import load_stages
 from pipeline.parallel import GPU_POOL, train_all_parallel
 from tests.conftest import E2E_MODELS, REPO, _merge, sh, tiny_raw_params
 

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
+from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import asset_key
-from pipeline.dvc_graph import load_stages
 from tests.conftest import REPO
 
 

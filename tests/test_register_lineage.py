@@ -10,9 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from liverseg import lineage, tracking
+from liverseg import tracking
 from liverseg.cli import app
 from liverseg.config import RegisterParams, load_params, parse_params
+from liverseg.provenance import lineage
 from liverseg.stages import register
 from tests.conftest import sh, tiny_raw_params
 

@@ -175,8 +175,8 @@ def lineage(
     """
     from mlflow.exceptions import MlflowException
 
-    from liverseg import lineage as lin
     from liverseg.config import ConfigError
+    from liverseg.provenance import lineage as lin
     from liverseg.tracking import TrackingUnavailable
 
     if (model_uri is None) == (data_hash is None):
@@ -214,7 +214,7 @@ def audit(
     """
     from mlflow.exceptions import MlflowException
 
-    from liverseg import audit as aud
+    from liverseg.provenance import audit as aud
     from liverseg.tracking import TrackingUnavailable
 
     try:

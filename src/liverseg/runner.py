@@ -35,3 +35,12 @@ def git(*args: str, cwd: str | Path | None = None, timeout: float = 10) -> str |
         return None
     # rstrip only: porcelain status lines start with a significant space
     return out.stdout.rstrip() if out.returncode == 0 else None
+
+
+def dvc_config(root: str | Path, dvc: str | None = None, env: dict | None = None
+               ) -> dict[str, str]:
+    """`dvc config --list` as {key: value} (merged levels; local remote urls absolute);
+    empty when dvc fails."""
+    proc = run([dvc or dvc_executable(), "config", "--list"], cwd=root, env=env, timeout=120)
+    lines = proc.stdout.splitlines() if proc.returncode == 0 else []
+    return dict(line.strip().split("=", 1) for line in lines if "=" in line)

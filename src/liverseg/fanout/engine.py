@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from liverseg import runner
-from pipeline.dvc_graph import Stage, overlaps
+from liverseg.fanout.dvc_graph import Stage, overlaps
 
 WORKSPACES_ENV = "LIVERSEG_WORKSPACES"  # where worker workspaces live (default: in .git)
 PER_GPU_ENV = "LIVERSEG_TRAININGS_PER_GPU"  # trainings sharing one GPU (gpu pool = GPUs x this)
@@ -159,9 +159,7 @@ def outcomes(output: str) -> dict[str, str]:
 
 def dvc_config(root: Path, dvc: str, env: dict[str, str]) -> dict[str, str]:
     """The primary's merged DVC config; local remote paths come back absolute."""
-    out = subprocess.run([dvc, "config", "--list"], cwd=root, env=env, capture_output=True,
-                         text=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return runner.dvc_config(root, dvc, env)
 
 
 def check_remote(config: dict[str, str], remote: str | None) -> str:

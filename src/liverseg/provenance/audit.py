@@ -39,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from liverseg import lineage, runner, tracking
+from liverseg import runner, tracking
+from liverseg.provenance import lineage
 
 DEFAULT_TOLERANCE = 0.01  # absolute, on metrics and curve values, when a GPU was involved
 TIMING_KEYS = {"images_per_second"}  # measured speed, not a property of the model
@@ -82,11 +83,10 @@ def clone_at(root: Path, commit: str, dest: Path) -> Path:
 def _remotes(root: Path) -> dict[str, dict[str, str]]:
     """The primary's DVC remotes: name -> {option: value} (url resolved by DVC; options
     such as endpointurl or profile kept). `dvc config --list`: `dvc remote list` wraps."""
-    proc = runner.run([runner.dvc_executable(), "config", "--list"], root, timeout=120)
     remotes: dict[str, dict[str, str]] = {}
-    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
-        if match := re.fullmatch(r"remote\.(.+)\.([^.=]+)=(.*)", line.strip()):
-            remotes.setdefault(match[1], {})[match[2]] = match[3]
+    for key, value in runner.dvc_config(root).items():
+        if match := re.fullmatch(r"remote\.(.+)\.([^.=]+)", key):
+            remotes.setdefault(match[1], {})[match[2]] = value
     return {name: options for name, options in remotes.items() if "url" in options}
 
 

@@ -7,7 +7,7 @@ Quality gate (params `register`): the candidate's global fg_iou >= `min_fg_iou`,
 A champion validated on another split is not comparable: the improvement check is then
 skipped, and the gate text says so.
 
-Every version carries its lineage as tags (see `liverseg.lineage`). The registry keeps no
+Every version carries its lineage as tags (see `liverseg.provenance.lineage`). The registry keeps no
 alias history (mlflow#2169), so every alias move (who, when, from and to which version,
 why) is appended to the registered-model tag `alias_history` (JSON, newest last, oldest
 entries dropped to fit MLflow's tag limit), tagged on the version it moved to
@@ -19,8 +19,8 @@ the alias moves, so the rerun completes a recorded move instead of recording it 
 
 The weights' tensor digest is recorded (`weights_sha256`) so `liverseg audit` can tell a
 registry artifact altered after registration from a rebuild that differs. Every version gets
-a model card written from the recorded facts (`liverseg.model_card`): reports/model_card.md
-and .json (register's outputs: models/<m>/ is train's), also logged to the version's run
+a model card written from the recorded facts (`liverseg.provenance.model_card`):
+reports/model_card.md and .json (register's outputs: models/<m>/ is train's), logged to the run
 under `model_card/<name>/v<version>/`, named by the version's `model_card` tag.
 """
 
@@ -31,9 +31,10 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from liverseg import lineage, model_card, tracking
+from liverseg import tracking
 from liverseg.config import Params, RegisterParams
 from liverseg.io import read_json, write_json
+from liverseg.provenance import lineage, model_card
 
 METRIC_TAGS = ("fg_iou", "dice", "miou")
 

@@ -1,0 +1,6 @@
+"""Provenance: where a registered model came from and whether it still reproduces.
+
+`lineage` (the trail recorded as registry tags, and its check against the workspace),
+`audit` (a registered model rebuilt from its trail and compared) and `model_card` (the card
+written from the recorded facts).
+"""
