@@ -33,7 +33,7 @@ class PhantomParams(Strict):
     patients: int = Field(16, ge=2)
     slices_per_patient: int = Field(10, ge=1)
     size: int = Field(128, ge=32)
-    max_tumours: int = Field(3, ge=0)
+    max_tumours: int = Field(4, ge=0)
     noise_hu: float = Field(12.0, ge=0)
 
 
@@ -236,7 +236,7 @@ class ModelParams(Strict):
 
 
 class TrainParams(Strict):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=2)  # batch norm after global pooling needs >= 2
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

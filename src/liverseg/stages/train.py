@@ -1,4 +1,5 @@
-"""train@MODEL: the paper's recipe (AdamW + OneCycleLR + binary cross-entropy on logits).
+"""train@MODEL: the paper's recipe (AdamW + OneCycleLR), with binary cross-entropy on logits
+plus soft Dice by default (`train.loss: bce_dice`; `bce` is the paper's loss alone).
 
 Three classes (`model.num_classes: 3`, data.target liver_tumour): a softmax head and the
 softmax form of the loss (cross-entropy, + multi-class soft Dice); everything else is the same.
