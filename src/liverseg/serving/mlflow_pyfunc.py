@@ -25,7 +25,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
-
 class LiversegModel(PythonModel):
     def load_context(self, context):
         import torch
