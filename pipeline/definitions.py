@@ -11,6 +11,7 @@ import dagster as dg  # noqa: E402
 from liverseg.fanout.dvc_graph import load_stages  # noqa: E402
 from pipeline.assets import build_assets  # noqa: E402
 from pipeline.checks import build_audit_check, build_checks  # noqa: E402
+from pipeline.pacs import new_ct_studies, segment_study_job  # noqa: E402
 from pipeline.parallel import train_all_parallel  # noqa: E402
 from pipeline.resources import REPO_ROOT, resources_from_env  # noqa: E402
 from pipeline.schedules import retrain_job, retrain_schedule  # noqa: E402
@@ -22,9 +23,10 @@ defs = dg.Definitions(
     assets=build_assets(REPO_ROOT),
     # The audit retrains: kept out of build_checks, which tests materialise wholesale.
     asset_checks=build_checks(stages) + build_audit_check(stages),
-    jobs=[retrain_job, train_all_parallel],  # the latter: multiprocess, one step per model
+    # train_all_parallel: multiprocess, one step per model; segment_study: one per CT study
+    jobs=[retrain_job, train_all_parallel, segment_study_job],
     schedules=[retrain_schedule()],
-    sensors=[data_source_sensor, record_run_failure],
+    sensors=[data_source_sensor, record_run_failure, new_ct_studies],
     resources=resources_from_env(),
     # In-process: one run = one process in one DVC workspace. The stages must run one at a
     # time anyway (DVC's repo lock; the pool enforces it across runs too), so a process per

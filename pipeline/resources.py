@@ -24,6 +24,7 @@ ENV = {
     "dvc": {"repo_root": "LIVERSEG_REPO_ROOT", "executable": "LIVERSEG_DVC",
             "remote": "LIVERSEG_DVC_REMOTE"},
     "mlflow": {"tracking_uri": "MLFLOW_TRACKING_URI", "ui_url": "LIVERSEG_MLFLOW_UI_URL"},
+    "pacs": {"url": "LIVERSEG_DICOMWEB_URL", "out_dir": "LIVERSEG_PACS_OUT"},
 }
 
 
@@ -81,6 +82,16 @@ class MlflowResource(dg.ConfigurableResource):
         return redact(self.tracking_uri) if http else self.ui_url  # a link, not a password
 
 
+class PacsResource(dg.ConfigurableResource):
+    """The archive (a DICOMweb root, e.g. Orthanc's http://host:8042/dicom-web) and where
+    the job keeps each study's predictions.csv and SEG. Credentials come from
+    LIVERSEG_DICOMWEB_USER / _PASSWORD or netrc, never from here."""
+
+    url: str = ""
+    out_dir: str = str(REPO_ROOT / "predictions" / "pacs")
+    model: str = "models:/liverseg@champion"  # resolved when each run starts
+
+
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
     """The resources, with dg.EnvVar for each variable that is set (the UI shows its name).
 
@@ -90,4 +101,5 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
     environ = os.environ if environ is None else environ
     fields = {key: {f: dg.EnvVar(var) for f, var in spec.items() if environ.get(var)}
               for key, spec in ENV.items()}
-    return {"dvc": DvcResource(**fields["dvc"]), "mlflow": MlflowResource(**fields["mlflow"])}
+    return {"dvc": DvcResource(**fields["dvc"]), "mlflow": MlflowResource(**fields["mlflow"]),
+            "pacs": PacsResource(**fields["pacs"])}

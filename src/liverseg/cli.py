@@ -41,7 +41,9 @@ app = typer.Typer(cls=FlowOrder, add_completion=False, no_args_is_help=True,
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file.")
 MODEL_REF = typer.Option("models:/liverseg@champion", "--model", "-m",
                          help="MLflow model URI, version number, run id or models/<name>.")
-INPUTS = typer.Argument(..., help="PNG/JPG slices, NIfTI volumes, DICOM series, folders.")
+INPUTS = typer.Argument(None, help="PNG/JPG slices, NIfTI volumes, DICOM series, folders.")
+STUDIES = typer.Option(None, "--study",
+                       help="With --dicomweb: a StudyInstanceUID (repeatable).")
 PREDICT_OUT = typer.Option(Path("predictions"), "--out", "-o", help="Output folder.")
 EXPORT_OUT = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx.")
 
@@ -242,6 +244,11 @@ def predict(
     hu_check: bool = typer.Option(
         True, "--hu-check/--no-hu-check", help="Refuse volumes whose values cannot be CT in "
         "Hounsfield units (within 0..1, almost constant, none below 0)."),
+    dicomweb: str = typer.Option(None, "--dicomweb", help="Instead of INPUTS: a DICOMweb "
+                                 "archive (QIDO/WADO/STOW-RS); each SEG is stored back."),
+    study: list[str] = STUDIES,
+    since: str = typer.Option(None, "--since", help="With --dicomweb: every CT study from "
+                              "this StudyDate on (YYYYMMDD)."),
 ) -> None:
     """Segment scans: masks at input geometry, overlays, predictions.csv.
 
@@ -249,8 +256,9 @@ def predict(
     a series also gets a DICOM SEG). Volume masks keep the input's axes, affine and header.
     Every input gets a row in predictions.csv (done, refused with the rule, or skipped);
     size limits come from LIVERSEG_MAX_VOXELS, _MAX_SLICES, _MAX_SIDE, _MAX_BYTES.
-    Exit 0: nothing refused; 2: some input refused (the others are done); 1: no model or
-    no inputs.
+    Exit 0: nothing refused; 2: some input refused (the others are done); 1: no model, no
+    inputs, or the archive unreachable. Archive credentials: LIVERSEG_DICOMWEB_USER and
+    _PASSWORD, or netrc.
 
     Example: liverseg predict --model models:/liverseg@champion volume-117.nii.gz --out pred
     """
@@ -258,8 +266,12 @@ def predict(
 
     try:
         with redacted_errors():
+            if bool(inputs) == bool(dicomweb) or (dicomweb and not (study or since)):
+                raise ValueError("give INPUTS, or --dicomweb URL with --study UID or --since "
+                                 "YYYYMMDD")
             policy = pred.Policy(allow_nonfinite=allow_nonfinite, hu_check=hu_check)
-            summary = pred.run(model, inputs, out, policy)
+            summary = (pred.run_dicomweb(model, dicomweb, study or [], out, since, policy)
+                       if dicomweb else pred.run(model, inputs, out, policy))
     except Exception as exc:  # no model, no inputs, a tracking server down: one line
         _fail("predict", exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

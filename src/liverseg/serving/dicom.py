@@ -206,9 +206,10 @@ def load_series(series: Series):
 
 
 def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, ...],
-              model_name: str) -> None:
+              model_name: str, description: str | None = None) -> None:
     """A DICOM SEG of `mask` [slices, rows, columns] (class indices, slices in the order of
-    `datasets`): one segment per foreground class, coded in SNOMED CT."""
+    `datasets`): one segment per foreground class, coded in SNOMED CT. `description` (the
+    SeriesDescription) names the model and its version, so an archive can tell its SEGs."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -230,5 +231,6 @@ def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, 
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=999,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
         manufacturer_model_name=model_name, software_versions=liverseg.__version__,
-        device_serial_number="none", series_description=f"liverseg {model_name}")
+        device_serial_number="none",
+        series_description=description or f"liverseg {model_name}")
     seg.save_as(path)

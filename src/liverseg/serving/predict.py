@@ -48,6 +48,7 @@ from liverseg.preprocess import (
     to_input_orientation,
     volume_slices,
 )
+from liverseg.redact import redact
 from liverseg.serving import dicom
 from liverseg.serving.boundary import Limits, Refused, check_hu, nonfinite, safe_name
 
@@ -123,6 +124,7 @@ class Predictor:
     model: torch.nn.Module
     config: dict
     batch_size: int = 32  # CPU inference: larger batches amortise per-call overhead
+    seg_description: str | None = None  # a SEG's SeriesDescription: the model and version
 
     def __post_init__(self):
         self.prep = Preprocessing.from_config(self.config)
@@ -414,7 +416,8 @@ def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy
                "reason": f"no NIfTI mask or ml: {series.irregular}; SEG on the source frames",
                **_overlay_row(predictor, slices, masks, out)}
     with atomic_path(out.with_name(f"{out.name}_seg.dcm")) as tmp:
-        dicom.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"])
+        dicom.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"],
+                        predictor.seg_description)
     return row | {"kind": "dicom", "series_uid": series.uid, "study_uid": series.study_uid,
                   "slices": len(datasets), "seg": f"{out.name}_seg.dcm"}
 
@@ -444,6 +447,19 @@ def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy
     return _row(item.label, "done", reason, kind) | {"name": item.name} | row
 
 
+def _start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
+    from liverseg.serving.dicomweb import seg_description
+
+    model, config = load(model_ref)
+    identity = model_identity(model_ref, config)
+    version = identity["model_version"] or identity["model_run"][:8]
+    predictor = Predictor(model, config, seg_description=seg_description(config["model"],
+                                                                         version))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return predictor, Outcomes(out_dir, identity)
+
+
 def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path,
         policy: Policy | None = None) -> dict:
     """Every input gets a row in DIR/predictions.csv; the summary counts them."""
@@ -451,15 +467,75 @@ def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path,
     items, other_rows = expand_inputs(inputs, policy.limits)
     if not items and not other_rows:
         raise ValueError("no inputs given")
-    model, config = load(model_ref)
-    predictor = Predictor(model, config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = Outcomes(out_dir, model_identity(model_ref, config))
+    predictor, outcomes = _start(model_ref, out_dir)
     for row in other_rows:
         outcomes.add(row)
     for item in items:
-        outcomes.add(predict_item(predictor, item, out_dir, policy))
+        outcomes.add(predict_item(predictor, item, Path(out_dir), policy))
+    return summary(model_ref, outcomes)
+
+
+def run_dicomweb(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
+                 since: str | None = None, policy: Policy | None = None) -> dict:
+    """The CT series of `studies` (or of every CT study since `since`) from a DICOMweb
+    archive, each predicted as a local series and its SEG stored back into its study; a
+    series already holding a SEG from this model version is skipped. The archive down:
+    `dicomweb.ArchiveUnavailable`, naming it."""
+    import shutil
+    import tempfile
+
+    from liverseg.serving import dicomweb
+
+    policy, out_dir = policy or Policy(), Path(out_dir)
+    client = dicomweb.connect(url)
+    studies = list(studies) or dicomweb.ct_studies(client, url, since)
+    predictor, outcomes = _start(model_ref, out_dir)
+    for study in studies:
+        remote = dicomweb.series_of(client, url, study)
+        done_before = dicomweb.segmented(client, url, remote, predictor.seg_description)
+        for series in remote:
+            where = redact(f"{url} study {study} series {series.uid}")
+            if series.modality != "CT":
+                why = (f"modality {series.modality!r}, not CT (rule: modality CT)"
+                       if series.modality != "SEG" else "a segmentation, not an image")
+                outcomes.add(_row(where, "skipped", why, "dicomweb"))
+            elif series.uid in done_before:
+                outcomes.add(_row(where, "skipped", f"already holds a SEG from "
+                                                    f"{predictor.seg_description!r}", "dicomweb"))
+            else:
+                folder = Path(tempfile.mkdtemp(prefix=".dicomweb-", dir=out_dir))
+                try:
+                    for row in _predict_remote(client, url, series, folder, predictor,
+                                               out_dir, policy):
+                        outcomes.add(row | {"input": where} if row["kind"] == "dicom" else row)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+    return summary(model_ref, outcomes) | {"studies": studies}
+
+
+def _predict_remote(client, url: str, series, folder: Path, predictor: Predictor,
+                    out_dir: Path, policy: Policy) -> list[dict]:
+    """One fetched series: its rows (scouts skipped by name), the SEG stored back."""
+    from liverseg.serving import dicomweb
+
+    try:
+        files = dicomweb.fetch(client, url, series, folder, policy.limits)
+    except Refused as exc:
+        return [_row(series.uid, "refused", str(exc), "dicom")]
+    found = dicom.find_series(files, policy.limits)
+    rows = [_row(f.name, "skipped", why, "dicom") for f, why in found.skipped]
+    rows += [_row(f.name, "refused", why, "dicom") for f, why in found.refused]
+    for s in found.series:
+        name = f"{safe_name(series.study_uid)}/{safe_name(f'series-{s.number or s.uid}')}"
+        row = predict_item(predictor, Item(s, name), out_dir, policy)
+        if row["status"] == "done":
+            row["seg_sop_uid"] = dicomweb.store(client, url, out_dir / row["seg"])
+        rows.append(row)
+    return rows
+
+
+def summary(model_ref: str, outcomes: Outcomes) -> dict:
+    out_dir = outcomes.path.parent
     return {"model": model_ref, "inputs": len(outcomes.rows), "out": str(out_dir),
             "summary": str(outcomes.path),
             **{s: outcomes.count(s) for s in ("done", "refused", "skipped")},
