@@ -52,7 +52,11 @@ def connect(url: str, timeout: float = TIMEOUT_S):
     session = requests.Session()
     if os.environ.get(USER_ENV):
         session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
-    return DICOMwebClient(url=url, session=session, timeout=timeout)
+    client = DICOMwebClient(url=url, session=session, timeout=timeout)
+    # Its default retries a refused connection five times over 31 s: a down archive must
+    # fail in seconds (a busy one, 429/503, still gets two more tries).
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+    return client
 
 
 def _call(url: str, what: str, fn, *args, **kwargs):
