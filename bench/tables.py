@@ -60,7 +60,7 @@ def plain(value) -> str:
 
 
 # Column key -> (header, format). `fg_iou` gains its 95% CI when the CSV has
-# `fg_iou_ci_low`/`fg_iou_ci_high` (bench/quality.py's collect does not write them yet).
+# `fg_iou_ci_low`/`fg_iou_ci_high` (bench/quality.py's collect writes them).
 COLUMNS = {
     "fg_iou": ("fg IoU", f3),
     "dice": ("Dice", f3),
@@ -252,6 +252,9 @@ QUALITY = ["fg_iou", "dice", "miou", "image_iou", "pixel_accuracy", "params"]
 
 TABLES: dict[str, ModelTable | SeedTable | FoldTable | JsonTable] = {
     "tumour": ModelTable("quality-tumor.csv", QUALITY + ["best_epoch", "device"]),
+    "liver-current": ModelTable("quality-liver-current.csv",
+                                QUALITY + ["gflops", "images_per_second", "best_epoch",
+                                           "device"]),
     "liver": ModelTable("quality-liver.csv", QUALITY + ["best_epoch", "device"]),
     "liver-seeds": SeedTable(
         [SeedRow(m, m, ["quality-liver.csv", "quality-liver-seed1-gpu.csv",

@@ -29,7 +29,7 @@ ct_studies = dg.DynamicPartitionsDefinition(name="ct_studies")
 
 
 @dg.op(description="liverseg predict --dicomweb on one study: SEGs stored back into it.")
-def segment_study(context: dg.OpExecutionContext, pacs: PacsResource,
+def segment_one_study(context: dg.OpExecutionContext, pacs: PacsResource,
                   mlflow: MlflowResource) -> dict:
     study = context.partition_key
     out = Path(pacs.out_dir) / safe_name(study)
@@ -65,7 +65,7 @@ def _rows(path: Path) -> list[dict]:
 @dg.job(name="segment_study", partitions_def=ct_studies,
         description="Segment one CT study from the archive.")
 def segment_study_job():
-    segment_study()
+    segment_one_study()
 
 
 def _settled(instance: dg.DagsterInstance, study: str) -> bool:

@@ -69,7 +69,7 @@ def test_definitions_validate_with_checks_sensors_and_pool():
     assert blocking == {"gx_validation", "no_patient_leakage"}
     for key in graph.get_all_asset_keys():  # DVC's repo lock: one stage at a time
         assert graph.get(key).pools == {POOL}, key
-    for name in ("data_source_changed", "record_run_failure"):
+    for name in ("data_source_changed", "record_run_failure", "new_ct_studies"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.STOPPED
     cron = yaml.safe_load((REPO / "params.yaml").read_text())["schedule"]["cron"]
     assert defs.resolve_schedule_def("weekly_retrain").cron_schedule == cron

@@ -91,6 +91,7 @@ def orthanc(tmp_path):
 def _study(shared_data: Path, root: Path) -> tuple[str, Path]:
     """A 16-slice CT series of lits-117, a scout and an MR series, all in one study."""
     img = nib.load(str(shared_data / "lits-117/volume-117.nii.gz"))
+    root.mkdir(parents=True)
     nib.save(img.slicer[:, :, 88:104], str(root / "crop.nii.gz"))
     study = pydicom.uid.generate_uid()
     ct = write_series(root / "crop.nii.gz", root / "ct", 3, study)
@@ -145,7 +146,7 @@ def test_sensor_and_job_segment_a_study_from_orthanc_and_store_the_seg(
     done = segment_study_job.execute_in_process(partition_key=study, instance=instance,
                                                 resources=resources)
     seconds = time.time() - started
-    meta = done.output_for_node("segment_study")
+    meta = done.output_for_node("segment_one_study")
     assert meta["study"] == study and len(meta["seg_sop_instance_uids"]) == 1
     assert any("localiser" in o and o.startswith("skipped") for o in meta["outcomes"])
     assert any("modality 'MR'" in o and o.startswith("skipped") for o in meta["outcomes"])

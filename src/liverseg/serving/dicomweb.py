@@ -72,17 +72,35 @@ def _call(url: str, what: str, fn, *args, **kwargs):
         raise ArchiveUnavailable(redact(f"DICOMweb archive {url} refused {what}: {exc}")) from None
 
 
+PAGE = 500
+
+
+def _search(url: str, what: str, fn, key: str, **kwargs) -> list[dict]:
+    """Every result of a QIDO-RS search, a page at a time; stops at an empty page or one
+    with nothing new (some archives ignore `offset`, so get_remaining would never end)."""
+    results, seen = [], set()
+    while True:
+        page = _call(url, what, fn, limit=PAGE, offset=len(results), **kwargs)
+        new = [r for r in page if _value(r, key) not in seen]
+        if not new:
+            return results
+        results += new
+        seen |= {_value(r, key) for r in new}
+        if len(page) < PAGE:
+            return results
+
+
 def ct_studies(client, url: str, since: str | None = None) -> list[str]:
     """StudyInstanceUIDs of the studies holding CT (from `since`, YYYYMMDD, when given)."""
     filters = {"ModalitiesInStudy": "CT"} | ({"StudyDate": f"{since}-"} if since else {})
-    found = _call(url, "a study search (QIDO-RS)", client.search_for_studies,
-                  search_filters=filters, get_remaining=True)
+    found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
+                    search_filters=filters)
     return sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)})
 
 
 def series_of(client, url: str, study_uid: str) -> list[RemoteSeries]:
-    found = _call(url, f"a series search in study {study_uid} (QIDO-RS)",
-                  client.search_for_series, study_instance_uid=study_uid, get_remaining=True)
+    found = _search(url, f"a series search in study {study_uid} (QIDO-RS)",
+                    client.search_for_series, SERIES_UID, study_instance_uid=study_uid)
     out = []
     for s in found:
         number = _value(s, SERIES_NUMBER)

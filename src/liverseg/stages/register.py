@@ -13,9 +13,10 @@ why) is appended to the registered-model tag `alias_history` (JSON, newest last,
 entries dropped to fit MLflow's tag limit), tagged on the version it moved to
 (`alias_event`, never dropped) and written to reports/registry.json.
 
-Crash-safe: a rerun after a crash reuses the version already registered from the same
-training run (one version per run) and its recorded gate, and the history is written before
-the alias moves, so the rerun completes a recorded move instead of recording it twice.
+Crash-safe: a rerun reuses the version already registered from the same training run (one
+version per run; judged again, against the champion it replaced if it is the champion), and
+the history is written before the alias moves, so a rerun after a crash completes a recorded
+move instead of recording it twice.
 
 The weights' tensor digest is recorded (`weights_sha256`) so `liverseg audit` can tell a
 registry artifact altered after registration from a rebuild that differs. Every version gets
@@ -61,10 +62,12 @@ def version_tags(params: Params, best: str, metrics: dict, validation: dict,
     return tags
 
 
-def champion_info(client, cfg: RegisterParams) -> dict | None:
-    """The current champion's version, recorded fg_iou and split hash (None if none)."""
+def champion_info(client, cfg: RegisterParams, number: int | None = None) -> dict | None:
+    """The current champion's (or version `number`'s) version, recorded fg_iou and split
+    hash (None if none)."""
     try:
-        version = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
+        version = (client.get_model_version(cfg.model_name, str(number)) if number
+                   else client.get_model_version_by_alias(cfg.model_name, cfg.alias))
     except Exception:  # MlflowException: no such model or alias
         return None
     fg = version.tags.get("metric_fg_iou")
@@ -190,16 +193,19 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
     client = mlf.MlflowClient()
     champion = champion_info(client, cfg)
     existing = registered_version(client, cfg.model_name, run["run_id"])
-    if existing is not None and existing.tags.get("quality_gate"):  # judged before a crash
-        gate = existing.tags["quality_gate"]
-        passed = gate.startswith("passed")
-    else:
-        passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
+    if existing is not None and champion and champion["version"] == int(existing.version):
+        # A rerun after the alias moved to this very version: judge it against the
+        # champion it replaced, never against itself.
+        replaced = json.loads(existing.tags.get("alias_event", "{}")).get("from_version")
+        champion = champion_info(client, cfg, replaced) if replaced else None
+    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
     version = existing.version if existing is not None else \
         mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
     if not passed:
         client.set_model_version_tag(cfg.model_name, version, "gate_reason", gate)
+    elif existing is not None and "gate_reason" in existing.tags:  # it failed an earlier run
+        client.delete_model_version_tag(cfg.model_name, version, "gate_reason")
     alias = cfg.alias if passed else cfg.challenger_alias
     event, history = move_alias(client, cfg.model_name, alias, version, gate)
     record = {"registered_model": cfg.model_name, "version": int(version), "alias": alias,
