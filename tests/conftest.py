@@ -115,6 +115,22 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
     return output
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    """Until `url` answers; fails if `proc` (the server) exits or `seconds` pass first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"{proc.args[0]} exited before {url} answered"
+            assert time.time() < deadline, f"{url} did not answer within {seconds:g} s"
+            time.sleep(0.3)
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM a process started with `start_new_session=True` and its children; SIGKILL
     them if they have not exited within `timeout` seconds."""

@@ -22,6 +22,7 @@ import yaml
 from liverseg import tracking
 from liverseg.serving import predict
 from liverseg.serving.boundary import Limits, Refused, check_grey_batch, check_hu, safe_name
+from tests.conftest import wait_for_http
 
 CHAMPION = "models:/liverseg@champion"
 
@@ -329,7 +330,6 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
     """`mlflow models serve` of the champion on 127.0.0.1: 200 requests, 4 at a time, all
     200 and equal to `liverseg predict`'s masks; each bad request 400 with its rule."""
     import concurrent.futures
-    import time
     import urllib.request
 
     from PIL import Image
@@ -343,14 +343,7 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(1)
+        wait_for_http(f"{url}/ping", server, 180)
 
         def post(body: bytes) -> tuple[int, bytes]:
             request = urllib.request.Request(f"{url}/invocations", body,

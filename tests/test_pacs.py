@@ -25,6 +25,7 @@ import pytest
 
 from pipeline.pacs import new_ct_studies, segment_study_job
 from pipeline.resources import MlflowResource, PacsResource
+from tests.conftest import wait_for_http
 from tests.dicom_series import write_series
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -54,14 +55,7 @@ class Orthanc:
     def start(self) -> None:
         self.proc = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/system", timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.time() < deadline, "Orthanc down"
-                time.sleep(0.3)
+        wait_for_http(f"{self.url}/system", self.proc, 30)
 
     def stop(self) -> None:
         self.proc.terminate()
