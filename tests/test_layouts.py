@@ -288,7 +288,7 @@ def render_context(data):
             "training_table": empty,
             "comparison": {"table": empty, "paper": empty, "paper_title": "p", "rank_by": "k",
                            "best_model": "m", "best_score": "1", "margin": "n/a",
-                           "definitions": ""},
+                           "definitions": "", "cost_figure": report.Figure("c.png", "c", b"")},
             "visual": {"best_model": "m", "chosen": empty, "figures": []},
             "lineage": {"rows": empty, "history": empty, "tags": empty, "command": "c",
                         "dirty": False, "audit_command": "c", "audits": empty,
