@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("stem", help="a result in bench/results/, without .csv")
     args = parser.parse_args()
     facts = json.loads((REPO / "bench/results" / f"{args.stem}.json").read_text())
-    title = (f"{args.stem}: {facts['command']} at {facts['commit'][:8]} "
-             "(* and red: on the best trade-off front)")
+    params = facts["params"]
+    title = (f"{args.stem} at {facts['commit'][:8]}: seed {params['seed']}, "
+             f"{params['train']['epochs']} epochs (* and red: on the best trade-off front)")
     fig = quality_cost.figure(quality_cost.points_of(rows_of(args.stem)), title)
     out = REPO / "docs/images" / f"quality-cost-{args.stem.removeprefix('quality-')}.png"
     fig.savefig(out, dpi=110, bbox_inches="tight", metadata={"Software": None})
