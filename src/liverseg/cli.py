@@ -270,8 +270,12 @@ def predict(
                 raise ValueError("give INPUTS, or --dicomweb URL with --study UID or --since "
                                  "YYYYMMDD")
             policy = pred.Policy(allow_nonfinite=allow_nonfinite, hu_check=hu_check)
-            summary = (pred.run_dicomweb(model, dicomweb, study or [], out, since, policy)
-                       if dicomweb else pred.run(model, inputs, out, policy))
+            if dicomweb:
+                from liverseg.serving import dicomweb as web
+
+                summary = web.run(model, dicomweb, study or [], out, since, policy)
+            else:
+                summary = pred.run(model, inputs, out, policy)
     except Exception as exc:  # no model, no inputs, a tracking server down: one line
         _fail("predict", exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

@@ -164,3 +164,65 @@ def store(client, url: str, seg_path: Path) -> str:
     _call(url, "storing the SEG (STOW-RS)", client.store_instances, [seg],
           study_instance_uid=seg.StudyInstanceUID)
     return str(seg.SOPInstanceUID)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
+        since: str | None = None, policy=None) -> dict:
+    """The CT series of `studies` (or of every CT study since `since`) from a DICOMweb
+    archive, each predicted as a local series and its SEG stored back into its study; a
+    series already holding a SEG from this model version is skipped. The archive down:
+    `ArchiveUnavailable`, naming it."""
+    import shutil
+    import tempfile
+
+    from liverseg.serving import predict
+
+    policy, out_dir = policy or predict.Policy(), Path(out_dir)
+    client = connect(url)
+    studies = list(studies) or ct_studies(client, url, since)
+    predictor, outcomes = predict.start(model_ref, out_dir)
+    for study in studies:
+        remote = series_of(client, url, study)
+        done_before = segmented(client, url, remote, predictor.seg_description)
+        for series in remote:
+            where = redact(f"{url} study {study} series {series.uid}")
+            if series.modality != "CT":
+                why = (f"modality {series.modality!r}, not CT (rule: modality CT)"
+                       if series.modality != "SEG" else "a segmentation, not an image")
+                outcomes.add(predict.outcome(where, "skipped", why, "dicomweb"))
+            elif series.uid in done_before:
+                outcomes.add(predict.outcome(where, "skipped", f"already holds a SEG from "
+                                                    f"{predictor.seg_description!r}", "dicomweb"))
+            else:
+                folder = Path(tempfile.mkdtemp(prefix=".dicomweb-", dir=out_dir))
+                try:
+                    for row in _predict_remote(client, url, series, folder, predictor,
+                                               out_dir, policy):
+                        outcomes.add(row | {"input": where} if row["kind"] == "dicom" else row)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+    return predict.summary(model_ref, outcomes) | {"studies": studies}
+
+
+def _predict_remote(client, url: str, series: RemoteSeries, folder: Path, predictor,
+                    out_dir: Path, policy) -> list[dict]:
+    """One fetched series: its rows (scouts skipped by name), the SEG stored back."""
+    from liverseg.serving import dicom, predict
+
+    try:
+        files = fetch(client, url, series, folder, policy.limits)
+    except Refused as exc:
+        return [predict.outcome(series.uid, "refused", str(exc), "dicom")]
+    found = dicom.find_series(files, policy.limits)
+    rows = [predict.outcome(f.name, "skipped", why, "dicom") for f, why in found.skipped]
+    rows += [predict.outcome(f.name, "refused", why, "dicom") for f, why in found.refused]
+    for s in found.series:
+        name = f"{safe_name(series.study_uid)}/{safe_name(f'series-{s.number or s.uid}')}"
+        row = predict.predict_item(predictor, predict.Item(s, name), out_dir, policy)
+        if row["status"] == "done":
+            row["seg_sop_uid"] = store(client, url, out_dir / row["seg"])
+        rows.append(row)
+    return rows

@@ -48,7 +48,6 @@ from liverseg.preprocess import (
     to_input_orientation,
     volume_slices,
 )
-from liverseg.redact import redact
 from liverseg.serving import dicom
 from liverseg.serving.boundary import Limits, Refused, check_hu, nonfinite, safe_name
 
@@ -221,7 +220,7 @@ def expand_inputs(inputs: list[str | Path], limits: Limits | None = None
             images = [p for p in found if _is_image_or_nifti(p)]
             dcm = [p for p in found if not _is_image_or_nifti(p) and dicom.is_dicom(p)]
             if not images and not dcm:
-                rows.append(_row(given, "refused", "no PNG/JPG/NIfTI/DICOM files in this "
+                rows.append(outcome(given, "refused", "no PNG/JPG/NIfTI/DICOM files in this "
                                                     "folder (rule: a supported input)"))
             items += [Item(p, output_name(given, p)) for p in images]
             dicom_files += [(given, p) for p in dcm]
@@ -230,16 +229,16 @@ def expand_inputs(inputs: list[str | Path], limits: Limits | None = None
         elif given.is_file() and dicom.is_dicom(given):
             dicom_files.append((given, given))
         elif given.exists():
-            rows.append(_row(given, "refused", "unsupported input (rule: PNG, JPG, NIfTI or "
+            rows.append(outcome(given, "refused", "unsupported input (rule: PNG, JPG, NIfTI or "
                                                "DICOM)"))
         else:
-            rows.append(_row(given, "refused", "no such file or folder"))
+            rows.append(outcome(given, "refused", "no such file or folder"))
     if dicom_files:
         found = dicom.find_series([f for _, f in dicom_files], limits)
         root_of = {f: root for root, f in dicom_files}
         items += [Item(s, output_name(root_of[s.files[0]], s)) for s in found.series]
-        rows += [_row(f, "skipped", why, "dicom") for f, why in found.skipped]
-        rows += [_row(f, "refused", why, "dicom") for f, why in found.refused]
+        rows += [outcome(f, "skipped", why, "dicom") for f, why in found.skipped]
+        rows += [outcome(f, "refused", why, "dicom") for f, why in found.refused]
     resolve_clashes(items)
     return items, rows
 
@@ -247,7 +246,7 @@ def expand_inputs(inputs: list[str | Path], limits: Limits | None = None
 # ----------------------------------------------------------------------------- outputs
 
 
-def _row(path, status: str, reason: str = "", kind: str = "") -> dict:
+def outcome(path, status: str, reason: str = "", kind: str = "") -> dict:
     return {"input": str(path), "kind": kind, "status": status, "reason": reason}
 
 
@@ -438,16 +437,16 @@ def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy
     except Exception as exc:  # one input's failure is its row, never the batch's end
         reason = str(exc) if isinstance(exc, ValueError | OSError) else \
             f"{item.label}: {type(exc).__name__}: {exc}"
-        return _row(item.label, "refused", reason, kind) | {"name": item.name}
+        return outcome(item.label, "refused", reason, kind) | {"name": item.name}
     folder = str(Path(item.name).parent)
     for key in ("mask", "overlay", "seg"):  # paths relative to --out
         if row.get(key) and folder != ".":
             row[key] = f"{folder}/{row[key]}"
     reason = "; ".join(filter(None, [item.note, row.pop("reason", "")]))
-    return _row(item.label, "done", reason, kind) | {"name": item.name} | row
+    return outcome(item.label, "done", reason, kind) | {"name": item.name} | row
 
 
-def _start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
+def start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
     from liverseg.serving.dicomweb import seg_description
 
     model, config = load(model_ref)
@@ -467,71 +466,12 @@ def run(model_ref: str, inputs: list[str | Path], out_dir: str | Path,
     items, other_rows = expand_inputs(inputs, policy.limits)
     if not items and not other_rows:
         raise ValueError("no inputs given")
-    predictor, outcomes = _start(model_ref, out_dir)
+    predictor, outcomes = start(model_ref, out_dir)
     for row in other_rows:
         outcomes.add(row)
     for item in items:
         outcomes.add(predict_item(predictor, item, Path(out_dir), policy))
     return summary(model_ref, outcomes)
-
-
-def run_dicomweb(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
-                 since: str | None = None, policy: Policy | None = None) -> dict:
-    """The CT series of `studies` (or of every CT study since `since`) from a DICOMweb
-    archive, each predicted as a local series and its SEG stored back into its study; a
-    series already holding a SEG from this model version is skipped. The archive down:
-    `dicomweb.ArchiveUnavailable`, naming it."""
-    import shutil
-    import tempfile
-
-    from liverseg.serving import dicomweb
-
-    policy, out_dir = policy or Policy(), Path(out_dir)
-    client = dicomweb.connect(url)
-    studies = list(studies) or dicomweb.ct_studies(client, url, since)
-    predictor, outcomes = _start(model_ref, out_dir)
-    for study in studies:
-        remote = dicomweb.series_of(client, url, study)
-        done_before = dicomweb.segmented(client, url, remote, predictor.seg_description)
-        for series in remote:
-            where = redact(f"{url} study {study} series {series.uid}")
-            if series.modality != "CT":
-                why = (f"modality {series.modality!r}, not CT (rule: modality CT)"
-                       if series.modality != "SEG" else "a segmentation, not an image")
-                outcomes.add(_row(where, "skipped", why, "dicomweb"))
-            elif series.uid in done_before:
-                outcomes.add(_row(where, "skipped", f"already holds a SEG from "
-                                                    f"{predictor.seg_description!r}", "dicomweb"))
-            else:
-                folder = Path(tempfile.mkdtemp(prefix=".dicomweb-", dir=out_dir))
-                try:
-                    for row in _predict_remote(client, url, series, folder, predictor,
-                                               out_dir, policy):
-                        outcomes.add(row | {"input": where} if row["kind"] == "dicom" else row)
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
-    return summary(model_ref, outcomes) | {"studies": studies}
-
-
-def _predict_remote(client, url: str, series, folder: Path, predictor: Predictor,
-                    out_dir: Path, policy: Policy) -> list[dict]:
-    """One fetched series: its rows (scouts skipped by name), the SEG stored back."""
-    from liverseg.serving import dicomweb
-
-    try:
-        files = dicomweb.fetch(client, url, series, folder, policy.limits)
-    except Refused as exc:
-        return [_row(series.uid, "refused", str(exc), "dicom")]
-    found = dicom.find_series(files, policy.limits)
-    rows = [_row(f.name, "skipped", why, "dicom") for f, why in found.skipped]
-    rows += [_row(f.name, "refused", why, "dicom") for f, why in found.refused]
-    for s in found.series:
-        name = f"{safe_name(series.study_uid)}/{safe_name(f'series-{s.number or s.uid}')}"
-        row = predict_item(predictor, Item(s, name), out_dir, policy)
-        if row["status"] == "done":
-            row["seg_sop_uid"] = dicomweb.store(client, url, out_dir / row["seg"])
-        rows.append(row)
-    return rows
 
 
 def summary(model_ref: str, outcomes: Outcomes) -> dict:
