@@ -179,6 +179,7 @@ def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
     import tempfile
 
     from liverseg.serving import predict
+    from liverseg.serving.inputs import outcome
 
     policy, out_dir = policy or predict.Policy(), Path(out_dir)
     client = connect(url)
@@ -192,9 +193,9 @@ def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
             if series.modality != "CT":
                 why = (f"modality {series.modality!r}, not CT (rule: modality CT)"
                        if series.modality != "SEG" else "a segmentation, not an image")
-                outcomes.add(predict.outcome(where, "skipped", why, "dicomweb"))
+                outcomes.add(outcome(where, "skipped", why, "dicomweb"))
             elif series.uid in done_before:
-                outcomes.add(predict.outcome(where, "skipped", f"already holds a SEG from "
+                outcomes.add(outcome(where, "skipped", f"already holds a SEG from "
                                                     f"{predictor.seg_description!r}", "dicomweb"))
             else:
                 folder = Path(tempfile.mkdtemp(prefix=".dicomweb-", dir=out_dir))
@@ -211,17 +212,18 @@ def _predict_remote(client, url: str, series: RemoteSeries, folder: Path, predic
                     out_dir: Path, policy) -> list[dict]:
     """One fetched series: its rows (scouts skipped by name), the SEG stored back."""
     from liverseg.serving import dicom, predict
+    from liverseg.serving.inputs import Item, outcome
 
     try:
         files = fetch(client, url, series, folder, policy.limits)
     except Refused as exc:
-        return [predict.outcome(series.uid, "refused", str(exc), "dicom")]
+        return [outcome(series.uid, "refused", str(exc), "dicom")]
     found = dicom.find_series(files, policy.limits)
-    rows = [predict.outcome(f.name, "skipped", why, "dicom") for f, why in found.skipped]
-    rows += [predict.outcome(f.name, "refused", why, "dicom") for f, why in found.refused]
+    rows = [outcome(f.name, "skipped", why, "dicom") for f, why in found.skipped]
+    rows += [outcome(f.name, "refused", why, "dicom") for f, why in found.refused]
     for s in found.series:
         name = f"{safe_name(series.study_uid)}/{safe_name(f'series-{s.number or s.uid}')}"
-        row = predict.predict_item(predictor, predict.Item(s, name), out_dir, policy)
+        row = predict.predict_item(predictor, Item(s, name), out_dir, policy)
         if row["status"] == "done":
             row["seg_sop_uid"] = store(client, url, out_dir / row["seg"])
         rows.append(row)

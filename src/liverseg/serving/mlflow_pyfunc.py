@@ -40,15 +40,18 @@ class LiversegModel(PythonModel):
         self.model.eval()
         self.net = Served(self.model, Preprocessing.from_config(self.config)).eval()
         self.torch = torch
+        from liverseg.serving.boundary import Limits
+
+        self.limits = Limits.from_env()  # read once when the server loads, not per request
 
     # np.ndarray: a hint MLflow accepts without converting or validating the input (the
     # boundary's checks below do that), and without its "Add type hints" warning.
     def predict(self, context, model_input: np.ndarray, params=None):
-        from liverseg.serving.boundary import Limits, Refused, check_grey_batch
+        from liverseg.serving.boundary import Refused, check_grey_batch
 
         try:
             x = np.asarray(model_input, dtype=np.float32)
-            check_grey_batch(x, self.net.prep.in_channels, Limits.from_env())
+            check_grey_batch(x, self.net.prep.in_channels, self.limits)
         except (Refused, ValueError, TypeError) as exc:  # TypeError: ragged or non-numbers
             raise MlflowException(f"liverseg: {exc}", INVALID_PARAMETER_VALUE) from None
         with self.torch.no_grad():
