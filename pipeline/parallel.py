@@ -1,9 +1,10 @@
 """`train_all_parallel`: every model at once, one step (and workspace) per model.
 
 fan_out (primary) -> train_model[<model>] x N (workers, Dagster's executor) -> restore
-(primary). The workspaces and DVC commands are liverseg/fanout/engine.py; Dagster only runs the
-steps: the multiprocess executor here, the k8s/Docker executor in a deployment
-(docs/SCALING.md). `make repro-parallel WORKERS=N` runs this job from the shell.
+(primary). The workspaces and DVC commands are liverseg/fanout/engine.py, the GPUs
+liverseg/fanout/devices.py; Dagster only runs the steps: the multiprocess executor here, the
+k8s/Docker executor in a deployment (docs/SCALING.md). `make repro-parallel WORKERS=N` runs
+this job from the shell.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the `context` type hint at runtime.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from liverseg import runner
+from liverseg.fanout import devices
 from liverseg.fanout import engine as fanout
 from liverseg.fanout.dvc_graph import load_stages
 from liverseg.redact import redact
@@ -36,7 +39,7 @@ def size_gpu_pool(instance: dg.DagsterInstance, n_models: int) -> int:
     """GPUs x LIVERSEG_TRAININGS_PER_GPU slots (the models' number on CPU). The executor
     reads pool limits when a run starts: `make repro-parallel` sizes the pool before it
     launches; fan_out sizes it again, for the next run launched from the UI."""
-    slots = fanout.gpu_slots(fanout.gpu_ids(), n_models)
+    slots = devices.gpu_slots(devices.gpu_ids(), n_models)
     instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
     return slots
 
@@ -66,7 +69,7 @@ def fan_out(context: dg.OpExecutionContext, dvc: DvcResource, mlflow: MlflowReso
     env = _env(context, mlflow, root)
     stages = load_stages(root)
     try:
-        fanout.check_remote(fanout.dvc_config(root, dvc.executable, env), dvc.remote)
+        fanout.check_remote(runner.dvc_config(root, dvc.executable, env), dvc.remote)
         the_plan = fanout.plan(stages, fanout.models(root))
         done = fanout.prepare(root, the_plan, dvc.executable, env, context.log.info)
         slots = size_gpu_pool(context.instance, len(the_plan.per_model))
@@ -83,7 +86,7 @@ def fan_out(context: dg.OpExecutionContext, dvc: DvcResource, mlflow: MlflowReso
 def train_model(context: dg.OpExecutionContext, item: dict, dvc: DvcResource,
                 mlflow: MlflowResource) -> dg.Output:
     root, model = dvc.root, item["model"]
-    device = fanout.device_for(item["index"], fanout.gpu_ids())
+    device = devices.device_for(item["index"], devices.gpu_ids())
     context.log.info(f"{model}: CUDA_VISIBLE_DEVICES={device or '(none: CPU)'}")
     try:
         result = fanout.work(root, item, load_stages(root), dvc=dvc.executable,

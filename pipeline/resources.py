@@ -8,8 +8,6 @@ tracking server, an object-store DVC remote) without editing code.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -45,10 +43,10 @@ class DvcResource(dg.ConfigurableResource):
     def _run(self, args: list[str], env: dict[str, str], log) -> None:
         cmd = [self.executable, *args]
         log.info(f"running: {' '.join(cmd)}")
-        # The stage commands (`liverseg ...`) live beside this interpreter.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        proc = subprocess.run(cmd, cwd=self.repo_root, env=os.environ | env | {"PATH": path},
-                              capture_output=True, text=True)
+        # The stage commands (`liverseg ...`) live beside this interpreter; no time limit:
+        # a stage trains for as long as it takes.
+        proc = runner.run(cmd, cwd=self.repo_root, timeout=None,
+                          env=os.environ | env | {"PATH": runner.tools_path()})
         # Redacted: a stage's output or a failure may quote the tracking URI's credentials.
         for line in redact(proc.stdout + proc.stderr).splitlines()[-40:]:
             log.info(line)

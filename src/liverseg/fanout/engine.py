@@ -11,8 +11,9 @@ workspaces of their own and meets again through the DVC remote (docs/SCALING.md)
 3. primary: `dvc repro --pull`: every model stage is restored from the run-cache ("is
    cached - skipping run"), compare/register/report run, dvc.lock is written once.
 
-Nothing here schedules: Dagster's executor runs the workers (pipeline/parallel.py). DVC and
-git are only called as commands. Imports no Dagster, so it also runs in a bare worker.
+Nothing here schedules: Dagster's executor runs the workers (pipeline/parallel.py); which
+GPU each one gets is `devices`. DVC and git are only called as commands, through
+liverseg.runner. Imports no Dagster, so it also runs in a bare worker.
 """
 
 from __future__ import annotations
@@ -24,38 +25,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from liverseg import runner
+from liverseg.config import load_params
 from liverseg.fanout.dvc_graph import Stage, overlaps
+from liverseg.fanout.errors import FanoutError, WorkerFailed
 
 WORKSPACES_ENV = "LIVERSEG_WORKSPACES"  # where worker workspaces live (default: in .git)
-PER_GPU_ENV = "LIVERSEG_TRAININGS_PER_GPU"  # trainings sharing one GPU (gpu pool = GPUs x this)
 CARRY = ".fanout-carry"  # scratch folder in a worker for the `cache: false` outputs
-# tqdm redraws (split into lines by the pipe): kept in the log file, not in the event log
-PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")
 OUTCOME = re.compile(r"Stage '(?P<restored>[^']+)' is cached - skipping run"
                      r"|Running stage '(?P<ran>[^']+)'"
                      r"|Stage '(?P<unchanged>[^']+)' didn't change")
 
 Log = Callable[[str], None]
-
-
-class FanoutError(RuntimeError):
-    """The fan-out cannot start or a command failed; the message says which and why."""
-
-
-class WorkerFailed(FanoutError):
-    def __init__(self, model: str, message: str, log_file: Path, tail: str):
-        super().__init__(f"{model}: {message} (full log: {log_file})")
-        self.model, self.log_file, self.tail = model, log_file, tail
 
 
 @dataclass(frozen=True)
@@ -67,8 +54,8 @@ class Plan:
 # --------------------------------------------------------------------------- the plan
 
 def models(root: Path) -> list[str]:
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return list(params.get("models") or [])
+    """params.yaml `models`, through config (a misspelt name is refused there, by name)."""
+    return list(load_params(root / "params.yaml").models)
 
 
 def _ancestors(stages: dict[str, Stage], names: set[str]) -> set[str]:
@@ -104,38 +91,18 @@ def plan(stages: dict[str, Stage], model_names: list[str]) -> Plan:
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], log: Log,
         log_file: Path | None = None, pass_fds: tuple[int, ...] = ()) -> str:
-    """Run `cmd`, streaming its output to `log` (and `log_file`); FanoutError on failure."""
-    lines: list[str] = []
-    sink = log_file.open("a") if log_file else None
+    """runner.stream, its failure a FanoutError (what the Dagster ops catch)."""
     try:
-        if sink:
-            sink.write(f"$ {' '.join(cmd)}\n")
-        with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, pass_fds=pass_fds) as proc:
-            for line in proc.stdout:
-                line = line.rstrip()
-                lines.append(line)
-                if sink:
-                    sink.write(line + "\n")
-                    sink.flush()
-                if line.strip() and not PROGRESS.search(line):
-                    log(line)
-    finally:
-        if sink:
-            sink.close()
-    output = "\n".join(lines)
-    if proc.returncode:
-        tail = "\n".join(lines[-60:])
-        raise FanoutError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode} in "
-                          f"{cwd}:\n{tail}")
-    return output
+        return runner.stream(cmd, cwd, env, log, log_file, pass_fds)
+    except runner.CommandFailed as exc:
+        raise FanoutError(str(exc)) from None
 
 
 def _git(root: Path, *args: str) -> str:
-    proc = runner.run(["git", *args], cwd=root, timeout=None)
-    if proc.returncode:
-        raise FanoutError(f"`git {' '.join(args)}` failed in {root}: {proc.stderr.strip()}")
-    return proc.stdout
+    try:
+        return runner.git_checked(*args, cwd=root)
+    except runner.CommandFailed as exc:
+        raise FanoutError(str(exc)) from None
 
 
 def base_env(root: Path, tracking_uri: str = "") -> dict[str, str]:
@@ -145,8 +112,7 @@ def base_env(root: Path, tracking_uri: str = "") -> dict[str, str]:
         f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"  # relative: the primary's
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return os.environ | {"PATH": path, "MLFLOW_TRACKING_URI": uri}
+    return os.environ | {"PATH": runner.tools_path(), "MLFLOW_TRACKING_URI": uri}
 
 
 def outcomes(output: str) -> dict[str, str]:
@@ -156,11 +122,6 @@ def outcomes(output: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- the primary
-
-def dvc_config(root: Path, dvc: str, env: dict[str, str]) -> dict[str, str]:
-    """The primary's merged DVC config; local remote paths come back absolute."""
-    return runner.dvc_config(root, dvc, env)
-
 
 def check_remote(config: dict[str, str], remote: str | None) -> str:
     """The default remote: `dvc repro --pull` restores from it and from no other."""
@@ -191,36 +152,6 @@ def prepare(root: Path, the_plan: Plan, dvc: str, env: dict[str, str],
 def finish(root: Path, dvc: str, env: dict[str, str], log: Log) -> dict[str, str]:
     """The one `dvc repro` of the primary: model stages come from the run-cache."""
     return outcomes(run([dvc, "repro", "--pull"], root, env, log))
-
-
-# --------------------------------------------------------------------------- devices
-
-def gpu_ids(env: dict[str, str] | None = None) -> list[str]:
-    """GPUs this machine may use: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists."""
-    env = os.environ if env is None else env
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    if not shutil.which("nvidia-smi"):
-        return []
-    proc = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                          capture_output=True, text=True)
-    return proc.stdout.split() if proc.returncode == 0 else []
-
-
-def gpu_slots(ids: list[str], n_models: int, env: dict[str, str] | None = None) -> int:
-    """Size of the `gpu` pool: GPUs x trainings per GPU; on CPU, no limit beyond the models
-    (the executor's max_concurrent is then the bound)."""
-    env = os.environ if env is None else env
-    raw = env.get(PER_GPU_ENV, "1")
-    if not raw.isdigit() or int(raw) < 1:
-        raise FanoutError(f"{PER_GPU_ENV}={raw!r}: expected a whole number >= 1")
-    return len(ids) * int(raw) if ids else max(1, n_models)
-
-
-def device_for(index: int, ids: list[str]) -> str | None:
-    """Round robin: model i of params.yaml `models` trains on GPU ids[i % len(ids)]."""
-    return ids[index % len(ids)] if ids else None
 
 
 # --------------------------------------------------------------------------- workspaces
@@ -365,7 +296,7 @@ def worker_env(ws: Path, env: dict[str, str], device: str | None) -> dict[str, s
 def work_items(root: Path, stages: dict[str, Stage], the_plan: Plan) -> list[dict]:
     """One item per model, all a worker needs from the primary, also on another machine:
     its stages, the primary's dvc.lock (the shared stages' hashes) and input fingerprint."""
-    lock = root / "dvc.lock"
+    lock = runner.lock_path(root)
     items = []
     for index, (model, names) in enumerate(the_plan.per_model.items()):
         inputs = stage_inputs(stages, names)
@@ -387,7 +318,7 @@ def work(root: Path, item: dict, stages: dict[str, Stage], *, dvc: str, env: dic
     commit = _git(root, "rev-parse", "HEAD").strip()
     ws = workspace_dir(root, commit, model)
     log_file = ws.parent / f"{model}.log"
-    config = dvc_config(root, dvc, env)
+    config = runner.dvc_config(root, dvc, env)  # the primary's: local remote paths absolute
     with workspace_lock(ws, log) as fd:
         log_file.write_text(f"# {model} at {commit} in {ws}, CUDA_VISIBLE_DEVICES={device}\n")
         wenv = worker_env(ws, env, device)

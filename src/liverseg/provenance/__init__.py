@@ -1,6 +1,7 @@
 """Provenance: where a registered model came from and whether it still reproduces.
 
 `lineage` (the trail recorded as registry tags, and its check against the workspace),
-`audit` (a registered model rebuilt from its trail and compared) and `model_card` (the card
-written from the recorded facts).
+`audit` (a registered model rebuilt from its trail and compared: the workspace and rebuild
+in `rebuild`, the verdicts in `comparison`) and `model_card` (the card written from the
+recorded facts).
 """
