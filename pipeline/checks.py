@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
+from liverseg import artifacts, runner
+from liverseg.artifacts import Artifacts
+from liverseg.config import Params, load_params, parse_params
 from liverseg.fanout.dvc_graph import Stage
 from pipeline.assets import asset_key
 from pipeline.metadata import csv_rows, read_json
@@ -28,32 +30,33 @@ from pipeline.resources import DvcResource, MlflowResource
 WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
 
 
-def _params(root: Path) -> dict:
+def _params(root: Path) -> Params:
+    """params.yaml through config (so its defaults are config's); the defaults if absent."""
     file = root / "params.yaml"
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    return load_params(file) if file.is_file() else parse_params({})
 
 
 def validation_result(root: Path) -> dg.AssetCheckResult:
     """Pass: the suite passed. WARN: rows failed but quarantine holds them within policy.
     ERROR (blocks downstream): no report, counts that do not reconcile, a failure that is
     not attributable to slices, or more quarantine than validate.* allows."""
-    v = read_json(root / "reports/validation.json")
+    v = read_json(Artifacts(root).validation)
     if not v:
         return dg.AssetCheckResult(passed=False, severity=ERROR,
-                                   description="reports/validation.json is missing")
-    cfg = _params(root).get("validate", {})
+                                   description=f"{artifacts.VALIDATION} is missing")
+    cfg = _params(root).validate_
     n, accepted, quarantined = v.get("ingested", 0), v.get("accepted", 0), v.get("quarantined", 0)
     failed = [r for r in v.get("rules", []) if not r.get("success")]
     meta = {"ingested": n, "accepted": accepted, "quarantined": quarantined,
             "failed_rules": ", ".join(r["rule"] for r in failed) or "none"}
-    limit = cfg.get("max_quarantine_fraction", 0.1)
+    limit = cfg.max_quarantine_fraction
     problems = [msg for bad, msg in [
         (n == 0, "no slices ingested"),
         (n != accepted + quarantined,
          f"counts do not reconcile: {n} != {accepted} + {quarantined}"),
         (any(not r.get("failing_slices") for r in failed),
          "a rule failed without naming slices (nothing to quarantine)"),
-        (v.get("policy", cfg.get("policy")) == "fail" and quarantined > 0,
+        (v.get("policy", cfg.policy) == "fail" and quarantined > 0,
          "validate.policy=fail and slices failed"),
         (quarantined > limit * n,
          f"quarantined {quarantined}/{n} > max_quarantine_fraction {limit}"),
@@ -69,10 +72,11 @@ def validation_result(root: Path) -> dg.AssetCheckResult:
 
 def leakage_result(root: Path) -> dg.AssetCheckResult:
     """Recomputed from the split CSVs: no patient may appear in two splits."""
-    splits = {p.stem: csv_rows(p) for p in sorted((root / "data/splits").glob("*.csv"))}
+    splits = {p.stem: csv_rows(p) for p in sorted(Artifacts(root).splits.glob("*.csv"))}
     if not splits.get("train") or not splits.get("val"):
         return dg.AssetCheckResult(passed=False, severity=ERROR,
-                                   description="data/splits/{train,val}.csv missing or empty")
+                                   description=f"{artifacts.SPLITS}/{{train,val}}.csv missing "
+                                   "or empty")
     owners: dict[str, set[str]] = {}
     for name, rows in splits.items():
         for row in rows:
@@ -88,12 +92,13 @@ def leakage_result(root: Path) -> dg.AssetCheckResult:
 
 def quality_gate_result(root: Path, model: str) -> dg.AssetCheckResult:
     """The register stage's gate, per model (WARN: a weak baseline is not an error)."""
-    metrics = read_json(root / f"reports/metrics/{model}.json")
-    gate = _params(root).get("register", {})
-    thresholds = {"fg_iou": gate.get("min_fg_iou", 0.0), "dice": gate.get("min_dice", 0.0)}
+    path = Artifacts(root).metrics(model)
+    metrics = read_json(path)
+    gate = _params(root).register_
+    thresholds = {"fg_iou": gate.min_fg_iou, "dice": gate.min_dice}
     if not metrics:
         return dg.AssetCheckResult(passed=False, severity=WARN,
-                                   description=f"reports/metrics/{model}.json is missing")
+                                   description=f"{path.relative_to(root)} is missing")
     # null = undefined (no foreground anywhere): it cannot pass a gate.
     failing = [f"{k} {metrics.get(k)} < {t}" for k, t in thresholds.items()
                if metrics.get(k) is None or metrics[k] < t]
@@ -104,10 +109,10 @@ def quality_gate_result(root: Path, model: str) -> dg.AssetCheckResult:
 
 
 def report_result(root: Path) -> dg.AssetCheckResult:
-    html = root / "reports/report.html"
+    html = Artifacts(root).report(".html")
     ok = html.is_file() and html.stat().st_size > 0 and "<html" in html.read_text()[:2000].lower()
     return dg.AssetCheckResult(
-        passed=ok, severity=ERROR, description=None if ok else "reports/report.html missing",
+        passed=ok, severity=ERROR, description=None if ok else f"{artifacts.REPORT}.html missing",
         metadata={"report": dg.MetadataValue.path(str(html))} if ok else {})
 
 
@@ -150,7 +155,7 @@ UNAUDITED_JOBS = {"retrain"}
 def run_audit(root: Path, ref: str, env: dict[str, str]) -> tuple[dict, str]:
     """`liverseg audit REF --json` in the repository (its own process: it trains); returns
     (the report, or {} when none came back; the end of stderr)."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    path = runner.tools_path()
     proc = subprocess.run([sys.executable, "-m", "liverseg", "audit", ref, "--json"], cwd=root,
                           env=os.environ | env | {"PATH": path}, capture_output=True, text=True)
     try:
@@ -161,12 +166,12 @@ def run_audit(root: Path, ref: str, env: dict[str, str]) -> tuple[dict, str]:
 
 def audit_result(root: Path, env: dict[str, str]) -> dg.AssetCheckResult:
     """The version register wrote to reports/registry.json, rebuilt and compared (WARN)."""
-    registry = read_json(root / "reports/registry.json")
+    registry = read_json(Artifacts(root).registry)
     key = dg.AssetCheckKey(asset_key("register"), AUDIT_CHECK)
     if not registry:
         return dg.AssetCheckResult(asset_key=key.asset_key, check_name=key.name, passed=False,
-                                   severity=WARN, description="reports/registry.json is missing:"
-                                   " nothing registered to audit")
+                                   severity=WARN, description=f"{artifacts.REGISTRY} is "
+                                   "missing: nothing registered to audit")
     ref = f"models:/{registry['registered_model']}/{registry['version']}"
     report, errors = run_audit(root, ref, env)
     if not report:

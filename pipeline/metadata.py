@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
+from liverseg import runner
+from liverseg.artifacts import RUN, Artifacts
+from liverseg.data.layout import INDEX_NAME
 from liverseg.fanout.dvc_graph import Stage
 
 MODEL_METRICS = ("fg_iou", "miou", "dice", "pixel_accuracy", "precision", "recall",
@@ -25,18 +27,16 @@ def read_json(path: Path) -> dict:
 
 
 def csv_rows(path: Path) -> list[dict]:
+    """A CSV's rows as text (a missing cell is empty); none when the file is absent."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: v or "" for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def lock_hashes(root: Path, stage_name: str) -> dict[str, str]:
     """md5 of each output as dvc.lock records it: the data version this asset stands for."""
-    lock_file = root / "dvc.lock"
-    lock = (yaml.safe_load(lock_file.read_text()) or {}) if lock_file.is_file() else {}
-    outs = lock.get("stages", {}).get(stage_name, {}).get("outs", [])
-    return {o["path"]: o["md5"] for o in outs if "md5" in o}
+    return runner.locked_outs(runner.dvc_lock(root), stage_name)
 
 
 def mlflow_run_url(run: dict, ui_url: str) -> str | None:
@@ -53,14 +53,13 @@ def _run_metadata(run: dict, ui_url: str) -> dict:
     return {"mlflow_run_id": run["run_id"], "mlflow_run": dg.MetadataValue.url(url)} if url else {}
 
 
-def _ingest(stage: Stage, root: Path, ui_url: str) -> dict:
-    rows = csv_rows(root / "data/raw/slices.csv")
+def _ingest(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    rows = csv_rows(art.raw / INDEX_NAME)
     return {"slices": len(rows), "patients": len({r.get("patient_id") for r in rows})}
 
 
-def _validate(stage: Stage, root: Path, ui_url: str) -> dict:
-    v = read_json(root / "reports/validation.json")
-    if not v:
+def _validate(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    if not (v := read_json(art.validation)):
         return {}
     failed = [r["rule"] for r in v.get("rules", []) if not r.get("success")]
     quarantine = "\n".join(f"| {sid} | {', '.join(rules)} |"
@@ -75,8 +74,8 @@ def _validate(stage: Stage, root: Path, ui_url: str) -> dict:
     }
 
 
-def _split(stage: Stage, root: Path, ui_url: str) -> dict:
-    stats = read_json(root / "data/splits/stats.json")
+def _split(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    stats = read_json(art.splits / "stats.json")
     meta = {k: stats[k] for k in ("mean", "std", "seed", "leakage_checked") if k in stats}
     for name in ("train", "val", "test"):
         part = stats.get(name)
@@ -91,26 +90,26 @@ def _model(stage: Stage) -> str:
     return stage.name.split("@", 1)[1]
 
 
-def _train(stage: Stage, root: Path, ui_url: str) -> dict:
+def _train(stage: Stage, art: Artifacts, ui_url: str) -> dict:
     model = _model(stage)
-    curve = csv_rows(root / f"reports/training/{model}.csv")
+    curve = csv_rows(art.curve(model))
     meta = {"model": model, "epochs": len(curve)}
     if curve:
         meta |= {f"last_{k}": float(curve[-1][k]) for k in ("val_loss", "val_fg_iou", "val_miou")
                  if curve[-1].get(k) not in (None, "")}
-    return meta | _run_metadata(read_json(root / f"models/{model}/run.json"), ui_url)
+    return meta | _run_metadata(read_json(art.model_dir(model) / RUN), ui_url)
 
 
-def _evaluate(stage: Stage, root: Path, ui_url: str) -> dict:
+def _evaluate(stage: Stage, art: Artifacts, ui_url: str) -> dict:
     model = _model(stage)
-    metrics = read_json(root / f"reports/metrics/{model}.json")
+    metrics = read_json(art.metrics(model))
     meta = {"model": model} | {k: metrics.get(k) for k in MODEL_METRICS if k in metrics}
-    return meta | _run_metadata(read_json(root / f"models/{model}/run.json"), ui_url)
+    return meta | _run_metadata(read_json(art.model_dir(model) / RUN), ui_url)
 
 
-def _compare(stage: Stage, root: Path, ui_url: str) -> dict:
-    c = read_json(root / "reports/comparison.json")
-    table = root / "reports/comparison.md"
+def _compare(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    c = read_json(art.comparison(".json"))
+    table = art.comparison(".md")
     meta = {k: c.get(k) for k in ("rank_by", "best_model", "best_score", "runner_up",
                                   "margin_over_next") if k in c}
     meta["models"] = len(c.get("models", []))
@@ -119,19 +118,18 @@ def _compare(stage: Stage, root: Path, ui_url: str) -> dict:
     return meta
 
 
-def _register(stage: Stage, root: Path, ui_url: str) -> dict:
-    r = read_json(root / "reports/registry.json")
-    if not r:
+def _register(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    if not (r := read_json(art.registry)):
         return {}
     meta = {k: r.get(k) for k in ("registered_model", "version", "alias", "passed",
                                   "quality_gate", "model") if k in r}
     # registry.json carries no tracking URI: take the run link from the model's run.json.
-    run = read_json(root / f"models/{r.get('model')}/run.json") if r.get("model") else {}
+    run = read_json(art.model_dir(r["model"]) / RUN) if r.get("model") else {}
     return meta | _run_metadata(run | {"run_id": r.get("run_id")}, ui_url)
 
 
-def _report(stage: Stage, root: Path, ui_url: str) -> dict:
-    html = root / "reports/report.html"
+def _report(stage: Stage, art: Artifacts, ui_url: str) -> dict:
+    html = art.report(".html")
     if not html.is_file():
         return {}
     return {"report": dg.MetadataValue.path(str(html)),
@@ -139,17 +137,17 @@ def _report(stage: Stage, root: Path, ui_url: str) -> dict:
             "report_kb": round(html.stat().st_size / 1024, 1)}
 
 
-def _metrics_files(stage: Stage, root: Path, ui_url: str) -> dict:
+def _metrics_files(stage: Stage, art: Artifacts, ui_url: str) -> dict:
     """A stage added to dvc.yaml later: the scalar values of its JSON metrics files."""
     meta = {}
     for path in stage.metrics:
-        data = read_json(root / path) if path.endswith(".json") else {}
+        data = read_json(art.path(path)) if path.endswith(".json") else {}
         meta |= {k: v for k, v in data.items()
                  if isinstance(v, int | float | str | bool) and len(str(v)) < 200}
     return meta
 
 
-READERS: dict[str, Callable[[Stage, Path, str], dict]] = {
+READERS: dict[str, Callable[[Stage, Artifacts, str], dict]] = {
     "ingest": _ingest, "validate": _validate, "split": _split, "train": _train,
     "evaluate": _evaluate, "compare": _compare, "register": _register, "report": _report,
 }
@@ -159,5 +157,5 @@ def stage_metadata(stage: Stage, root: Path, ui_url: str = "http://127.0.0.1:500
     """Everything the UI shows for one materialisation of `stage` (None values dropped)."""
     meta = {"dvc_stage": stage.name, "outputs": ", ".join(stage.outs)}
     meta |= {f"md5 {path}": md5 for path, md5 in lock_hashes(root, stage.name).items()}
-    meta |= READERS.get(stage.group, _metrics_files)(stage, root, ui_url)
+    meta |= READERS.get(stage.group, _metrics_files)(stage, Artifacts(root), ui_url)
     return {k: v for k, v in meta.items() if v is not None}

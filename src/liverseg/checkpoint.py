@@ -23,13 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from liverseg.artifacts import CONFIG, WEIGHTS
 from liverseg.io import atomic_path, sha256_file, write_json
 from liverseg.labels import out_channels
 from liverseg.models import SegmentationModel, build_model
 from liverseg.preprocess import Preprocessing
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-CHECKPOINT_ROOT = ".checkpoints"
 STATE_FORMAT = 1  # bump when the layout of the training state changes
 
 
@@ -59,15 +58,23 @@ def model_config(params, name: str, mean: float, std: float,
         "encoder": params.model.encoder,
         "in_channels": params.model.in_channels,
         "num_classes": params.model.num_classes,
-        "classes": list(prep.classes),
         "options": params.model.options_for(name),
         "encoder_init": encoder_init(params.model.encoder_weights_for(name)),
-        "image_size": params.train.image_size,
-        "normalisation": {"mean": mean, "std": std, "scale": 255.0},
-        "threshold": params.evaluate.threshold,
+        # Size, normalisation, threshold and classes: here only, the serving contract.
         "preprocessing": prep.to_dict(),
         "params": params.dump(),
     }
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """A model's config.json. One written before the `preprocessing` block (size,
+    normalisation, threshold and classes at the top level) gets the block derived from what
+    it recorded, so every reader finds each preprocessing fact in one place."""
+    config = json.loads((Path(model_dir) / CONFIG).read_text())
+    if "preprocessing" not in config:
+        block = Preprocessing.from_config(config).to_dict()
+        config["preprocessing"] = json.loads(json.dumps(block))  # as written: lists
+    return config
 
 
 def build_from_config(config: dict, encoder_weights: str | None = None) -> SegmentationModel:
@@ -93,7 +100,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Segmentation
     for name in (WEIGHTS, CONFIG):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: missing; run `liverseg train` first")
-    config = json.loads((model_dir / CONFIG).read_text())
+    config = read_config(model_dir)
     model = build_from_config(config)
     model.load_state_dict(load_weights(model_dir / WEIGHTS, device))
     return model.to(device).eval(), config

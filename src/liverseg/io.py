@@ -34,7 +34,7 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = False, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it onto `path` only on success.
 
     A killed process leaves at most a `.<name>.*.tmp` sibling, never a partial `path`.
@@ -42,7 +42,7 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files

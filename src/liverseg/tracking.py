@@ -24,6 +24,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from liverseg.artifacts import CONFIG, WEIGHTS
 from liverseg.redact import install_log_redaction, redact
 
 EXPERIMENT = "liverseg"
@@ -111,16 +112,11 @@ def start_run(mlf, run_name: str, run_id: str | None = None):
         yield active
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, str]:
-    """Nested params as MLflow's flat `a.b.c` keys."""
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = str(value)
-    return flat
+def flatten(data: dict) -> dict[str, str]:
+    """Nested params as MLflow's flat `a.b.c` keys, values as text."""
+    from liverseg.config import flatten as flat
+
+    return {key: str(value) for key, value in flat(data).items()}
 
 
 def log_model(mlf, model_dir: Path, example) -> str:
@@ -137,7 +133,7 @@ def log_model(mlf, model_dir: Path, example) -> str:
     from liverseg.labels import out_channels
 
     channels = example.shape[1]
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / CONFIG).read_text())
     classes = out_channels(config["num_classes"])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
@@ -146,8 +142,7 @@ def log_model(mlf, model_dir: Path, example) -> str:
     info = mlf.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
-        artifacts={"weights": str(model_dir / "model.safetensors"),
-                   "config": str(model_dir / "config.json")},
+        artifacts={"weights": str(model_dir / WEIGHTS), "config": str(model_dir / CONFIG)},
         code_paths=[str(Path(__file__).parent)],
         signature=signature,
         # The serving contract travels with the registered model, readable without loading it.

@@ -6,8 +6,9 @@ themselves, the validation result and the metrics. `trail` reads them back for a
 `check` compares them with the current workspace (git HEAD, dvc.lock, params.yaml and,
 when the `dvc` command is on PATH, `dvc status` for data edited since the last repro).
 
-`dvc.lock` is read as plain YAML and DVC is only ever run as a command, so this works
-without DVC installed in the same environment (DVC lives in its own tool environment).
+`dvc.lock` is read as plain YAML and DVC is only ever run as a command (both through
+liverseg.runner), so this works without DVC installed in the same environment (DVC lives in
+its own tool environment).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import socket
 import subprocess
 from pathlib import Path
 
-import yaml
-
-from liverseg import runner
+from liverseg import artifacts, runner
+from liverseg.config import param_changes
 
 # The data outputs whose hashes identify what a model was trained and validated on.
-DATA_OUTPUTS = {"raw": ("ingest", "data/raw"), "manifest": ("validate", "data/manifest.parquet"),
-                "splits": ("split", "data/splits")}
+DATA_OUTPUTS = {"raw": ("ingest", artifacts.RAW), "manifest": ("validate", artifacts.MANIFEST),
+                "splits": ("split", artifacts.SPLITS)}
 # DVC's own bookkeeping, rewritten (and auto-staged) by every repro: dvc.lock (its content is
 # recorded as the data hashes) and the .gitignore files listing its outputs. They do not make
 # the tree "dirty" for lineage purposes; any other tracked change does.
@@ -52,27 +52,16 @@ def git_state(cwd: str | Path | None = None) -> dict:
     return state
 
 
-def _lock_stages(lock_path: str | Path) -> dict:
-    lock_path = Path(lock_path)
-    if not lock_path.is_file():
-        return {}
-    return (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
-
-
-def _out_md5(stages: dict, stage: str, path: str) -> str:
-    outs = stages.get(stage, {}).get("outs", [])
-    return next((o.get("md5", "missing") for o in outs if o.get("path") == path), "missing")
-
-
 def locked_out_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
     """md5 of each data output as recorded in dvc.lock ('missing' if not locked yet)."""
-    stages = _lock_stages(lock_path)
-    return {f"data_{key}_md5": _out_md5(stages, stage, path)
+    lock = runner.dvc_lock(lock_path)
+    return {f"data_{key}_md5": runner.locked_outs(lock, stage).get(path, "missing")
             for key, (stage, path) in DATA_OUTPUTS.items()}
 
 
 def locked_model_hash(model: str, lock_path: str | Path = "dvc.lock") -> str:
-    return _out_md5(_lock_stages(lock_path), f"train@{model}", f"models/{model}")
+    outs = runner.locked_outs(runner.dvc_lock(lock_path), f"train@{model}")
+    return outs.get(artifacts.Artifacts().model_dir(model).as_posix(), "missing")
 
 
 def params_hash(resolved_params: dict) -> str:
@@ -106,16 +95,6 @@ def who() -> str:
 
 def truncate(text: str, limit: int = TAG_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "...[truncated]"
-
-
-def flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -260,9 +239,8 @@ def _params_diff(recorded_json: str | None, params: dict) -> list[str]:
     """One line per changed parameter, e.g. `params train.epochs: 1 -> 2`."""
     if not recorded_json or recorded_json.endswith("[truncated]"):
         return []
-    old, new = flat(json.loads(recorded_json)), flat(params)
-    return [f"params {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    return [f"params {key}: {a!r} -> {b!r}"
+            for key, a, b in param_changes(json.loads(recorded_json), params)]
 
 
 def versions_using(client, name: str, data_hash: str) -> list[dict]:

@@ -144,7 +144,9 @@ def render(card: dict) -> str:
 def write(record: dict, model_dir: Path, metrics_path: Path, comparison: dict,
           validation: dict, splits_dir: Path, prefix: Path) -> tuple[Path, Path]:
     """`<prefix>.md` and `<prefix>.json` for the registered version in `record`."""
-    card = facts(record, read_json(model_dir / "config.json"), _optional_json(metrics_path),
+    from liverseg.checkpoint import read_config  # torch: only when a card is written
+
+    card = facts(record, read_config(model_dir), _optional_json(metrics_path),
                  comparison, validation, _optional_json(splits_dir / "stats.json"))
     card["limitations"] = limitations(card)
     md = write_text(prefix.with_suffix(".md"), render(card))

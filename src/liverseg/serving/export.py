@@ -12,25 +12,24 @@ and a difference above `tolerance` is an error, not a warning.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from liverseg.io import atomic_path
 from liverseg.preprocess import Preprocessing, Served
 from liverseg.serving import predict
 
 FORMATS = ("onnx",)
 
 
-def sample_input(config: dict, batch: int = 2, seed: int = 0,
+def sample_input(prep: Preprocessing, batch: int = 2, seed: int = 0,
                  size: tuple[int, int] | None = None) -> torch.Tensor:
     """Seeded grey values 0..255 [batch, C, H, W] (default: the trained size)."""
-    h, w = size or (config["image_size"],) * 2
+    h, w = size or (prep.image_size,) * 2
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, config["in_channels"], h, w, generator=generator) * 255.0
+    return torch.rand(batch, prep.in_channels, h, w, generator=generator) * 255.0
 
 
 def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
@@ -38,24 +37,22 @@ def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
     import onnxruntime as ort
 
     model, config = predict.load(model_ref)
-    net = Served(model, Preprocessing.from_config(config)).eval()
-    example = sample_input(config, size=(config["image_size"] + 8, config["image_size"] - 8))
+    prep = Preprocessing.from_config(config)
+    net = Served(model, prep).eval()
+    example = sample_input(prep, size=(prep.image_size + 8, prep.image_size - 8))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: no half-written model under the final name.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.onnx.export(net, (example,), tmp, dynamo=True, opset_version=opset,
+    with atomic_path(out, suffix=".onnx") as tmp:
+        torch.onnx.export(net, (example,), str(tmp), dynamo=True, opset_version=opset,
                           input_names=["image"], output_names=["probability"],
                           dynamic_shapes=({0: torch.export.Dim("batch"),
                                            2: torch.export.Dim("height", min=8),
                                            3: torch.export.Dim("width", min=8)},),
                           external_data=False)
-        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         diff = 0.0
-        for i, size in enumerate([(config["image_size"],) * 2, (50, 70), (301, 257)]):
-            check = sample_input(config, batch=3, seed=1 + i, size=size)  # not the traced
+        for i, size in enumerate([(prep.image_size,) * 2, (50, 70), (301, 257)]):
+            check = sample_input(prep, batch=3, seed=1 + i, size=size)  # not the traced
             onnx_out = session.run(None, {"image": check.numpy()})[0]
             with torch.no_grad():
                 torch_out = net(check).numpy()
@@ -63,12 +60,9 @@ def export_onnx(model_ref: str, out: str | Path, opset: int = 18,
         if not diff <= tolerance:
             raise ValueError(f"{out}: ONNX output differs from torch by {diff:.3g} "
                              f"(> tolerance {tolerance})")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return {"format": "onnx", "out": str(out), "model": model_ref, "opset": opset,
-            "input": ["batch", config["in_channels"], "height", "width"],
-            "trained_size": config["image_size"],
+            "input": ["batch", prep.in_channels, "height", "width"],
+            "trained_size": prep.image_size,
             "max_abs_diff": diff, "tolerance": tolerance}
 
 

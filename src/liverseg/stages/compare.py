@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from liverseg.artifacts import Artifacts
 from liverseg.config import Params
-from liverseg.io import atomic_path, read_json, write_json, write_text
+from liverseg.io import atomic_path, write_json, write_text
 from liverseg.metrics import CI_METRICS, nan_to_none
 
 COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accuracy",
@@ -34,9 +35,8 @@ def _row(metrics: dict) -> dict:
     return row
 
 
-def comparison_table(params: Params, metrics_dir: Path) -> pd.DataFrame:
-    table = pd.DataFrame([_row(read_json(metrics_dir / f"{name}.json"))
-                          for name in params.models])
+def comparison_table(params: Params, art: Artifacts) -> pd.DataFrame:
+    table = pd.DataFrame([_row(art.read_metrics(name)) for name in params.models])
     # NaN ranks last: an undefined score never wins.
     return table.sort_values(params.compare.rank_by, ascending=False, na_position="last")
 
@@ -67,9 +67,9 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(params: Params, metrics_dir: str | Path = "reports/metrics",
-        out_prefix: str | Path = "reports/comparison") -> dict:
-    table = comparison_table(params, Path(metrics_dir)).reset_index(drop=True)
+def run(params: Params, root: str | Path = ".") -> dict:
+    art = Artifacts(root)
+    table = comparison_table(params, art).reset_index(drop=True)
     key = params.compare.rank_by
     best = table.iloc[0]
     runner_up = table.iloc[1] if len(table) > 1 else None
@@ -83,12 +83,11 @@ def run(params: Params, metrics_dir: str | Path = "reports/metrics",
                "runner_up": None if runner_up is None else runner_up["model"],
                "margin_over_next": None if margin is None or math.isnan(margin) else margin,
                "models": records}
-    out_prefix = Path(out_prefix)
-    with atomic_path(out_prefix.with_suffix(".csv")) as tmp:
+    with atomic_path(art.comparison(".csv")) as tmp:
         table.to_csv(tmp, index=False)
-    write_text(out_prefix.with_suffix(".md"), markdown(table)
+    write_text(art.comparison(".md"), markdown(table)
                + f"\nBest by {key}: **{best['model']}**"
                + (f", {margin:+.4f} over {runner_up['model']}.\n" if margin is not None else ".\n"))
-    write_json(out_prefix.with_suffix(".json"), summary)
+    write_json(art.comparison(".json"), summary)
     return {k: summary[k] for k in ("rank_by", "best_model", "best_score", "runner_up",
                                     "margin_over_next")}

@@ -25,9 +25,10 @@ import pandas as pd
 import torch
 
 from liverseg import checkpoint, labels, tracking
+from liverseg.artifacts import RUN, Artifacts
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset
-from liverseg.io import atomic_path, read_json, save_masks, write_json
+from liverseg.io import read_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
@@ -119,23 +120,17 @@ def per_volume_summary(counts: np.ndarray, patients: list[str]) -> dict:
     return out
 
 
-def run(
-    params: Params,
-    model_name: str,
-    splits_dir: str | Path = "data/splits",
-    raw_dir: str | Path = "data/raw",
-    models_dir: str | Path = "models",
-    reports_dir: str | Path = "reports",
-) -> dict:
-    splits_dir, reports_dir = Path(splits_dir), Path(reports_dir)
-    model_dir = Path(models_dir) / model_name
+def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
+    """Score `model_name` on the validation split of the repository at `root`."""
+    art = Artifacts(root)
+    splits_dir, model_dir = art.splits, art.model_dir(model_name)
     model, config = checkpoint.load_model(model_dir)
     stats = read_json(splits_dir / "stats.json")
     classes = labels.classes_of(stats)
     prep = Preprocessing.from_config(config)
     if prep.threshold != params.evaluate.threshold:  # evaluate.threshold is the one served
         prep = replace(prep, threshold=params.evaluate.threshold)
-    dataset = SliceDataset(splits_dir / "val.csv", raw_dir, prep.image_size, prep.mean,
+    dataset = SliceDataset(splits_dir / "val.csv", art.raw, prep.image_size, prep.mean,
                            prep.std, num_classes=len(classes))
     meter, rows, counts, masks, seconds = predict_split(
         Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes)
@@ -150,8 +145,8 @@ def run(
         "n_images": len(per_image),
         "n_empty_both": int(per_image["fg_iou"].isna().sum()),
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "flops": flops_per_image(model, config["in_channels"], config["image_size"]),
-        "image_size": config["image_size"],
+        "flops": flops_per_image(model, prep.in_channels, prep.image_size),
+        "image_size": prep.image_size,
         "images_per_second": len(per_image) / seconds if seconds > 0 else math.nan,
         "best_epoch": config.get("best_epoch"),
         "threshold": params.evaluate.threshold,
@@ -160,13 +155,12 @@ def run(
                         "0/0 excluded; per_volume=pooled per patient, then mean; hd95 in pixels"),
     }
     metrics = {"model": model_name} | nan_to_none(metrics)
-    write_json(reports_dir / "metrics" / f"{model_name}.json", metrics)
-    with atomic_path(reports_dir / "per_image" / f"{model_name}.csv") as tmp:
-        per_image.to_csv(tmp, index=False)
-    save_masks(reports_dir / "predictions" / f"{model_name}.npz",
-               dict(zip(per_image["slice_id"].astype(str), masks, strict=True)))
+    art.write_metrics(model_name, metrics)
+    art.write_per_image(model_name, per_image)
+    art.write_predictions(model_name, dict(zip(per_image["slice_id"].astype(str), masks,
+                                               strict=True)))
 
-    run_id = read_json(model_dir / "run.json")["run_id"]
+    run_id = read_json(model_dir / RUN)["run_id"]
     if run_id is None or not tracking.enabled():
         print(f"{model_name}: metrics written, not logged to MLflow "
               f"({'trained without tracking' if run_id is None else 'LIVERSEG_TRACKING=off'})")

@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from liverseg import labels
+from liverseg.artifacts import Artifacts
 from liverseg.config import Params
 from liverseg.data import layout, sources
 from liverseg.io import atomic_dir
 
 
-def run(params: Params, out_dir: str | Path = "data/raw") -> dict:
-    """Write the source's slices under `out_dir` (replaced as a whole, atomically).
+def run(params: Params, root: str | Path = ".") -> dict:
+    """Write the source's slices under data/raw of `root` (replaced as a whole, atomically).
 
     A source that is unusable as a whole (missing, empty, unsafe archive, no Kaggle
     credentials) raises `SourceError` naming it; a bad item becomes an index row that
     validate quarantines.
     """
     ingest_source = sources.get(params.data.source)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(Artifacts(root).raw) as tmp:
         classes = labels.TARGETS[params.data.target]
         writer = layout.SliceWriter(tmp, params.data.source, len(classes))
         labels.write_classes(tmp, params.data.target)

@@ -33,8 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from liverseg import tracking
+from liverseg.artifacts import RUN, WEIGHTS, Artifacts
+from liverseg.checkpoint import read_config
 from liverseg.config import Params, RegisterParams
-from liverseg.io import read_json, write_json
+from liverseg.io import read_json
 from liverseg.provenance import lineage, model_card
 
 METRIC_TAGS = ("fg_iou", "dice", "miou")
@@ -171,23 +173,20 @@ def publish_card(client, record: dict, paths: tuple[Path, Path]) -> str:
     return uri
 
 
-def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
-        validation_path: str | Path = "reports/validation.json",
-        models_dir: str | Path = "models", out_path: str | Path = "reports/registry.json",
-        metrics_dir: str | Path = "reports/metrics", splits_dir: str | Path = "data/splits",
-        card_prefix: str | Path = "reports/model_card") -> dict:
-    comparison, cfg = read_json(comparison_path), params.register_
+def run(params: Params, root: str | Path = ".") -> dict:
+    art = Artifacts(root)
+    comparison, cfg = art.read_comparison(), params.register_
     best = comparison["best_model"]
     metrics = next(row for row in comparison["models"] if row["model"] == best)
-    model_dir = Path(models_dir) / best
-    run = read_json(model_dir / "run.json")
+    model_dir = art.model_dir(best)
+    run = read_json(model_dir / RUN)
     if run.get("model_uri") is None:
-        raise ValueError(f"{model_dir / 'run.json'}: {best} was trained with "
+        raise ValueError(f"{model_dir / RUN}: {best} was trained with "
                          f"{tracking.TRACKING_ENV}=off, so there is no MLflow run to register; "
                          "retrain it with tracking on")
-    validation = read_json(validation_path)
-    tags = version_tags(params, best, metrics, validation, read_json(model_dir / "config.json"),
-                        model_dir / "model.safetensors")
+    validation = read_json(art.validation)
+    tags = version_tags(params, best, metrics, validation, read_config(model_dir),
+                        model_dir / WEIGHTS)
 
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
@@ -215,11 +214,11 @@ def run(params: Params, comparison_path: str | Path = "reports/comparison.json",
               "model": best, "run_id": run["run_id"],
               "model_uri": run["model_uri"], "tags": tags, "alias_event": event,
               "alias_history": history}
-    card = model_card.write(record, model_dir, Path(metrics_dir) / f"{best}.json", comparison,
-                            validation, Path(splits_dir), Path(card_prefix))
+    card = model_card.write(record, model_dir, art.metrics(best), comparison, validation,
+                            art.splits, art.model_card(""))
     record["model_card"] = {"markdown": str(card[0]), "json": str(card[1]),
                             "artifact": publish_card(client, record, card)}
     record["audits"] = audits(client, cfg.model_name,
                               [record["version"], record["champion_version"]])
-    write_json(out_path, record)
+    art.write_registry(record)
     return {k: record[k] for k in ("registered_model", "version", "alias", "quality_gate")}

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from liverseg import labels
+from liverseg.artifacts import Artifacts
 from liverseg.config import Params
 from liverseg.data import slice_cache
 from liverseg.io import atomic_dir, write_json
@@ -147,13 +148,10 @@ def pixel_stats(images: Iterable[np.ndarray]) -> tuple[float, float]:
     return float(mean), float(math.sqrt(max(total_sq / count - mean**2, 1e-12)))
 
 
-def run(
-    params: Params,
-    manifest_path: str | Path = "data/manifest.parquet",
-    raw_dir: str | Path = "data/raw",
-    out_dir: str | Path = "data/splits",
-) -> dict:
-    manifest = pd.read_parquet(manifest_path)
+def run(params: Params, root: str | Path = ".") -> dict:
+    art = Artifacts(root)
+    raw_dir = art.raw
+    manifest = pd.read_parquet(art.manifest)
     accepted = manifest[manifest["accepted"]]
     if "id" not in accepted:  # a manifest from before the contract named it
         accepted = accepted.assign(id=accepted["slice_id"])
@@ -199,7 +197,7 @@ def run(
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(art.splits) as tmp:
         stats["decoded_cache"] = {}
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)

@@ -31,7 +31,6 @@ safetensors; MLflow only when tracking is on. A bare GPU image can train.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
 import random
@@ -47,6 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from liverseg import checkpoint, distributed, labels, redact, tracking
+from liverseg.artifacts import CHECKPOINTS, CONFIG, RUN, WEIGHTS, Artifacts
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
@@ -201,26 +201,17 @@ def epoch_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
             | {f"val_{k}": val[k] for k in keys} | {"lr": lr})
 
 
-def run(
-    params: Params,
-    model_name: str,
-    splits_dir: str | Path = "data/splits",
-    raw_dir: str | Path = "data/raw",
-    models_dir: str | Path = "models",
-    history_dir: str | Path = "reports/training",
-    checkpoint_dir: str | Path = checkpoint.CHECKPOINT_ROOT,
-) -> dict:
+def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
+    """Train `model_name` on the split of the repository at `root` (artifacts' paths)."""
     if model_name not in params.models:
         raise ValueError(f"model {model_name!r} is not listed in params.yaml `models`: "
                          f"{params.models}")
     with redact.redacted_errors():  # no credential reaches an error message
-        return _train(params, model_name, Path(splits_dir), Path(raw_dir),
-                      Path(models_dir) / model_name, Path(history_dir) / f"{model_name}.csv",
-                      Path(checkpoint_dir))
+        return _train(params, model_name, Artifacts(root))
 
 
-def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out_dir: Path,
-           history_path: Path, checkpoint_root: Path) -> dict:
+def _train(params: Params, model_name: str, art: Artifacts) -> dict:
+    splits_dir, raw_dir = art.splits, art.raw
     cfg = params.train
     ctx = distributed.setup(cfg.device)
     # First: an unreachable server fails before any real work. Only rank 0 talks to MLflow.
@@ -253,7 +244,7 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
     loss_fn = make_loss(cfg.loss, len(classes))
 
     ckpt = checkpoint.TrainingCheckpoint(
-        checkpoint_root, model_name,
+        art.path(CHECKPOINTS), model_name,
         checkpoint.run_key(params, model_name, splits_dir, raw_dir, ctx.world_size))
     state = ckpt.load() or {"epoch": 0, "history": [], "run_id": None, "seconds": 0.0,
                             "best": {"epoch": 0, "val_fg_iou": -math.inf}}
@@ -296,10 +287,10 @@ def _train(params: Params, model_name: str, splits_dir: Path, raw_dir: Path, out
             say(ctx, f"{model_name} epoch {epoch}: train loss {train['loss']:.4f}, "
                      f"val loss {val['loss']:.4f}, val fg IoU {val['fg_iou']:.4f}")
         if ctx.is_main:
-            run_info = _finish(mlf, active, params, model_name, state, out_dir, history_path,
-                               stats, rt.device, val_loader)
+            run_info = _finish(mlf, active, params, model_name, state, art, stats,
+                               rt.device, val_loader)
     if ctx.is_main:
-        write_json(out_dir / "run.json", run_info)
+        write_json(art.model_dir(model_name) / RUN, run_info)
         ckpt.remove()  # only now: everything the checkpoint protected is written
     distributed.teardown(ctx)
     best, seconds = state["best"], round(state["seconds"], 1)
@@ -326,29 +317,26 @@ def _log_start(mlf, active, params: Params, model_name: str, model, state: dict)
     state["run_id"] = active.info.run_id
 
 
-def _finish(mlf, active, params: Params, model_name: str, state: dict, out_dir: Path,
-            history_path: Path, stats: dict, device, val_loader) -> dict:
+def _finish(mlf, active, params: Params, model_name: str, state: dict, art: Artifacts,
+            stats: dict, device, val_loader) -> dict:
     """Write the best weights, config and curves; log them and the model to MLflow (when
     tracking is on)."""
     best, seconds = state["best"], state["seconds"]
+    out_dir = art.model_dir(model_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / checkpoint.WEIGHTS) as tmp:
+    with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file(state["best_model"], str(tmp))
     config = checkpoint.model_config(params, model_name, stats["mean"], stats["std"],
                                      labels.classes_of(stats))
     config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                "train_seconds": round(seconds, 1), "device": str(device)}
-    checkpoint.save_config(config, out_dir / checkpoint.CONFIG)
-    with atomic_path(history_path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(state["history"][0]))
-        writer.writeheader()
-        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v  # as pandas
-                          for k, v in row.items()} for row in state["history"])
+    checkpoint.save_config(config, out_dir / CONFIG)
+    art.write_curve(model_name, state["history"])
     if mlf is None:
         return {"run_id": None, "model_uri": None, "tracking": "off"}
     mlf.log_metrics({"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                      "train_seconds": seconds})
-    mlf.log_artifact(str(history_path))
+    mlf.log_artifact(str(art.curve(model_name)))
     example = next(iter(val_loader))[0][:1].numpy()
     model_uri = tracking.log_model(mlf, out_dir, example)
     return {"run_id": active.info.run_id, "experiment_id": active.info.experiment_id,

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from liverseg import labels
+from liverseg.artifacts import Artifacts
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
 from liverseg.io import atomic_dir, atomic_path, load_gray, sha256_file, write_json
@@ -321,18 +322,13 @@ def quarantine_entries(manifest: pd.DataFrame, reasons: dict[str, list[str]]) ->
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
 
 
-def run(
-    params: Params,
-    raw_dir: str | Path = "data/raw",
-    manifest_path: str | Path = "data/manifest.parquet",
-    report_path: str | Path = "reports/validation.json",
-    quarantine_path: str | Path = "data/quarantine.csv",
-    docs_dir: str | Path = "reports/validation",
-) -> dict:
+def run(params: Params, root: str | Path = ".") -> dict:
+    art = Artifacts(root)
+    raw_dir, report_path = art.raw, art.validation
     cfg = params.validate_
     manifest = build_manifest(raw_dir)
     classes = labels.read_classes(raw_dir)
-    success, rules = run_suite_with_data_docs(manifest, cfg, docs_dir, len(classes))
+    success, rules = run_suite_with_data_docs(manifest, cfg, art.validation_docs, len(classes))
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
@@ -364,9 +360,9 @@ def run(
         raise ValidationFailed(
             f"{raw_dir}: {quarantined} of {n} items broke the suite (limit "
             f"validate.max_quarantine_fraction={limit}); see {report_path}\n  {listing}")
-    with atomic_path(quarantine_path) as tmp:
+    with atomic_path(art.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
-    with atomic_path(manifest_path) as tmp:
+    with atomic_path(art.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     return {k: summary[k] for k in ("success", "ingested", "accepted", "quarantined")} | (
         {"warnings": warnings} if warnings else {})

@@ -1,0 +1,150 @@
+"""Every artifact the stages write: its path, as dvc.yaml names it, and how it is read and
+written. The one owner of "where is X, in what format": stages, the report, the Dagster
+metadata and checks, lineage and the audit ask an `Artifacts(root)`. dvc.yaml passes no
+paths (a stage's command is `liverseg <stage> [model]`), so tests/test_artifacts.py checks
+that dvc.yaml's data deps and outs are exactly `stage_io`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from liverseg.io import atomic_path, load_masks, read_json, save_masks, write_json
+
+if TYPE_CHECKING:  # training runs where pandas is not installed: imported where used
+    import numpy as np
+    import pandas as pd
+
+# The folders and files, relative to the repository root.
+RAW, MANIFEST, QUARANTINE, SPLITS = (
+    "data/raw", "data/manifest.parquet", "data/quarantine.csv", "data/splits")
+VALIDATION, VALIDATION_DOCS = "reports/validation.json", "reports/validation"
+MODELS = "models"
+TRAINING, PER_IMAGE, PREDICTIONS, METRICS = (
+    "reports/training", "reports/per_image", "reports/predictions", "reports/metrics")
+COMPARISON = "reports/comparison"  # .csv, .md and .json
+REGISTRY = "reports/registry.json"
+MODEL_CARD = "reports/model_card"  # .md and .json
+REPORT, FIGURES = "reports/report", "reports/figures"  # .html and .md; the PNGs
+CONFIG, WEIGHTS, RUN = "config.json", "model.safetensors", "run.json"  # in a model folder
+CHECKPOINTS = ".checkpoints"  # training state while a model trains: no DVC output
+
+
+def _at(rel: str) -> property:
+    """A path under the root, as an attribute: `Artifacts(root).raw`."""
+    return property(lambda self: self.root / rel, doc=rel)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The artifacts of the repository at `root` (default: the working directory)."""
+
+    root: Path = Path()
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    raw, manifest, quarantine, splits = _at(RAW), _at(MANIFEST), _at(QUARANTINE), _at(SPLITS)
+    validation, validation_docs = _at(VALIDATION), _at(VALIDATION_DOCS)
+    registry, figures = _at(REGISTRY), _at(FIGURES)
+
+    # ------------------------------------------------------------------ per model
+    def model_dir(self, model: str) -> Path:
+        return self.path(MODELS) / model
+
+    def model_config(self, model: str) -> Path:
+        """Read and written by checkpoint (read_config upgrades older layouts)."""
+        return self.model_dir(model) / CONFIG
+
+    def curve(self, model: str) -> Path:
+        """The training curve: one row per epoch (train's plot)."""
+        return self.path(TRAINING) / f"{model}.csv"
+
+    def per_image(self, model: str) -> Path:
+        return self.path(PER_IMAGE) / f"{model}.csv"
+
+    def predictions(self, model: str) -> Path:
+        return self.path(PREDICTIONS) / f"{model}.npz"
+
+    def metrics(self, model: str) -> Path:
+        return self.path(METRICS) / f"{model}.json"
+
+    # ------------------------------------------------------------------ pipeline-wide
+    def comparison(self, suffix: str = ".json") -> Path:
+        return self.path(COMPARISON + suffix)
+
+    def model_card(self, suffix: str = ".md") -> Path:
+        return self.path(MODEL_CARD + suffix)
+
+    def report(self, suffix: str = ".html") -> Path:
+        return self.path(REPORT + suffix)
+
+    # ------------------------------------------------------------------ readers and writers
+    def read_metrics(self, model: str) -> dict:
+        return read_json(self.metrics(model))
+
+    def write_metrics(self, model: str, metrics: dict) -> None:
+        write_json(self.metrics(model), metrics)
+
+    def read_curve(self, model: str) -> list[dict[str, str]]:
+        """The curve's rows as text (train writes it with the csv module, without pandas)."""
+        import csv
+
+        with self.curve(model).open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_curve(self, model: str, rows: list[dict]) -> None:
+        """One row per epoch; NaN is written empty, as pandas writes it."""
+        import csv
+        import math
+
+        with atomic_path(self.curve(model)) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v
+                              for k, v in row.items()} for row in rows)
+
+    def write_per_image(self, model: str, rows: pd.DataFrame) -> None:
+        with atomic_path(self.per_image(model)) as tmp:
+            rows.to_csv(tmp, index=False)
+
+    def read_predictions(self, model: str) -> dict[str, np.ndarray]:
+        return load_masks(self.predictions(model))
+
+    def write_predictions(self, model: str, masks: dict[str, np.ndarray]) -> None:
+        save_masks(self.predictions(model), masks)
+
+    def read_comparison(self) -> dict:
+        return read_json(self.comparison(".json"))
+
+    def read_registry(self) -> dict:
+        return read_json(self.registry)
+
+    def write_registry(self, record: dict) -> None:
+        write_json(self.registry, record)
+
+
+def stage_io(stage: str, model: str) -> tuple[set[str], set[str]]:
+    """(data deps, outs) of a stage, relative to the root: what dvc.yaml must list beside
+    its code deps (`model` stands in for `${item.model}` of a per-model stage)."""
+    a = Artifacts()
+    rel = {
+        "ingest": ([], [a.raw]),
+        "validate": ([a.raw], [a.manifest, a.quarantine, a.validation_docs, a.validation]),
+        "split": ([a.manifest, a.raw], [a.splits]),
+        "train": ([a.raw, a.splits], [a.model_dir(model), a.curve(model)]),
+        "evaluate": ([a.model_dir(model), a.raw, a.splits],
+                     [a.per_image(model), a.predictions(model), a.metrics(model)]),
+        "compare": ([a.path(METRICS)], [a.comparison(s) for s in (".csv", ".md", ".json")]),
+        "register": ([a.comparison(), a.validation, a.path(METRICS), a.splits, a.path(MODELS)],
+                     [a.registry, a.model_card(".md"), a.model_card(".json")]),
+        "report": ([a.validation, a.comparison(), a.registry, a.path(TRAINING),
+                    a.path(METRICS), a.path(PER_IMAGE), a.path(PREDICTIONS), a.splits, a.raw],
+                   [a.report(".html"), a.report(".md"), a.figures]),
+    }[stage]
+    return tuple({p.as_posix() for p in paths} for paths in rel)
