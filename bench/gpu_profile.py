@@ -7,23 +7,17 @@ and writes the table to bench/results/gpu-profile.txt.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from gpu_throughput import make_step  # the same step the throughput benchmark times
+from gpu_throughput import make_step, step_args  # the step the throughput bench times
 from torch.profiler import ProfilerActivity, profile
 
 RESULTS = Path(__file__).with_name("results")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--fp32", action="store_true", help="profile fp32 eager instead")
-    args = parser.parse_args()
+    args = step_args(__doc__.splitlines()[0], 5, "--fp32", "profile fp32 eager instead")
     amp = not args.fp32
     step = make_step(args.size, args.batch, amp=amp, channels_last=amp, compile_=False,
                      tf32=True)

@@ -71,13 +71,19 @@ def images_per_s(size: int, batch: int, steps: int, warmup: int, amp: bool,
     return steps * batch / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_args(description: str, steps: int, flag: str, flag_help: str) -> argparse.Namespace:
+    """--size, --batch, --steps of a timed Enhanced PAN training step and one switch (this
+    benchmark and gpu_profile.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument(flag, action="store_true", help=flag_help)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = step_args(__doc__.splitlines()[0], 20, "--compile", "also time torch.compile")
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark is for a GPU machine")
     variants = dict(VARIANTS)

@@ -53,7 +53,7 @@ def main() -> None:
     import liverseg
     from liverseg.config import parse_params
     from liverseg.serving import predict
-    from liverseg.stages import evaluate, ingest, split, train, validate
+    from liverseg.stages import evaluate, run_data_stages, train
 
     # The params.yaml of the checkout whose code runs (its keys are the ones it parses).
     raw = yaml.safe_load((Path(liverseg.__file__).parents[2] / "params.yaml").read_text())
@@ -64,8 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         params = parse_params(raw)
-        for stage in (ingest, validate, split):
-            stage.run(params)
+        run_data_stages(params)
         train.run(params, args.model)
         measured = evaluate.run(params, args.model)["fg_iou"]
         val = [int(k) for k in __import__("pandas").read_csv("data/splits/val.csv").slice_index]

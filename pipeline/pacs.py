@@ -22,6 +22,7 @@ import dagster as dg
 from liverseg.redact import redact
 from liverseg.serving import dicomweb
 from liverseg.serving.boundary import safe_name
+from pipeline.metadata import csv_rows
 from pipeline.resources import MlflowResource, PacsResource
 
 POLL_SECONDS = int(os.environ.get("LIVERSEG_PACS_POLL_SECONDS", "60"))
@@ -41,7 +42,7 @@ def segment_one_study(context: dg.OpExecutionContext, pacs: PacsResource,
         raise dg.Failure(description=redact(proc.stderr.strip().splitlines()[-1]
                                             if proc.stderr.strip() else "liverseg failed"),
                          metadata={"stderr": dg.MetadataValue.text(redact(proc.stderr[-4000:]))})
-    rows = _rows(out / "predictions.csv")
+    rows = csv_rows(out / "predictions.csv")
     done = [r for r in rows if r["status"] == "done"]
     metadata = {"study": study, "model": pacs.model,
                 "model_version": next((r["model_version"] for r in rows), ""),
@@ -51,15 +52,6 @@ def segment_one_study(context: dg.OpExecutionContext, pacs: PacsResource,
     context.add_output_metadata({k: dg.MetadataValue.json(v) if isinstance(v, list) else v
                                  for k, v in metadata.items()})
     return metadata
-
-
-def _rows(path: Path) -> list[dict]:
-    import csv
-
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return [{k: v or "" for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 @dg.job(name="segment_study", partitions_def=ct_studies,

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
+from liverseg.config import PATH_SOURCES, load_params
 from liverseg.redact import redact
 from pipeline.resources import REPO_ROOT, DvcResource
 from pipeline.schedules import retrain_job
-
-FILE_SOURCES = ("folder", "archive", "nifti")
 
 
 def _files(path: Path) -> list[tuple[str, int, int]]:
@@ -42,11 +40,11 @@ def source_fingerprint(root: Path) -> str:
     version) and, for folder/archive/nifti sources, the names, sizes and mtimes of the files
     under data.path. Cheap (no file contents read), so the sensor can tick every minute;
     DVC's md5 of data/raw stays the exact record of what was ingested."""
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    data = params.get("data", {}) or {}
-    state: dict = {"seed": params.get("seed"), "data": data}
-    if data.get("source") in FILE_SOURCES and data.get("path"):
-        path = (root / Path(data["path"]).expanduser()).resolve()
+    params = load_params(root / "params.yaml")
+    data = params.data
+    state: dict = {"seed": params.seed, "data": data.model_dump(mode="json")}
+    if data.source in PATH_SOURCES and data.path:
+        path = (root / Path(data.path).expanduser()).resolve()
         state["files"] = _files(path) if path.exists() else f"missing: {path}"
     blob = json.dumps(state, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

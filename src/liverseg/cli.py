@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from liverseg.offline import disable_telemetry
+from liverseg.provenance.comparison import DEFAULT_TOLERANCE
 from liverseg.redact import redact, redacted_errors
 
 disable_telemetry()  # before the stage's libraries are imported
@@ -200,7 +201,8 @@ def audit(
     model_uri: str = typer.Argument(..., help="models:/liverseg@champion, models:/liverseg/3, "
                                     "a version number or an MLflow run id."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object, for machines."),
-    tolerance: float = typer.Option(0.01, help="Absolute tolerance on metrics and curve when a "
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Absolute tolerance on metrics and "
+                                    "curve when a "
                                     "GPU trained or rebuilt the model (CPU: bitwise)."),
     record: bool = typer.Option(True, "--record/--no-record",
                                 help="Write the outcome as audit_* tags on the version."),

@@ -110,8 +110,14 @@ class KaggleParams(Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
 
 
+# The data sources (liverseg.data.sources has a module of each name); those that read
+# data.path, which the data-source sensor watches.
+SOURCES = ("phantom", "folder", "archive", "nifti", "kaggle")
+PATH_SOURCES = ("folder", "archive", "nifti")
+
+
 class DataParams(Strict):
-    source: Literal["phantom", "folder", "archive", "nifti", "kaggle"] = "phantom"
+    source: Literal[SOURCES] = "phantom"
     path: str | None = None  # folder, archive file or NIfTI folder (not used by phantom/kaggle)
     # tumour | liver: binary masks; liver_tumour: three classes (background, liver, tumour)
     target: Literal["tumour", "liver", "liver_tumour"] = "tumour"
@@ -127,7 +133,7 @@ class DataParams(Strict):
 
     @model_validator(mode="after")
     def _fits_the_source(self):
-        if self.source in ("folder", "archive", "nifti") and not self.path:
+        if self.source in PATH_SOURCES and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source}")
         folder_like = self.source in ("folder", "archive", "kaggle")
         mapped = set((self.folder.mask_mapping or {}).values())
@@ -297,7 +303,7 @@ class Params(Strict):
     @field_validator("models")
     @classmethod
     def _known_models(cls, names: list[str]) -> list[str]:
-        from liverseg.models.registry import MODEL_NAMES  # lazy: torch is heavy
+        from liverseg.models import MODEL_NAMES  # the names only: no torch
 
         unknown = [n for n in names if n not in MODEL_NAMES]
         if unknown:
@@ -358,3 +364,35 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     return parse_params(raw, str(path))
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update` laid over it, section by section (raw params.yaml data): how a
+    preset or a test overrides some keys of a section and keeps the rest."""
+    out = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = deep_merge(base[key], value) if both_dicts else value
+    return out
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested params as flat `a.b.c` keys (MLflow's param names; what lineage compares)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+ABSENT = "<absent>"
+
+
+def param_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every flat key whose value differs, sorted. A key on
+    one side only shows ABSENT on the other; absent and null count as equal."""
+    a, b = flatten(old), flatten(new)
+    return [(key, a.get(key, ABSENT), b.get(key, ABSENT))
+            for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]

@@ -33,12 +33,11 @@ import torch.nn.functional as F
 
 from liverseg import labels
 from liverseg.data import imageio
-from liverseg.data.phantom import WINDOW_LEVEL, WINDOW_WIDTH
+from liverseg.data.phantom import WINDOW as PHANTOM_WINDOW
 
 ORIENTATION = "closest canonical RAS+, slices along the last axis, transposed"
 RESIZE = "bilinear, half-pixel centres (align_corners=False), no antialias"
 GREY = "luminance (PIL 'L'); 16/32-bit: high_bit_window (else own min..max) -> 0..255"
-PHANTOM_WINDOW = (WINDOW_LEVEL - WINDOW_WIDTH / 2, WINDOW_LEVEL + WINDOW_WIDTH / 2)
 MAX_PIXELS = 40_000_000
 
 

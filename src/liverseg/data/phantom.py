@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from liverseg.data import imageio
+
 WINDOW_LEVEL, WINDOW_WIDTH = 50.0, 400.0
+WINDOW = (WINDOW_LEVEL - WINDOW_WIDTH / 2, WINDOW_LEVEL + WINDOW_WIDTH / 2)  # HU -> 0..255
 BACKGROUND, LIVER, TUMOUR = 0, 1, 2
 
 
@@ -29,11 +32,6 @@ class PhantomSlice:
     slice_index: int
     image: np.ndarray  # uint8, windowed CT
     labels: np.ndarray  # uint8, 0/1/2
-
-
-def window(hu: np.ndarray, level: float = WINDOW_LEVEL, width: float = WINDOW_WIDTH) -> np.ndarray:
-    low = level - width / 2
-    return (np.clip((hu - low) / width, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _blob(yy, xx, cy, cx, ry, rx, rng: np.random.Generator, wobble: float = 0.15) -> np.ndarray:
@@ -117,7 +115,7 @@ def _render_slice(anat: dict, z: int, slices: int, size: int, noise_hu: float, r
         labels[lesion] = TUMOUR
 
     hu += rng.normal(0, noise_hu, size=hu.shape).astype(np.float32)
-    return window(hu), labels
+    return imageio.rescale(hu, WINDOW), labels  # the window serving applies: one function
 
 
 def generate(

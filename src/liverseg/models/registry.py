@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.encoders import encoders as smp_encoders
 from torch import nn
 
+from liverseg.models import MODEL_NAMES
 from liverseg.models.enhanced_pan import EnhancedPAN
 from liverseg.models.unet_cbam import UNetCBAM
 
@@ -82,7 +83,9 @@ REGISTRY: dict[str, ModelSpec] = {
     "deeplabv3plus": ModelSpec(_smp(smp.DeepLabV3Plus)),
 }
 
-MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
+if tuple(REGISTRY) != MODEL_NAMES:  # the torch-free list params are validated against
+    raise ImportError(f"liverseg.models.MODEL_NAMES {MODEL_NAMES} != the registry's "
+                      f"{tuple(REGISTRY)}: update it with the registry")
 
 
 class SegmentationModel(nn.Module):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from liverseg.config import SOURCES as NAMES
 from liverseg.data.sources.folder import SourceError
-
-NAMES = ("phantom", "folder", "archive", "nifti", "kaggle")
 
 __all__ = ["NAMES", "SourceError", "get"]
 
