@@ -1,26 +1,30 @@
-"""Shared fixtures: tiny params, a tiny ingested dataset, the real data in ../shared/data."""
+"""Shared fixtures: tiny params, templates built once per session and copied per test (a
+split dataset, a registered model, a reproduced repository), the real data in ../shared/data.
+Plain helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from liverseg.offline import disable_telemetry
+from tests.helpers import (
+    SHARED_DATA,
+    copy_repository,
+    e2e_raw_params,
+    inside,
+    repo_env,
+    sh,
+    tiny_raw_params,
+    tracking_uri,
+)
 
 disable_telemetry()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never want downloaded weights
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-E2E_MODELS = ["enhanced_pan", "unet_cbam"]
 
 
 @pytest.fixture
@@ -31,32 +35,6 @@ def shared_data() -> Path:
             pytest.fail(f"{SHARED_DATA} is missing but LIVERSEG_REQUIRE_SHARED_DATA is set")
         pytest.skip(f"{SHARED_DATA} not present (a user's clone has no ../shared)")
     return SHARED_DATA
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        out[key] = _merge(base[key], value) if both_dicts else value
-    return out
-
-
-def tiny_raw_params(**overrides) -> dict:
-    """The repository's params.yaml shrunk to a tiny, fast pipeline (64 px, 6 patients).
-
-    Every section stays present: DVC refuses a stage whose params section is missing.
-    """
-    tiny = {
-        "seed": 7,
-        "data": {"phantom": {"patients": 6, "slices_per_patient": 4, "size": 64}},
-        "split": {"val_fraction": 0.34},
-        "models": ["enhanced_pan"],
-        "train": {"epochs": 1, "batch_size": 2, "image_size": 64},
-        "evaluate": {"batch_size": 4},
-        "register": {"min_fg_iou": 0.0},
-    }
-    repo_params = yaml.safe_load((REPO / "params.yaml").read_text())
-    return _merge(_merge(repo_params, tiny), overrides)
 
 
 @pytest.fixture
@@ -74,30 +52,15 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@contextlib.contextmanager
-def inside(root: Path):
-    """Run stages in `root` with its own MLflow store (as `workdir` does), then come back."""
-    cwd, uri = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(root)
-    try:
-        yield root
-    finally:
-        os.chdir(cwd)
-        if uri is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = uri
-
-
 @pytest.fixture(scope="session")
 def split_template(tmp_path_factory) -> Path:
     """The tiny phantom dataset ingested, validated and split once per session; tests get a
     copy (`split_data`), so great-expectations runs once, not once per test."""
     from liverseg.config import parse_params
-    from liverseg.stages import ingest, split, validate
+    from liverseg.stages import run_data_stages
 
-    params = parse_params(tiny_raw_params())
     with inside(tmp_path_factory.mktemp("split-template")) as root:
-        for stage in (ingest, validate, split):
-            stage.run(params)
+        run_data_stages(parse_params(tiny_raw_params()))
     return root
 
 
@@ -108,38 +71,43 @@ def split_data(workdir, split_template):
     return workdir
 
 
-def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-5000:]}"
-    return output
+@pytest.fixture(scope="session")
+def registered_template(tmp_path_factory) -> Path:
+    """The pipeline's stages run in-process once, as `dvc repro` of repo_copy runs them (the
+    same params): data, two models trained and evaluated, compared, the best registered as
+    champion in an SQLite MLflow store in the folder. Without git or dvc.lock: tests of
+    what needs DVC use repo_copy."""
+    from liverseg.config import parse_params
+    from liverseg.stages import compare, evaluate, register, run_data_stages, train
+
+    params = parse_params(e2e_raw_params())
+    root = tmp_path_factory.mktemp("registered-template")
+    (root / "params.yaml").write_text(yaml.safe_dump(e2e_raw_params()))
+    with inside(root):
+        run_data_stages(params)
+        for model in params.models:
+            train.run(params, model)
+            evaluate.run(params, model)
+        compare.run(params)
+        register.run(params)
+    return root
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
-    """Until `url` answers; fails if `proc` (the server) exits or `seconds` pass first."""
-    import time
-    import urllib.request
-
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert proc.poll() is None, f"{proc.args[0]} exited before {url} answered"
-            assert time.time() < deadline, f"{url} did not answer within {seconds:g} s"
-            time.sleep(0.3)
+@pytest.fixture
+def registry(registered_template, monkeypatch) -> Path:
+    """Read-only use of the registered template: its MLflow store and its raw slices."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(registered_template))
+    return registered_template
 
 
-def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM a process started with `start_new_session=True` and its children; SIGKILL
-    them if they have not exited within `timeout` seconds."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+@pytest.fixture
+def registered(tmp_path, monkeypatch, registered_template) -> Path:
+    """A private copy of the registered template, the working directory and MLflow store."""
+    root = tmp_path / "registered"
+    shutil.copytree(registered_template, root, symlinks=True)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(root))
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -149,25 +117,18 @@ def repo_copy(tmp_path_factory):
     Session-scoped: the end-to-end, browser and other whole-pipeline tests share one run.
     """
     root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith(("dvc.lock", "reports/", "data/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    # Liver, not tumour: at this tiny budget (64 px, one epoch) tumours are never found
-    # (fg IoU 0), and the registry tests need models that differ in quality.
-    raw = tiny_raw_params(models=E2E_MODELS, data={"target": "liver"})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DAGSTER_HOME": str(root / ".dagster_home"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-    }
-    (root / ".dagster_home").mkdir()
-    shutil.copy(root / "pipeline/dagster.yaml", root / ".dagster_home/dagster.yaml")
-    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
-    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
-        sh(cmd, root, env)
+    copy_repository(root, e2e_raw_params())
+    env = repo_env(DAGSTER_HOME=str(root / ".dagster_home"), MLFLOW_TRACKING_URI=tracking_uri(root))
     sh(["dvc", "repro"], root, env)
+    return root, env
+
+
+@pytest.fixture
+def repo_clone(repo_copy, tmp_path):
+    """A private copy of the shared repro (the shared one must stay as other tests left it),
+    reset to its commit: `dvc exp run` in another test may have edited params.yaml."""
+    src, env = repo_copy
+    root = tmp_path / "repo"
+    shutil.copytree(src, root, symlinks=True)
+    sh(["git", "checkout", "-q", "HEAD", "--", "."], root, env)
     return root, env

@@ -21,19 +21,18 @@ from typer.testing import CliRunner
 
 from liverseg import tracking
 from liverseg.cli import app
-from liverseg.provenance import audit, lineage, model_card
+from liverseg.provenance import audit, comparison, lineage, model_card, rebuild
+from liverseg.report.sections import lineage_context
 from liverseg.stages import report
+from tests.helpers import GIT, REPO
 
 # ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
-def audit_repo(repo_copy, tmp_path, monkeypatch):
+def audit_repo(repo_clone, monkeypatch):
     """A private copy of the shared repro, reset to its commit, with its own MLflow store."""
-    src, env = repo_copy
-    root = tmp_path / "repo"
-    shutil.copytree(src, root, symlinks=True)
-    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], cwd=root, check=True)
+    root, env = repo_clone
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns/mlflow.db'}")
     monkeypatch.setenv("PATH", env["PATH"])
@@ -103,6 +102,7 @@ def test_the_champion_rebuilds_bitwise_identical_on_cpu_and_the_registry_records
 # ----------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow  # a trail needs git, dvc.lock and the DVC cache: repo_copy
 def test_a_trail_from_a_dirty_tree_is_refused_not_rebuilt(audit_repo):
     _tag("1", git_dirty="true", git_dirty_files="src/liverseg/stages/train.py")
     code, report_, _ = _audit("1")
@@ -112,6 +112,7 @@ def test_a_trail_from_a_dirty_tree_is_refused_not_rebuilt(audit_repo):
     assert _trail("1")["audit"]["result"] == "not rebuilt"  # the attempt is on record
 
 
+@pytest.mark.slow  # a trail needs git, dvc.lock and the DVC cache: repo_copy
 def test_a_commit_missing_from_the_repository_is_named(audit_repo):
     _tag("1", git_commit="0" * 40)
     code, report_, _ = _audit("1", "--no-record")
@@ -120,6 +121,7 @@ def test_a_commit_missing_from_the_repository_is_named(audit_repo):
     assert _trail("1")["audit"] is None  # --no-record
 
 
+@pytest.mark.slow  # a trail needs git, dvc.lock and the DVC cache: repo_copy
 def test_data_gone_from_cache_and_remote_is_named_with_its_hash(audit_repo):
     shutil.rmtree(audit_repo / ".dvc" / "cache")
     code, report_, _ = _audit("1", "--no-record")
@@ -129,24 +131,25 @@ def test_data_gone_from_cache_and_remote_is_named_with_its_hash(audit_repo):
     assert "remote 'local'" in report_["error"]
 
 
+@pytest.mark.slow  # a trail needs git, dvc.lock and the DVC cache: repo_copy
 def test_data_the_cache_lost_comes_from_the_dvc_remote(audit_repo, tmp_path):
     subprocess.run(["dvc", "push", "-q"], cwd=audit_repo, check=True)  # remote 'local'
     shutil.rmtree(audit_repo / ".dvc" / "cache")
     hashes = _trail("1")["data_hashes"]
     dest = tmp_path / "rebuild"
     dest.mkdir()
-    fetched = audit.fetch_data(audit_repo, hashes, tmp_path, dest)
+    fetched = rebuild.fetch_data(audit_repo, hashes, tmp_path, dest)
     assert fetched["remote"] == "local" and fetched["data_raw_md5"] == hashes["data_raw_md5"]
     assert (dest / "data/raw/slices.csv").is_file() and (dest / "data/splits/val.csv").is_file()
 
 
+@pytest.mark.slow  # a trail needs git, dvc.lock and the DVC cache: repo_copy
 def test_params_changed_at_the_recorded_commit_are_named_key_by_key(audit_repo):
     raw = yaml.safe_load((audit_repo / "params.yaml").read_text())
     raw["train"]["epochs"] = 2
     raw["register"]["min_fg_iou"] = 0.3  # register's params cannot change the model: not named
     (audit_repo / "params.yaml").write_text(yaml.safe_dump(raw))
-    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
-    subprocess.run(git + ["commit", "-qam", "more epochs"], cwd=audit_repo, check=True)
+    subprocess.run(GIT + ["commit", "-qam", "more epochs"], cwd=audit_repo, check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=audit_repo, check=True,
                           capture_output=True, text=True).stdout.strip()
     _tag("1", git_commit=head)
@@ -203,17 +206,17 @@ def test_weights_are_compared_by_tensor_digest_with_the_largest_difference(tmp_p
     same = _safetensors(tmp_path / "same.safetensors")
     rebuilt = _safetensors(tmp_path / "rebuilt.safetensors")
     digest = lineage.tensor_digest(rebuilt)
-    assert audit.compare_weights(same, rebuilt, digest, None)["differences"] == []
+    assert comparison.compare_weights(same, rebuilt, digest, None)["differences"] == []
     shifted = _safetensors(tmp_path / "shifted.safetensors", 0.25)
-    out = audit.compare_weights(shifted, rebuilt, digest, None)
+    out = comparison.compare_weights(shifted, rebuilt, digest, None)
     assert out["max_abs_diff"] == 0.25 and out["max_abs_diff_tensor"] == "a"
     assert out["differing_tensors"] == 1 and len(out["differences"]) == 2  # altered + differs
     # Within tolerance (GPU), a drift in the weights is reported, not judged.
-    drift = audit.compare_weights(shifted, rebuilt, None, 0.01)
+    drift = comparison.compare_weights(shifted, rebuilt, None, 0.01)
     assert drift["differences"] == [] and "reported, not judged" in drift["note"]
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(audit.AuditError, match="junk.safetensors are not a readable"):
-        audit.compare_weights(tmp_path / "junk.safetensors", rebuilt, digest, None)
+        comparison.compare_weights(tmp_path / "junk.safetensors", rebuilt, digest, None)
 
 
 def test_metrics_and_curves_are_bitwise_on_cpu_and_within_tolerance_otherwise(tmp_path):
@@ -221,19 +224,19 @@ def test_metrics_and_curves_are_bitwise_on_cpu_and_within_tolerance_otherwise(tm
                 "images_per_second": 10.0, "gflops": 1.0}
     rebuilt = {"fg_iou": 0.5 + 1e-9, "fg_iou_ci": [0.4, 0.6], "precision": None,
                "images_per_second": 99.0}
-    bitwise = audit.compare_metrics(recorded, rebuilt, 0.0)
+    bitwise = comparison.compare_metrics(recorded, rebuilt, 0.0)
     assert bitwise["compared"] == ["fg_iou", "fg_iou_ci", "precision"]  # no timing, no extras
     assert bitwise["differences"] == [f"metrics fg_iou: recorded 0.5, rebuilt {0.5 + 1e-9!r}"]
-    assert audit.compare_metrics(recorded, rebuilt, 0.01)["identical"]
+    assert comparison.compare_metrics(recorded, rebuilt, 0.01)["identical"]
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     a.write_text("epoch,val_loss,val_fg_iou\n1,0.5,\n2,0.4,0.1\n")
     b.write_text("epoch,val_loss,val_fg_iou\n1,0.5,\n2,0.41,0.1\n")
-    assert audit.compare_curves(a, b, 0.0)["differences"] == [
+    assert comparison.compare_curves(a, b, 0.0)["differences"] == [
         "curve epoch 2 val_loss: recorded 0.4, rebuilt 0.41"]
-    assert audit.compare_curves(a, b, 0.02)["identical"]
-    assert audit.compare_curves(None, b, 0.0)["compared"] is False
-    assert audit.judge_mode("cpu", "cpu", 0.01)[0] == "bitwise"
-    mode, why = audit.judge_mode("cuda:0", "cuda:0", 0.01)
+    assert comparison.compare_curves(a, b, 0.02)["identical"]
+    assert comparison.compare_curves(None, b, 0.0)["compared"] is False
+    assert comparison.judge_mode("cpu", "cpu", 0.01)[0] == "bitwise"
+    mode, why = comparison.judge_mode("cuda:0", "cuda:0", 0.01)
     assert mode == "tolerance" and "cuDNN" in why and "0.01" in why
 
 
@@ -242,7 +245,7 @@ def test_params_differences_ignore_what_cannot_change_the_model():
                "models": ["enhanced_pan"]}
     committed = {"train": {"epochs": 1, "lr": 0.001}, "register": {"min_fg_iou": 0.5},
                  "models": ["enhanced_pan", "unet_cbam"]}
-    assert audit.params_differences(trained, committed) == [
+    assert rebuild.params_differences(trained, committed) == [
         "train.lr: trained with 0.003, params.yaml has 0.001"]
 
 
@@ -304,7 +307,7 @@ def test_the_report_lineage_section_shows_the_audit():
                                                     "by": "ci@host", "result": "differs",
                                                     "differences": ["metrics dice: 1 vs 2"]}},
                            {"version": 3, "audit": None}]}
-    context = report.lineage_context(registry)
+    context = lineage_context(registry)
     assert context["audit_command"] == "liverseg audit models:/liverseg/4"
     assert context["audits"].rows == [
         ["4", "2026-11-30T08:00:00+00:00", "ci@host", "differs", "metrics dice: 1 vs 2"],
@@ -323,7 +326,6 @@ def test_the_audit_check_is_non_blocking_and_skipped_by_the_retrain_job(tmp_path
     from pipeline.assets import asset_key, build_assets
     from pipeline.resources import MlflowResource
     from pipeline.schedules import retrain_job
-    from tests.conftest import REPO
     from tests.test_dagster_control_room import RecordingDvc
 
     (tmp_path / "reports").mkdir()

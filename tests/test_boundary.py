@@ -8,7 +8,6 @@ import os
 import resource
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from liverseg import tracking
 from liverseg.serving import predict
 from liverseg.serving.boundary import Limits, Refused, check_grey_batch, check_hu, safe_name
-from tests.conftest import wait_for_http
+from tests.helpers import free_port, record_failure, wait_for_http
 
 CHAMPION = "models:/liverseg@champion"
 
@@ -95,8 +94,8 @@ def test_rest_contract_refuses_each_rule_by_name():
 
 
 @pytest.fixture
-def model_dir(repo_copy) -> str:
-    return str(repo_copy[0] / "models/enhanced_pan")
+def model_dir(registered_template) -> str:
+    return str(registered_template / "models/enhanced_pan")
 
 
 def _volume(tmp_path: Path, name: str, data: np.ndarray) -> Path:
@@ -176,13 +175,6 @@ def test_an_impossible_header_is_refused_before_allocating(model_dir, tmp_path):
 # ----------------------------------------------------------------------------- the pyfunc
 
 
-@pytest.fixture
-def registry(repo_copy, monkeypatch):
-    root, env = repo_copy
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    return root
-
-
 def test_pyfunc_refuses_outside_its_contract_and_serves_inside(registry):
     from mlflow.exceptions import MlflowException
 
@@ -209,21 +201,14 @@ def test_a_normal_predict_prints_no_third_party_warning(registry, tmp_path):
 # ----------------------------------------------------------------------------- secrets
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_no_command_prints_the_tracking_password(repo_copy, tmp_path):
+def test_no_command_prints_the_tracking_password(registered, tmp_path):
     """evaluate, register, predict and lineage against a tracking server whose URI holds a
     password and that is down: each fails naming the server, and the password is nowhere."""
-    root = tmp_path / "repo"
-    shutil.copytree(repo_copy[0], root, symlinks=True)
+    root = registered
     secret = f"pw-{secrets.token_hex(8)}"  # made here: this file is copied into the repo
-    env = repo_copy[1] | {"MLFLOW_TRACKING_URI": f"http://user:{secret}@127.0.0.1:"
-                                                 f"{_closed_port()}",
-                          "LIVERSEG_TRACKING_TIMEOUT": "2"}
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"http://user:{secret}@127.0.0.1:"
+                                               f"{free_port()}",
+                        "LIVERSEG_TRACKING_TIMEOUT": "2"}
     cli = str(Path(sys.executable).parent / "liverseg")
     image = next((root / "data/raw/images").glob("*.png"))
     for args in (["evaluate", "enhanced_pan"], ["register"], ["lineage", CHAMPION],
@@ -239,6 +224,7 @@ def test_no_command_prints_the_tracking_password(repo_copy, tmp_path):
             assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow  # the real DvcResource runs `dvc repro register` in repo_copy
 def test_a_dagster_materialisation_keeps_the_password_out_of_its_trail(repo_copy, tmp_path,
                                                                        monkeypatch):
     """register materialised through Dagster (the real DvcResource: `dvc repro`) against the
@@ -248,7 +234,6 @@ def test_a_dagster_materialisation_keeps_the_password_out_of_its_trail(repo_copy
 
     from pipeline.assets import asset_key, build_assets
     from pipeline.resources import DvcResource, MlflowResource
-    from pipeline.sensors import record_run_failure
 
     root = tmp_path / "repo"
     shutil.copytree(repo_copy[0], root, symlinks=True)
@@ -260,18 +245,14 @@ def test_a_dagster_materialisation_keeps_the_password_out_of_its_trail(repo_copy
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setenv("LIVERSEG_TRACKING_TIMEOUT", "2")
-    uri = f"http://user:{secret}@127.0.0.1:{_closed_port()}"
+    uri = f"http://user:{secret}@127.0.0.1:{free_port()}"
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(build_assets(root), selection=[asset_key("register")],
                             instance=instance, raise_on_error=False,
                             resources={"dvc": DvcResource(repo_root=str(root)),
                                        "mlflow": MlflowResource(tracking_uri=uri)})
     assert not result.success
-    context = dg.build_run_status_sensor_context(
-        sensor_name="record_run_failure", dagster_instance=instance,
-        dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
-    ).for_run_failure()
-    record_run_failure(context)
+    record_failure(instance, result)
     trail = [str(e) for e in instance.all_logs(result.run_id)]
     trail += [str(result.dagster_run.tags), (tmp_path / "failures.jsonl").read_text()]
     assert any("127.0.0.1" in t for t in trail)  # the failure names the server ...
@@ -281,8 +262,7 @@ def test_a_dagster_materialisation_keeps_the_password_out_of_its_trail(repo_copy
 # ----------------------------------------------------------------------------- register
 
 
-def test_register_survives_a_crash_between_history_and_alias(repo_copy, tmp_path,
-                                                             monkeypatch):
+def test_register_survives_a_crash_between_history_and_alias(registered, monkeypatch):
     """A fault after the history is written and before the alias moves, then a rerun: one
     version for the training run, one event in alias_history, the alias moved."""
     from mlflow import MlflowClient
@@ -290,10 +270,7 @@ def test_register_survives_a_crash_between_history_and_alias(repo_copy, tmp_path
     from liverseg.config import load_params
     from liverseg.stages import register
 
-    root = tmp_path / "repo"
-    shutil.copytree(repo_copy[0], root, symlinks=True)
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns/mlflow.db'}")
+    root = registered
     params = load_params(root / "params.yaml")
     params = params.model_copy(update={"register_": params.register_.model_copy(
         update={"model_name": "liverseg_crash_test"})})
@@ -321,10 +298,6 @@ def test_register_survives_a_crash_between_history_and_alias(repo_copy, tmp_path
 # ----------------------------------------------------------------------------- REST
 
 
-def _free_port() -> int:
-    return _closed_port()
-
-
 @pytest.mark.slow
 def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry, tmp_path):
     """`mlflow models serve` of the champion on 127.0.0.1: 200 requests, 4 at a time, all
@@ -334,7 +307,7 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
 
     from PIL import Image
 
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
         [str(mlflow_cli), "models", "serve", "-m", CHAMPION, "--env-manager", "local",

@@ -9,7 +9,6 @@ LIVERSEG_REQUIRE_CHROMIUM is set (CI installs Debian's `chromium` package and se
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,18 +17,12 @@ import pytest
 
 from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import asset_key
-from tests.conftest import REPO, stop_process_group
+from tests.helpers import REPO, free_port, stop_process_group
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = REPO / "reports/screenshots/dagster-assets.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -63,20 +56,27 @@ def _chromium(*args: str) -> str:
     return proc.stdout
 
 
-# Decided before the (expensive) repo_copy fixture runs; CI that installs Chromium sets
-# LIVERSEG_REQUIRE_CHROMIUM, which turns the skip into a failure.
+# CI that installs Chromium sets LIVERSEG_REQUIRE_CHROMIUM, which turns the skip into a failure.
 REQUIRED = bool(os.environ.get("LIVERSEG_REQUIRE_CHROMIUM"))
 MISSING = "headless Chromium is not installed (apt-get install -y --no-install-recommends chromium)"
 
 
-@pytest.mark.skipif(CHROMIUM is None and not REQUIRED, reason=MISSING)
-def test_asset_graph_in_a_browser(repo_copy, tmp_path):
-    assert CHROMIUM is not None, f"LIVERSEG_REQUIRE_CHROMIUM is set but {MISSING}"
+@pytest.fixture
+def chromium() -> str:
+    """Before repo_copy in a test's arguments: the skip is decided before that runs."""
+    if CHROMIUM is None:
+        if REQUIRED:
+            pytest.fail(f"LIVERSEG_REQUIRE_CHROMIUM is set but {MISSING}")
+        pytest.skip(MISSING)
+    return CHROMIUM
+
+
+def test_asset_graph_in_a_browser(chromium, repo_copy, tmp_path):
     root, env = repo_copy
     # A copy of the run storage: the UI shows the copy's runs, the copy itself stays as it is.
     home = tmp_path / "dagster_home"
     shutil.copytree(root / ".dagster_home", home)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "webserver.log").open("w")
     # Its own session (process group), so stopping it stops its code-server child too.
@@ -106,10 +106,8 @@ def test_asset_graph_in_a_browser(repo_copy, tmp_path):
 ONLY_VISUAL = "<style>section:not(#visual), nav, h1 {display: none}</style></head>"
 
 
-@pytest.mark.skipif(CHROMIUM is None and not REQUIRED, reason=MISSING)
-def test_report_in_a_browser(repo_copy, tmp_path):
+def test_report_in_a_browser(chromium, repo_copy, tmp_path):
     """The pipeline's report.html opens offline; its table carries the metrics files' numbers."""
-    assert CHROMIUM is not None, f"LIVERSEG_REQUIRE_CHROMIUM is set but {MISSING}"
     root, _ = repo_copy
     report = root / "reports/report.html"
     html = report.read_text()

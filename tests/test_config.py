@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from liverseg.config import ConfigError, load_params, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_repository_params_parse():

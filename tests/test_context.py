@@ -21,8 +21,8 @@ from liverseg.data import slice_cache
 from liverseg.io import load_gray
 from liverseg.preprocess import context_stack
 from liverseg.serving import export, predict
-from liverseg.stages import evaluate, ingest, split, train, validate
-from tests.conftest import tiny_raw_params
+from liverseg.stages import evaluate, run_data_stages, train
+from tests.helpers import tiny_raw_params
 
 MODEL = "enhanced_pan"
 
@@ -52,8 +52,7 @@ def test_config_refuses_context_that_cannot_work(overrides, message):
 def test_phantom_rows_name_their_neighbours(workdir):
     params = parse_params(tiny_raw_params(data={"context_slices": 1},
                                           model={"in_channels": 3}))
-    for stage in (ingest, validate, split):
-        stage.run(params)
+    run_data_stages(params)
     train_rows = pd.read_csv("data/splits/train.csv")
     first = train_rows[train_rows.slice_index == 0].iloc[0]
     pid = first.patient_id
@@ -86,8 +85,7 @@ def test_context_model_predicts_what_evaluate_measured(workdir, shared_data, tmp
         data={"source": "nifti", "path": str(lits), "target": "liver", "context_slices": 1,
               "nifti": {"slices": "organ"}},
         model={"in_channels": 3}, split={"group_by": "slab", "val_fraction": 0.25}))
-    for stage in (ingest, validate, split):
-        stage.run(params)
+    run_data_stages(params)
     index = pd.read_csv("data/raw/slices.csv", keep_default_na=False)
     assert index.slice_index.min() == 3 and index.slice_index.max() == 23
     first, last = index.iloc[0], index.iloc[-1]

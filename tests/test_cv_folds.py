@@ -9,7 +9,7 @@ import pytest
 
 from liverseg.config import ConfigError, parse_params
 from liverseg.stages import ingest, split, validate
-from tests.conftest import tiny_raw_params
+from tests.helpers import tiny_raw_params
 
 
 def _volume(slices: int) -> pd.DataFrame:

@@ -18,8 +18,8 @@ from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import POOL, asset_key, build_assets
 from pipeline.checks import build_checks
 from pipeline.resources import DvcResource, MlflowResource, resources_from_env
-from pipeline.sensors import data_source_sensor, record_run_failure, source_fingerprint
-from tests.conftest import REPO
+from pipeline.sensors import data_source_sensor, source_fingerprint
+from tests.helpers import REPO, record_failure
 
 CALLS: list[str] = []
 
@@ -232,11 +232,7 @@ def test_run_failure_sensor_appends_a_json_line(tmp_path, monkeypatch):
 
     instance = dg.DagsterInstance.ephemeral()
     result = fragile.execute_in_process(instance=instance, raise_on_error=False)
-    context = dg.build_run_status_sensor_context(
-        sensor_name="record_run_failure", dagster_instance=instance,
-        dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
-    ).for_run_failure()
-    record_run_failure(context)
+    record_failure(instance, result)
     lines = (tmp_path / "failures.jsonl").read_text().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])

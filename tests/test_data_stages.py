@@ -41,7 +41,7 @@ def _break_dataset(raw):
     return index
 
 
-def test_bad_slices_are_quarantined_and_named(workdir, tiny_params):
+def test_bad_slices_are_quarantined_named_and_failed_in_the_data_docs(workdir, tiny_params):
     ingest.run(tiny_params)
     index = _break_dataset(workdir / "data/raw")
     params = tiny_params.model_copy(update={"validate_": tiny_params.validate_.model_copy(
@@ -56,6 +56,12 @@ def test_bad_slices_are_quarantined_and_named(workdir, tiny_params):
     assert "mask file exists" in quarantine[index.slice_id[3]]
     manifest = pd.read_parquet(workdir / "data/manifest.parquet")
     assert len(manifest) == 24 and (~manifest.accepted).sum() == 4  # kept, not dropped
+    _, html, text = _docs_page(workdir)  # the GX Data Docs of the same run
+    assert "Status: Failed" in text and "Unsuccessful Expectations 3" in text
+    assert "of 24 total rows" in text and index.slice_id[0] in text
+    assert _rule_status(html, "mask is binary (0/255)") == "failed"
+    assert _rule_status(html, "no duplicate image content") == "failed"
+    assert _rule_status(html, "slice id is unique") == "passed"
 
 
 def test_too_many_bad_slices_fail_the_stage_naming_them(workdir, tiny_params):
@@ -187,20 +193,6 @@ def test_validate_writes_gx_data_docs_readable_offline(split_data, tiny_params):
     assert f'href="{page.relative_to(docs).as_posix()}"' in index  # a link that needs no JS
     assert (docs / "expectations/manifest.html").is_file()
     assert not list(split_data.glob("reports/.validation*"))  # no temporary left behind
-
-
-def test_data_docs_show_quarantined_rules_as_failed(workdir, tiny_params):
-    ingest.run(tiny_params)
-    index = _break_dataset(workdir / "data/raw")
-    params = tiny_params.model_copy(update={"validate_": tiny_params.validate_.model_copy(
-        update={"max_quarantine_fraction": 0.5})})
-    validate.run(params)
-    _, html, text = _docs_page(workdir)
-    assert "Status: Failed" in text and "Unsuccessful Expectations 3" in text
-    assert "of 24 total rows" in text and index.slice_id[0] in text
-    assert _rule_status(html, "mask is binary (0/255)") == "failed"
-    assert _rule_status(html, "no duplicate image content") == "failed"
-    assert _rule_status(html, "slice id is unique") == "passed"
 
 
 def test_failed_data_docs_build_keeps_the_previous_site(split_data, tiny_params, monkeypatch):

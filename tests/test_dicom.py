@@ -22,8 +22,8 @@ from pydicom.uid import HTJ2KLossless, RLELossless
 
 from liverseg.config import parse_params
 from liverseg.serving import dicom, predict
-from tests.conftest import SHARED_DATA, tiny_raw_params
 from tests.dicom_series import write_series
+from tests.helpers import SHARED_DATA, tiny_raw_params
 
 SLAB = slice(88, 104)  # 16 slices with liver and tumour: seconds to write, read, compress
 
@@ -34,7 +34,7 @@ def lits_model(tmp_path_factory) -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not present") if not os.environ.get(
             "LIVERSEG_REQUIRE_SHARED_DATA") else pytest.fail("../shared/data is missing")
-    from liverseg.stages import ingest, split, train, validate
+    from liverseg.stages import run_data_stages, train
 
     root, cwd, env = tmp_path_factory.mktemp("lits"), Path.cwd(), os.environ.copy()
     os.environ["LIVERSEG_TRACKING"] = "off"
@@ -43,8 +43,7 @@ def lits_model(tmp_path_factory) -> Path:
         params = parse_params(tiny_raw_params(
             data={"source": "nifti", "path": str(SHARED_DATA / "lits-117"), "target": "liver"},
             split={"group_by": "slab", "val_fraction": 0.25}))
-        for stage in (ingest, validate, split):
-            stage.run(params)
+        run_data_stages(params)
         train.run(params, "enhanced_pan")
     finally:
         os.chdir(cwd)

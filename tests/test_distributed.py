@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from liverseg import checkpoint, tracking
+from liverseg import artifacts, tracking
 
 # Each rank records the last snapshot train takes of its model (the product code has no
 # test hooks), so the test can compare the ranks' final weights.
@@ -61,8 +61,8 @@ def test_two_gloo_processes_train_in_lockstep_and_only_rank_0_writes(split_data,
 
     written = load_file(str(workdir / "models/enhanced_pan/model.safetensors"))
     assert all((written[k] == ranks[0][k]).all() for k in ranks[0])  # one epoch: best = last
-    assert not (workdir / checkpoint.CHECKPOINT_ROOT).exists() or not any(
-        (workdir / checkpoint.CHECKPOINT_ROOT).rglob("*.pt"))
+    assert not (workdir / artifacts.CHECKPOINTS).exists() or not any(
+        (workdir / artifacts.CHECKPOINTS).rglob("*.pt"))
     history = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
     assert len(history) == 1  # one writer, one row per epoch
     client = tracking.mlflow().MlflowClient()

@@ -12,8 +12,8 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import E2E_MODELS as MODELS
-from tests.conftest import sh
+from tests.helpers import E2E_MODELS as MODELS
+from tests.helpers import sh
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,7 @@ def test_model_is_registered_with_alias_and_lineage(repo_copy):
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     raw_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
     assert version.tags["data_raw_md5"] == raw_md5
+    assert "missing" not in (version.tags["data_splits_md5"], version.tags["model_md5"])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                             text=True).stdout.strip()
     assert version.tags["git_commit"] == commit

@@ -9,7 +9,6 @@ worker mid-epoch.
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +19,20 @@ import dagster as dg
 import pytest
 import yaml
 
+from liverseg.fanout import devices
 from liverseg.fanout import engine as fanout
 from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import POOL
 from pipeline.parallel import GPU_POOL, train_all_parallel
-from tests.conftest import E2E_MODELS, REPO, _merge, sh, tiny_raw_params
-
-GIT = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
+from tests.helpers import (
+    E2E_MODELS,
+    GIT,
+    REPO,
+    copy_repository,
+    e2e_raw_params,
+    repo_env,
+    sh,
+)
 
 
 def _say(_: str) -> None:
@@ -47,15 +53,15 @@ def test_plan_runs_the_shared_stages_first_and_each_models_stages_in_order():
 
 
 def test_devices_round_robin_and_gpu_pool_size():
-    assert fanout.gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
-    assert fanout.gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert [fanout.device_for(i, ["2", "3"]) for i in range(5)] == ["2", "3", "2", "3", "2"]
-    assert fanout.device_for(0, []) is None  # CPU: nothing set
-    assert fanout.gpu_slots(["0", "1"], 6, {}) == 2  # one training per GPU by default
-    assert fanout.gpu_slots(["0", "1"], 6, {fanout.PER_GPU_ENV: "3"}) == 6
-    assert fanout.gpu_slots([], 6, {}) == 6  # CPU: the executor's max_concurrent bounds it
-    with pytest.raises(fanout.FanoutError, match=fanout.PER_GPU_ENV):
-        fanout.gpu_slots(["0"], 2, {fanout.PER_GPU_ENV: "0"})
+    assert devices.gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert devices.gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert [devices.device_for(i, ["2", "3"]) for i in range(5)] == ["2", "3", "2", "3", "2"]
+    assert devices.device_for(0, []) is None  # CPU: nothing set
+    assert devices.gpu_slots(["0", "1"], 6, {}) == 2  # one training per GPU by default
+    assert devices.gpu_slots(["0", "1"], 6, {devices.PER_GPU_ENV: "3"}) == 6
+    assert devices.gpu_slots([], 6, {}) == 6  # CPU: the executor's max_concurrent bounds it
+    with pytest.raises(fanout.FanoutError, match=devices.PER_GPU_ENV):
+        devices.gpu_slots(["0"], 2, {devices.PER_GPU_ENV: "0"})
 
 
 def test_dvc_outcomes_and_remote_rules():
@@ -150,23 +156,8 @@ def _fresh_copy(root: Path, **overrides) -> dict:
 
     PYTHONPATH pins the copy's own src/: other engineers edit the live checkout meanwhile.
     """
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith(("dvc.lock", "reports/", "data/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    raw = tiny_raw_params(**_merge({"models": E2E_MODELS, "data": {"target": "liver"}},
-                                   overrides))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    (root / ".dagster_home").mkdir()
-    shutil.copy(root / "pipeline/dagster.yaml", root / ".dagster_home/dagster.yaml")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(root / "src"), "DAGSTER_HOME": str(root / ".dagster_home")}
-    for cmd in (GIT + ["init", "-q"], GIT + ["add", "-A"], GIT + ["commit", "-qm", "copy"]):
-        sh(cmd, root, env)
-    return env
+    copy_repository(root, e2e_raw_params(**overrides))
+    return repo_env(PYTHONPATH=str(root / "src"), DAGSTER_HOME=str(root / ".dagster_home"))
 
 
 # -o install: the copy uses this interpreter's environment; it builds none of its own.

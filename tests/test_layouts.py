@@ -14,6 +14,10 @@ from PIL import Image
 
 from liverseg.config import ConfigError, parse_params
 from liverseg.data.sources import SourceError
+from liverseg.report.figures import Figure
+from liverseg.report.inputs import Inputs
+from liverseg.report.sections import data_context
+from liverseg.report.table import Table
 from liverseg.stages import ingest, report, split, validate
 
 
@@ -274,7 +278,7 @@ def test_slices_without_patient_id_are_kept_with_a_leakage_warning(tmp_path, wor
     counts = split.run(p)
     assert counts["train"] + counts["val"] == 6  # one group per slice
     stats = json.loads((workdir / "data/splits/stats.json").read_text())
-    data = report.data_context(p, report.Inputs(v, stats, *[None] * 7))
+    data = data_context(p, Inputs(v, stats, *[None] * 7))
     assert data["warnings"] == [warning]
     for name in ("report.html.j2", "report.md.j2"):
         page = report.environment().get_template(name).render(**render_context(data))
@@ -283,12 +287,12 @@ def test_slices_without_patient_id_are_kept_with_a_leakage_warning(tmp_path, wor
 
 def render_context(data):
     """The report's context with empty sections besides `data` (only data is checked)."""
-    empty = report.Table([], [])
+    empty = Table([], [])
     return {"title": "t", "models": [], "data": data | {"figures": []}, "training": [],
             "training_table": empty,
             "comparison": {"table": empty, "paper": empty, "paper_title": "p", "rank_by": "k",
                            "best_model": "m", "best_score": "1", "margin": "n/a",
-                           "definitions": "", "cost_figure": report.Figure("c.png", "c", b"")},
+                           "definitions": "", "cost_figure": Figure("c.png", "c", b"")},
             "visual": {"best_model": "m", "chosen": empty, "figures": []},
             "lineage": {"rows": empty, "history": empty, "tags": empty, "command": "c",
                         "dirty": False, "audit_command": "c", "audits": empty,

@@ -11,15 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from liverseg.models import MODEL_NAMES, SegmentationModel, build_model  # noqa: E402
-from liverseg.models.blocks import (  # noqa: E402
-    ASPP,
-    FPA,
-    GAU,
-    ResidualUnit,
-    SpatialSoftmaxAttention,
-    SqueezeExcitation,
-)
+from liverseg.models import MODEL_NAMES, SegmentationModel, blocks, build_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -75,10 +67,10 @@ def test_training_step_updates_weights(name: str) -> None:
 
 
 SWITCHES = {
-    "se": SqueezeExcitation,
-    "aspp": ASPP,
-    "attention": SpatialSoftmaxAttention,
-    "residual": ResidualUnit,
+    "se": blocks.SqueezeExcitation,
+    "aspp": blocks.ASPP,
+    "attention": blocks.SpatialSoftmaxAttention,
+    "residual": blocks.ResidualUnit,
 }
 
 
@@ -95,7 +87,7 @@ def test_enhanced_pan_switch_removes_module(switch: str) -> None:
 
 def test_enhanced_pan_all_off_is_plain_pan_decoder() -> None:
     model = build_model("enhanced_pan", options=dict.fromkeys(SWITCHES, False))
-    assert _has(model, FPA) and _has(model, GAU)
+    assert _has(model, blocks.FPA) and _has(model, blocks.GAU)
     assert not any(_has(model, cls) for cls in SWITCHES.values())
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
@@ -105,7 +97,7 @@ def test_enhanced_pan_options_are_applied() -> None:
     model = build_model(
         "enhanced_pan", options={"decoder_channels": 32, "aspp_rates": [1, 2]}, classes=3
     )
-    aspp = next(m for m in model.modules() if isinstance(m, ASPP))
+    aspp = next(m for m in model.modules() if isinstance(m, blocks.ASPP))
     assert len(aspp.branches) == 3  # 1x1 + two atrous rates
     assert model.net.head.in_channels == 32
     with torch.no_grad():

@@ -86,7 +86,7 @@ def test_a_binary_mask_under_the_three_class_rule_is_quarantined(three_class, wo
 def test_three_class_model_trains_evaluates_registers_and_predicts(three_class, workdir, tmp_path):
     summary = train.run(three_class, "enhanced_pan")
     config = json.loads((workdir / "models/enhanced_pan/config.json").read_text())
-    assert config["num_classes"] == 3 and config["classes"] == list(THREE)
+    assert config["num_classes"] == 3 and config["preprocessing"]["classes"] == list(THREE)
     model, _ = predict.load(str(workdir / "models/enhanced_pan"))
     assert model.net.head.out_channels == 3  # softmax head: one logit per class
 

@@ -25,8 +25,8 @@ import pytest
 
 from pipeline.pacs import new_ct_studies, segment_study_job
 from pipeline.resources import MlflowResource, PacsResource
-from tests.conftest import wait_for_http
 from tests.dicom_series import write_series
+from tests.helpers import wait_for_http
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

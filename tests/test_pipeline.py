@@ -8,7 +8,7 @@ import pytest
 
 from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import asset_key
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def dvc_edges(root) -> set[tuple[str, str]]:

@@ -28,11 +28,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, sh, stop_process_group, tiny_raw_params
+from tests import helpers
+from tests.helpers import (
+    REPO,
+    free_port,
+    sh,
+    stop_process_group,
+    tiny_raw_params,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.fault
 
-VENV_BIN = Path(sys.executable).parent
 STAGES = ("ingest", "validate", "split")
 # Stands in for `liverseg` on PATH: runs the real stage but holds it just before it publishes
 # LIVERSEG_HOLD_AT (liverseg.io.atomic_dir's final os.replace), writes the temporary's path to
@@ -63,24 +70,16 @@ def write_params(root: Path, **overrides) -> None:
 
 
 def repo_env() -> dict[str, str]:
-    return os.environ | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-                         "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    return helpers.repo_env(OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1")
 
 
 @pytest.fixture(scope="module")
 def base_repo(tmp_path_factory) -> Path:
-    """What the data stages need, in a new git repo, after one clean `dvc repro split`."""
+    """The repository in a new git repo, after one clean `dvc repro split`."""
     root = tmp_path_factory.mktemp("faults") / "repo"
     root.mkdir()
-    for rel in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, root / rel)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root)
+    helpers.copy_repository(root, tiny_raw_params())
     env = repo_env()
-    git = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
-    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
-        sh(cmd, root, env)
     sh(["dvc", "repro", "split"], root, env, timeout=300)
     return root
 
@@ -216,12 +215,6 @@ def test_second_repro_in_the_same_workspace_is_refused_while_one_runs(repo):
 # -- a remote that is down ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_push_to_a_remote_that_is_down_fails_fast_and_keeps_the_cache(repo):
     root, env = repo
     port = free_port()  # closed again: nothing listens there
@@ -355,19 +348,6 @@ def listening(pgid: int) -> set[tuple[str, int]]:
     return found
 
 
-def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
-                assert b"dagster_webserver_version" in response.read()
-                return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"no answer from {url} in {timeout}s")
-
-
 def test_make_ui_listens_on_loopback_only(tmp_path):
     """Statically: no 0.0.0.0 in the Makefile; `make ui` and every UI command of the Makefile
     and README pass `-h 127.0.0.1`. Live: the `ui` recipe's command (another port) listens
@@ -391,7 +371,10 @@ def test_make_ui_listens_on_loopback_only(tmp_path):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        wait_for_server(f"http://127.0.0.1:{port}", proc)
+        info = f"http://127.0.0.1:{port}/server_info"
+        wait_for_http(info, proc, 120)
+        with urllib.request.urlopen(info, timeout=5) as response:
+            assert b"dagster_webserver_version" in response.read()
         sockets = listening(proc.pid)
         assert ("127.0.0.1", port) in sockets
         assert all(ipaddress.ip_address(host).is_loopback for host, _ in sockets), sockets

@@ -1,4 +1,4 @@
-"""`liverseg predict` and `liverseg export` with the champion of the shared tiny repro."""
+"""`liverseg predict` and `liverseg export` with the champion of the registered template."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -17,14 +16,6 @@ from liverseg.preprocess import Preprocessing, Served
 from liverseg.serving import export, predict
 
 CHAMPION = "models:/liverseg@champion"
-
-
-@pytest.fixture
-def registry(repo_copy, monkeypatch):
-    """Read-only use of the shared repro: its MLflow store and its raw slices."""
-    root, env = repo_copy
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    return root
 
 
 def _predict(*args) -> dict:

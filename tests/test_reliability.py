@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from liverseg import checkpoint, redact, tracking
+from liverseg import artifacts, checkpoint, redact, tracking
 from liverseg.stages import train
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.fault
 
@@ -99,10 +99,11 @@ def test_killed_training_resumes_to_the_uninterrupted_result(split_data, tiny_pa
         update={"epochs": 2, "image_size": 32})})
     workdir = split_data
     (workdir / "params.yaml").write_text(yaml.safe_dump(params.dump()))
-    reference = train.run(params, "enhanced_pan", models_dir="ref/models",
-                          history_dir="ref/training", checkpoint_dir="ref/checkpoints")
+    (workdir / "ref").mkdir()  # the uninterrupted run: its own outputs, the same data
+    (workdir / "ref/data").symlink_to(workdir / "data")
+    reference = train.run(params, "enhanced_pan", root="ref")
     steps = len(pd.read_csv(workdir / "data/splits/train.csv")) // params.train.batch_size
-    ckpt_dir = workdir / checkpoint.CHECKPOINT_ROOT / "enhanced_pan"
+    ckpt_dir = workdir / artifacts.CHECKPOINTS / "enhanced_pan"
 
     run_child(workdir, fault=f"step={steps + steps // 2 + 1}")  # in the middle of epoch 2
     epoch, run_id = saved_epoch(ckpt_dir)
@@ -117,7 +118,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(split_data, tiny_pa
     assert "resuming after epoch 1" in capfd.readouterr().out
     assert not ckpt_dir.exists()  # removed after success, half-written temporary included
     resumed = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
-    expected = pd.read_csv(workdir / "ref/training/enhanced_pan.csv")
+    expected = pd.read_csv(workdir / "ref/reports/training/enhanced_pan.csv")
     pd.testing.assert_frame_equal(resumed, expected, check_exact=True)
     weights = (workdir / "models/enhanced_pan/model.safetensors").read_bytes()
     assert weights == (workdir / "ref/models/enhanced_pan/model.safetensors").read_bytes()
@@ -182,8 +183,8 @@ def test_malicious_checkpoint_and_weights_are_refused(tmp_path, tiny_params):
 
     model_dir = tmp_path / "model"
     checkpoint.save_config(checkpoint.model_config(tiny_params, "enhanced_pan", 0.5, 0.2),
-                           model_dir / checkpoint.CONFIG)
-    (model_dir / checkpoint.WEIGHTS).write_bytes(pickle.dumps(RunsCode(marker)))
+                           model_dir / artifacts.CONFIG)
+    (model_dir / artifacts.WEIGHTS).write_bytes(pickle.dumps(RunsCode(marker)))
     with pytest.raises(checkpoint.UnsafeCheckpointError, match="not a valid safetensors"):
         checkpoint.load_model(model_dir)
     assert not marker.exists()  # nothing was executed
@@ -286,7 +287,7 @@ def test_unreachable_tracking_server_fails_fast_before_any_epoch(split_data, tin
     message = str(raised.value)
     assert "http://alice:***@127.0.0.1:9" in message and "unreachable" in message
     assert PASSWORD not in message
-    assert not (split_data / checkpoint.CHECKPOINT_ROOT).exists()
+    assert not (split_data / artifacts.CHECKPOINTS).exists()
     assert not (split_data / "models").exists()
 
 

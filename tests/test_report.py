@@ -16,7 +16,10 @@ import pytest
 from PIL import Image
 
 from liverseg.io import save_masks
+from liverseg.report.inputs import SPLIT_COLUMNS
+from liverseg.report.sections import COMPARISON_COLUMNS
 from liverseg.stages import report
+from tests.helpers import REPO
 
 MODELS = ["enhanced_pan", "unet_cbam"]
 SIZE = 64
@@ -53,7 +56,7 @@ def write_slices(raw: Path, split: str, patients: list[str], rng) -> pd.DataFram
             Image.fromarray(mask).save(raw / "masks" / f"{sid}.png")
             rows.append([sid, p, k, f"images/{sid}.png", f"masks/{sid}.png",
                          float((mask > 127).mean())])
-    return pd.DataFrame(rows, columns=report.SPLIT_COLUMNS)
+    return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
 
 
 def per_image_rows(truths: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -124,7 +127,7 @@ def workspace(tmp_path_factory) -> dict:
                                              index=False)
         metrics = metrics_row(model, i)
         write_json(reports / "metrics" / f"{model}.json", metrics)
-        rows.append({k: metrics.get(k) for k, _, _ in report.COMPARISON_COLUMNS}
+        rows.append({k: metrics.get(k) for k, _, _ in COMPARISON_COLUMNS}
                     | {"gflops": metrics["flops"] / 1e9})
     rows[1]["precision"] = float("nan")  # compare writes NaN (not null) for undefined values
     (reports / "comparison.json").write_text(json.dumps({
@@ -146,7 +149,7 @@ def workspace(tmp_path_factory) -> dict:
              "when": "2026-11-15T03:00:00+00:00", "why": "failed: fg_iou 0.4100 < 0.5"}]})
 
     params = make_params(MODELS)
-    summary = report.run(params, raw_dir=raw, splits_dir=splits, reports_dir=reports)
+    summary = report.run(params, root)
     return {"root": root, "raw": raw, "splits": splits, "reports": reports, "params": params,
             "summary": summary, "html": (reports / "report.html").read_text()}
 
@@ -236,17 +239,18 @@ def test_markdown(workspace):
 
 
 def test_missing_training_csv_names_the_file(workspace, tmp_path):
-    reports = tmp_path / "reports"
-    shutil.copytree(workspace["reports"], reports)
-    missing = reports / "training" / f"{MODELS[1]}.csv"
+    root = tmp_path / "copy"
+    shutil.copytree(workspace["root"], root)
+    missing = root / "reports" / "training" / f"{MODELS[1]}.csv"
     missing.unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        report.run(workspace["params"], raw_dir=workspace["raw"], splits_dir=workspace["splits"],
-                   reports_dir=reports)
+        report.run(workspace["params"], root)
 
 
 def test_report_module_does_not_import_heavy_stacks():
-    code = ("import sys, liverseg.stages.report; "
+    """Nor does validating params.yaml (every stage command does): model names need no torch."""
+    code = ("import sys, liverseg.stages.report; from liverseg.config import load_params; "
+            f"load_params({str(REPO / 'params.yaml')!r}); "
             "print(sorted({'torch', 'dagster', 'mlflow', 'dvc'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

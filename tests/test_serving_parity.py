@@ -22,8 +22,8 @@ from PIL import Image
 from liverseg import labels
 from liverseg.config import parse_params
 from liverseg.serving import predict
-from liverseg.stages import evaluate, ingest, split, train, validate
-from tests.conftest import tiny_raw_params
+from liverseg.stages import evaluate, run_data_stages, train
+from tests.helpers import tiny_raw_params
 
 MODEL = "enhanced_pan"
 MSD_SLICES = 16  # of four patients: enough for a patient split, seconds to train
@@ -38,8 +38,7 @@ def no_tracking(monkeypatch):
 def _pipeline(raw: dict) -> tuple[dict, pd.DataFrame]:
     """ingest -> validate -> split -> train -> evaluate in the cwd; (metrics, val split)."""
     params = parse_params(raw)
-    for stage in (ingest, validate, split):
-        stage.run(params)
+    run_data_stages(params)
     train.run(params, MODEL)
     evaluate.run(params, MODEL)
     metrics = json.loads(Path(f"reports/metrics/{MODEL}.json").read_text())

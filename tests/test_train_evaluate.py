@@ -9,7 +9,7 @@ import pytest
 
 from liverseg import checkpoint, tracking
 from liverseg.stages import compare, evaluate, register, train
-from tests.conftest import inside, tiny_raw_params
+from tests.helpers import inside, tiny_raw_params
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,9 @@ def test_train_writes_model_config_curves_and_mlflow_run(trained, tiny_params):
     model_dir = workdir / "models/enhanced_pan"
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"] == "enhanced_pan" and config["params"] == tiny_params.dump()
-    assert config["best_epoch"] == 1 and "mean" in config["normalisation"]
+    assert config["best_epoch"] == 1 and "mean" in config["preprocessing"]
+    # Each preprocessing fact once: in the block, not also at the top level.
+    assert not {"image_size", "normalisation", "threshold", "classes"} & set(config)
     history = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
     assert list(history.epoch) == [1]
     assert {"train_loss", "val_loss", "val_miou", "val_pixel_accuracy"} <= set(history.columns)
@@ -55,6 +57,23 @@ def test_training_is_reproducible_for_a_seed(trained, tiny_params):
     train.run(tiny_params, "enhanced_pan")
     second = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
     pd.testing.assert_frame_equal(first, second)
+
+
+def test_a_config_from_before_the_preprocessing_block_still_loads(trained):
+    """The old layout (size, normalisation, threshold, classes at the top level, no
+    `preprocessing`) reads back with the block today's training writes."""
+    workdir, _ = trained
+    model_dir = workdir / "models/enhanced_pan"
+    new = json.loads((model_dir / "config.json").read_text())
+    prep = new["preprocessing"]
+    old = {k: v for k, v in new.items() if k != "preprocessing"} | {
+        "classes": prep["classes"], "image_size": prep["image_size"],
+        "threshold": prep["threshold"],
+        "normalisation": {"mean": prep["mean"], "std": prep["std"], "scale": 255.0}}
+    (model_dir / "config.json").write_text(json.dumps(old))
+    assert checkpoint.read_config(model_dir)["preprocessing"] == prep
+    model, config = checkpoint.load_model(model_dir)
+    assert config["preprocessing"] == prep and sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_unlisted_model_is_refused(split_data, tiny_params):

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import tiny_raw_params
+from tests.helpers import tiny_raw_params
 
 BLOCKED = ["pandas", "mlflow", "dagster", "dvc", "great_expectations", "pyarrow", "nibabel",
            "matplotlib", "jinja2", "onnx", "onnxruntime", "typer", "kagglehub"]
