@@ -193,8 +193,7 @@ def collect(results: Path) -> None:
         facts = {"command": "python bench/gpu_quality.py pack; (device) python3 "
                             "bench/gpu_quality.py run; python bench/gpu_quality.py collect",
                  "preset": preset, "sets": sets, "models": models, "finished": finished,
-                 "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                          capture_output=True, text=True).stdout.strip(),
+                 "commit": quality.head_commit(),
                  "machine": json.loads((dest / "machine.json").read_text()),
                  "sec_per_epoch": f"every model of the batch training at once on one GPU "
                                   f"({len(codes)} runs): shared-GPU time, not one model's",

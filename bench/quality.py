@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 import yaml
 
+from liverseg import runner
+from liverseg.config import deep_merge
 from liverseg.metrics import paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +39,6 @@ RESULTS = REPO / "bench" / "results"
 COLUMNS = ["model", "fg_iou", "fg_iou_ci_low", "fg_iou_ci_high", "dice", "miou", "image_iou",
            "pixel_accuracy", "sec_per_epoch", "epochs", "params", "best_epoch", "gflops",
            "images_per_second"]
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
 
 
 def set_key(params: dict, assignment: str) -> None:
@@ -66,7 +60,7 @@ def preset_params(dataset: str, models: list[str] | None, epochs: int | None,
         raise SystemExit(f"unknown dataset {dataset!r}; bench/quality.yaml has "
                          f"{sorted(set(presets) - {'common'})}")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = merge(merge(params, presets["common"]), presets[dataset])
+    params = deep_merge(deep_merge(params, presets["common"]), presets[dataset])
     data_path = (REPO / params["data"]["path"]).resolve()
     if not data_path.exists():
         raise SystemExit(f"{data_path} not found: the benchmark reads ../shared/data")
@@ -81,18 +75,16 @@ def preset_params(dataset: str, models: list[str] | None, epochs: int | None,
 
 
 def head_commit() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return runner.git_checked("rev-parse", "HEAD", cwd=REPO).strip()
 
 
 def prepare_workdir(workdir: Path, params: dict, head: str | None = None) -> str:
     """A clone of REPO at `head` (default: HEAD now) with `params` as its params.yaml."""
     if not (workdir / ".git").exists():
-        subprocess.run(["git", "clone", "--quiet", str(REPO), str(workdir)], check=True)
+        runner.git_checked("clone", "--quiet", str(REPO), str(workdir), cwd=REPO)
     head = head or head_commit()
-    subprocess.run(["git", "-C", str(workdir), "fetch", "--quiet", str(REPO), head], check=True)
-    subprocess.run(["git", "-C", str(workdir), "checkout", "--quiet", "--force", head],
-                   check=True)
+    runner.git_checked("fetch", "--quiet", str(REPO), head, cwd=workdir)
+    runner.git_checked("checkout", "--quiet", "--force", head, cwd=workdir)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return head
 
@@ -176,7 +168,7 @@ def main() -> None:
     if args.folds:
         tables = []
         for fold in range(args.folds):
-            fold_params = merge(params, {"split": {"folds": args.folds, "fold": fold}})
+            fold_params = deep_merge(params, {"split": {"folds": args.folds, "fold": fold}})
             table, commit = run_pipeline(workdir.with_name(f"{workdir.name}-fold{fold}"),
                                          fold_params, head)
             tables.append(table.assign(fold=fold))
