@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -155,9 +154,8 @@ UNAUDITED_JOBS = {"retrain"}
 def run_audit(root: Path, ref: str, env: dict[str, str]) -> tuple[dict, str]:
     """`liverseg audit REF --json` in the repository (its own process: it trains); returns
     (the report, or {} when none came back; the end of stderr)."""
-    path = runner.tools_path()
-    proc = subprocess.run([sys.executable, "-m", "liverseg", "audit", ref, "--json"], cwd=root,
-                          env=os.environ | env | {"PATH": path}, capture_output=True, text=True)
+    proc = runner.run([sys.executable, "-m", "liverseg", "audit", ref, "--json"], cwd=root,
+                      env=os.environ | env | {"PATH": runner.tools_path()}, timeout=None)
     try:
         return json.loads(proc.stdout), proc.stderr[-2000:]
     except json.JSONDecodeError:

@@ -13,12 +13,12 @@ resource) and `LIVERSEG_PACS_POLL_SECONDS`.
 # No `from __future__ import annotations`: Dagster inspects the `context` type hint at runtime.
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 
+from liverseg import runner
 from liverseg.redact import redact
 from liverseg.serving import dicomweb
 from liverseg.serving.boundary import safe_name
@@ -35,9 +35,9 @@ def segment_one_study(context: dg.OpExecutionContext, pacs: PacsResource,
     study = context.partition_key
     out = Path(pacs.out_dir) / safe_name(study)
     cli = Path(sys.executable).parent / "liverseg"
-    proc = subprocess.run([str(cli), "predict", "--model", pacs.model, "--dicomweb", pacs.url,
-                           "--study", study, "--out", str(out)], capture_output=True, text=True,
-                          env=os.environ | mlflow.env())
+    proc = runner.run([str(cli), "predict", "--model", pacs.model, "--dicomweb", pacs.url,
+                       "--study", study, "--out", str(out)], env=os.environ | mlflow.env(),
+                      timeout=None)
     if proc.returncode not in (0, 2):  # 2: a series refused, the others done (its rows say)
         raise dg.Failure(description=redact(proc.stderr.strip().splitlines()[-1]
                                             if proc.stderr.strip() else "liverseg failed"),

@@ -15,6 +15,7 @@ from liverseg.offline import disable_telemetry
 from tests.helpers import (
     SHARED_DATA,
     copy_repository,
+    copy_workspace,
     e2e_raw_params,
     inside,
     repo_env,
@@ -104,7 +105,7 @@ def registry(registered_template, monkeypatch) -> Path:
 def registered(tmp_path, monkeypatch, registered_template) -> Path:
     """A private copy of the registered template, the working directory and MLflow store."""
     root = tmp_path / "registered"
-    shutil.copytree(registered_template, root, symlinks=True)
+    copy_workspace(registered_template, root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(root))
     return root
@@ -129,6 +130,6 @@ def repo_clone(repo_copy, tmp_path):
     reset to its commit: `dvc exp run` in another test may have edited params.yaml."""
     src, env = repo_copy
     root = tmp_path / "repo"
-    shutil.copytree(src, root, symlinks=True)
+    copy_workspace(src, root)
     sh(["git", "checkout", "-q", "HEAD", "--", "."], root, env)
     return root, env

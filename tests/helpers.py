@@ -53,6 +53,30 @@ def e2e_raw_params(**overrides) -> dict:
                                         overrides))
 
 
+# Where MLflow's SQLite store records absolute artifact locations.
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a template folder whose MLflow store (if any) records the copy's artifact
+    folders, not the template's: what a test logs (a run, a model card) stays in its copy."""
+    import sqlite3
+
+    shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True)
+    db = dst / "mlruns" / "mlflow.db"
+    if db.is_file():
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            for table, column in ARTIFACT_COLUMNS:
+                con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)",
+                            (str(src.resolve()), str(dst.resolve())))
+        if "mlflow" in sys.modules:  # MLflow caches each run's artifact folder, by run id
+            from mlflow.tracking._tracking_service import utils
+
+            utils._artifact_repos_cache.clear()
+    return dst
+
+
 def tracking_uri(root: Path) -> str:
     """The SQLite MLflow store of a folder, as the stages' default puts it."""
     return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"

@@ -7,7 +7,6 @@ import json
 import os
 import resource
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from liverseg import tracking
 from liverseg.serving import predict
 from liverseg.serving.boundary import Limits, Refused, check_grey_batch, check_hu, safe_name
-from tests.helpers import free_port, record_failure, wait_for_http
+from tests.helpers import copy_workspace, free_port, record_failure, wait_for_http
 
 CHAMPION = "models:/liverseg@champion"
 
@@ -236,7 +235,7 @@ def test_a_dagster_materialisation_keeps_the_password_out_of_its_trail(repo_copy
     from pipeline.resources import DvcResource, MlflowResource
 
     root = tmp_path / "repo"
-    shutil.copytree(repo_copy[0], root, symlinks=True)
+    copy_workspace(repo_copy[0], root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["register"]["min_dice"] = 0.001  # a changed param: DVC reruns register
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -49,7 +49,8 @@ def _best_is(root, model: str) -> None:
     path.write_text(json.dumps(comparison | {"best_model": model}))
 
 
-def test_champion_stays_against_a_worse_candidate_and_moves_for_a_better_one(registered):
+def test_champion_stays_against_a_worse_candidate_and_moves_for_a_better_one(
+        registered, registered_template):
     """The template's two training runs under a fresh registered-model name: the worse one
     is champion first, the better one is challenger while it must win by 1.0 and champion
     when the margin is 0; one version per run however often register reruns. (That the
@@ -85,6 +86,9 @@ def test_champion_stays_against_a_worse_candidate_and_moves_for_a_better_one(reg
     assert json.loads(tags["alias_event"]) == history[-1]
     assert {"params", "params_hash", "model_config", "metrics", "metric_fg_iou",
             "data_splits_md5", "model_md5", "validation_success"} <= set(tags)
+    # The cards went to the copy's artifact store: the shared template stays as it was.
+    assert len(list(root.rglob("liverseg_gate_test/v*/model_card.md"))) == 2
+    assert not list(registered_template.rglob("liverseg_gate_test"))
 
 
 def _repro_with(root, env, **sections) -> dict:

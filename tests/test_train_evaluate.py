@@ -9,7 +9,7 @@ import pytest
 
 from liverseg import checkpoint, tracking
 from liverseg.stages import compare, evaluate, register, train
-from tests.helpers import inside, tiny_raw_params
+from tests.helpers import copy_workspace, inside, tiny_raw_params
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def trained_template(split_template, tmp_path_factory):
 @pytest.fixture
 def trained(workdir, trained_template):
     template, summary = trained_template
-    shutil.copytree(template, workdir, dirs_exist_ok=True, symlinks=True)
+    copy_workspace(template, workdir)
     return workdir, summary
 
 
