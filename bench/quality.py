@@ -31,8 +31,8 @@ import torch
 import yaml
 
 from liverseg import runner
-from liverseg.config import deep_merge
 from liverseg.metrics import paired_difference
+from liverseg.params_dict import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

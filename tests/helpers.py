@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from liverseg.config import deep_merge
+from liverseg.params_dict import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -24,6 +24,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from liverseg import params_dict
 from liverseg.artifacts import CONFIG, WEIGHTS
 from liverseg.redact import install_log_redaction, redact
 
@@ -114,9 +115,7 @@ def start_run(mlf, run_name: str, run_id: str | None = None):
 
 def flatten(data: dict) -> dict[str, str]:
     """Nested params as MLflow's flat `a.b.c` keys, values as text."""
-    from liverseg.config import flatten as flat
-
-    return {key: str(value) for key, value in flat(data).items()}
+    return {key: str(value) for key, value in params_dict.flatten(data).items()}
 
 
 def log_model(mlf, model_dir: Path, example) -> str:

@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from liverseg import artifacts, runner
-from liverseg.config import param_changes
+from liverseg.params_dict import param_changes
 
 # The data outputs whose hashes identify what a model was trained and validated on.
 DATA_OUTPUTS = {"raw": ("ingest", artifacts.RAW), "manifest": ("validate", artifacts.MANIFEST),

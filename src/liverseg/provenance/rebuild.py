@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from liverseg import artifacts, runner, tracking
-from liverseg.config import param_changes
+from liverseg.params_dict import param_changes
 
 # Params sections that cannot change the rebuilt weights or metrics: which models are
 # compared, how they are ranked and registered, when the schedule runs.
