@@ -15,7 +15,6 @@ import dagster as dg
 
 from liverseg import runner
 from liverseg.artifacts import RUN, Artifacts
-from liverseg.data.layout import INDEX_NAME
 from liverseg.fanout.dvc_graph import Stage
 
 MODEL_METRICS = ("fg_iou", "miou", "dice", "pixel_accuracy", "precision", "recall",
@@ -54,7 +53,7 @@ def _run_metadata(run: dict, ui_url: str) -> dict:
 
 
 def _ingest(stage: Stage, art: Artifacts, ui_url: str) -> dict:
-    rows = csv_rows(art.raw / INDEX_NAME)
+    rows = csv_rows(art.raw_index)
     return {"slices": len(rows), "patients": len({r.get("patient_id") for r in rows})}
 
 
@@ -75,7 +74,7 @@ def _validate(stage: Stage, art: Artifacts, ui_url: str) -> dict:
 
 
 def _split(stage: Stage, art: Artifacts, ui_url: str) -> dict:
-    stats = read_json(art.splits / "stats.json")
+    stats = read_json(art.split_stats)
     meta = {k: stats[k] for k in ("mean", "std", "seed", "leakage_checked") if k in stats}
     for name in ("train", "val", "test"):
         part = stats.get(name)

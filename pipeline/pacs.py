@@ -60,14 +60,14 @@ def segment_study_job():
     segment_one_study()
 
 
-def _settled(instance: dg.DagsterInstance, study: str) -> bool:
-    """A run of the study succeeded or is under way: nothing to request."""
+def _settled(instance: dg.DagsterInstance) -> set[str]:
+    """Studies with a run that succeeded or is under way: nothing to request (one query)."""
     runs = instance.get_runs(filters=dg.RunsFilter(
-        job_name=segment_study_job.name, tags={"dagster/partition": study},
+        job_name=segment_study_job.name,
         statuses=[dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.STARTED,
                   dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
                   dg.DagsterRunStatus.STARTING]))
-    return bool(runs)
+    return {run.tags.get("dagster/partition") for run in runs}
 
 
 @dg.sensor(job=segment_study_job, minimum_interval_seconds=POLL_SECONDS,
@@ -82,7 +82,8 @@ def new_ct_studies(context: dg.SensorEvaluationContext, pacs: PacsResource):
         return dg.SkipReason(str(exc))  # the cursor stays: the next tick tries again
     known = set(json.loads(context.cursor or "[]"))
     new = [s for s in studies if s not in known]
-    wanted = [s for s in studies if not _settled(context.instance, s)]
+    settled = _settled(context.instance)
+    wanted = [s for s in studies if s not in settled]
     if not wanted and not new:
         return dg.SkipReason(f"no new CT study among {len(studies)}")
     return dg.SensorResult(

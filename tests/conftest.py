@@ -5,7 +5,6 @@ Plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -68,8 +67,7 @@ def split_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def split_data(workdir, split_template):
     """A tiny phantom dataset, ingested, validated and split in `workdir` (a copy)."""
-    shutil.copytree(split_template, workdir, dirs_exist_ok=True, symlinks=True)
-    return workdir
+    return copy_workspace(split_template, workdir)
 
 
 @pytest.fixture(scope="session")

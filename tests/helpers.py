@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from liverseg import runner
 from liverseg.params_dict import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-VENV_BIN = Path(sys.executable).parent
 E2E_MODELS = ["enhanced_pan", "unet_cbam"]
 GIT = ["git", "-c", "user.email=ci@liverseg", "-c", "user.name=ci"]
 
@@ -106,19 +106,16 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
 def repo_env(**extra: str) -> dict[str, str]:
     """This interpreter's bin (liverseg, dvc, dagster) first on PATH, no tracking server."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return env | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"} | extra
+    return env | {"PATH": runner.tools_path()} | extra
 
 
-def copy_repository(root: Path, raw_params: dict, files: list[str] | None = None) -> None:
-    """The repository's files (default: every tracked or unignored file but outputs) in
-    `root`, with `raw_params` as params.yaml and a Dagster home, committed to a new git repo."""
-    if files is None:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                                cwd=REPO, capture_output=True, text=True, check=True).stdout
-        files = [rel for rel in listed.split()
-                 if not rel.startswith(("dvc.lock", "reports/", "data/"))]
-    for rel in files:
-        if (REPO / rel).is_file():
+def copy_repository(root: Path, raw_params: dict) -> None:
+    """The repository's tracked and unignored files but outputs in `root`, with `raw_params`
+    as params.yaml and a Dagster home, committed to a new git repo."""
+    listed = runner.git_checked("ls-files", "--cached", "--others", "--exclude-standard",
+                                cwd=REPO)
+    for rel in listed.split():
+        if not rel.startswith(("dvc.lock", "reports/", "data/")) and (REPO / rel).is_file():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)
     (root / "params.yaml").write_text(yaml.safe_dump(raw_params))

@@ -29,6 +29,7 @@ REGISTRY = "reports/registry.json"
 MODEL_CARD = "reports/model_card"  # .md and .json
 REPORT, FIGURES = "reports/report", "reports/figures"  # .html and .md; the PNGs
 CONFIG, WEIGHTS, RUN = "config.json", "model.safetensors", "run.json"  # in a model folder
+RAW_INDEX, SPLIT_STATS = "slices.csv", "stats.json"  # in data/raw; in data/splits
 CHECKPOINTS = ".checkpoints"  # training state while a model trains: no DVC output
 
 
@@ -51,6 +52,7 @@ class Artifacts:
 
     raw, manifest, quarantine, splits = _at(RAW), _at(MANIFEST), _at(QUARANTINE), _at(SPLITS)
     validation, validation_docs = _at(VALIDATION), _at(VALIDATION_DOCS)
+    raw_index, split_stats = _at(f"{RAW}/{RAW_INDEX}"), _at(f"{SPLITS}/{SPLIT_STATS}")
     registry, figures = _at(REGISTRY), _at(FIGURES)
 
     # ------------------------------------------------------------------ per model
@@ -58,7 +60,8 @@ class Artifacts:
         return self.path(MODELS) / model
 
     def model_config(self, model: str) -> Path:
-        """Read and written by checkpoint (read_config upgrades older layouts)."""
+        """Written by train (checkpoint.save_config); read by checkpoint.read_config, which
+        upgrades older layouts."""
         return self.model_dir(model) / CONFIG
 
     def curve(self, model: str) -> Path:
@@ -90,13 +93,6 @@ class Artifacts:
 
     def write_metrics(self, model: str, metrics: dict) -> None:
         write_json(self.metrics(model), metrics)
-
-    def read_curve(self, model: str) -> list[dict[str, str]]:
-        """The curve's rows as text (train writes it with the csv module, without pandas)."""
-        import csv
-
-        with self.curve(model).open(newline="") as fh:
-            return list(csv.DictReader(fh))
 
     def write_curve(self, model: str, rows: list[dict]) -> None:
         """One row per epoch; NaN is written empty, as pandas writes it."""

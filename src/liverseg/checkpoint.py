@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from liverseg.artifacts import CONFIG, WEIGHTS
+from liverseg.artifacts import CONFIG, SPLIT_STATS, WEIGHTS
 from liverseg.io import atomic_path, sha256_file, write_json
 from liverseg.labels import out_channels
 from liverseg.models import SegmentationModel, build_model
@@ -123,7 +123,7 @@ def run_key(params, model_name: str, splits_dir: str | Path, raw_dir: str | Path
     continues a stale run. Data is identified by the split files, their normalisation
     stats and the raw index (cheap; pixel changes show in the stats).
     """
-    files = [Path(splits_dir) / n for n in ("train.csv", "val.csv", "stats.json")]
+    files = [Path(splits_dir) / n for n in ("train.csv", "val.csv", SPLIT_STATS)]
     files.append(Path(raw_dir) / "slices.csv")
     # world size: the LR schedule's length and the shards depend on the process count
     identity = {"format": STATE_FORMAT, "model": model_name, "params": params.dump(),

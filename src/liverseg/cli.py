@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from liverseg.offline import disable_telemetry
-from liverseg.provenance.comparison import DEFAULT_TOLERANCE
+from liverseg.provenance import DEFAULT_TOLERANCE
 from liverseg.redact import redact, redacted_errors
 
 disable_telemetry()  # before the stage's libraries are imported
@@ -140,9 +140,9 @@ def report(params: Path = PARAMS) -> None:
     _run("report", params)
 
 
-def _fail(command: str, exc: Exception) -> None:
+def _fail(command: str, exc: Exception, code: int = 1) -> None:
     typer.secho(f"liverseg {command}: {redact(str(exc))}", fg="red", err=True)
-    raise typer.Exit(1) from None
+    raise typer.Exit(code) from None
 
 
 def _print_trail(info: dict) -> None:
@@ -226,8 +226,7 @@ def audit(
             report = aud.audit(model_uri, Path(params).resolve().parent, tolerance, record,
                                keep)
     except (ValueError, MlflowException, TrackingUnavailable) as exc:
-        typer.secho(f"liverseg audit: {redact(str(exc))}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        _fail("audit", exc, code=2)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json
                else "\n".join(aud.summary(report)))
     if report.get("error"):
@@ -266,18 +265,17 @@ def predict(
     """
     from liverseg.serving import predict as pred
 
-    try:
-        with redacted_errors():
-            if bool(inputs) == bool(dicomweb) or (dicomweb and not (study or since)):
-                raise ValueError("give INPUTS, or --dicomweb URL with --study UID or --since "
-                                 "YYYYMMDD")
-            policy = pred.Policy(allow_nonfinite=allow_nonfinite, hu_check=hu_check)
-            if dicomweb:
-                from liverseg.serving import dicomweb as web
+    try:  # every exception is caught and redacted by _fail: no redacted_errors needed
+        if bool(inputs) == bool(dicomweb) or (dicomweb and not (study or since)):
+            raise ValueError("give INPUTS, or --dicomweb URL with --study UID or --since "
+                             "YYYYMMDD")
+        policy = pred.Policy(allow_nonfinite=allow_nonfinite, hu_check=hu_check)
+        if dicomweb:
+            from liverseg.serving import dicomweb as web
 
-                summary = web.run(model, dicomweb, study or [], out, since, policy)
-            else:
-                summary = pred.run(model, inputs, out, policy)
+            summary = web.run(model, dicomweb, study or [], out, since, policy)
+        else:
+            summary = pred.run(model, inputs, out, policy)
     except Exception as exc:  # no model, no inputs, a tracking server down: one line
         _fail("predict", exc)
     typer.echo(json.dumps(summary, indent=2, default=str))

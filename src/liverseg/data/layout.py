@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from liverseg import labels
+from liverseg.artifacts import RAW_INDEX
 from liverseg.io import save_png
 
-INDEX_NAME = "slices.csv"
+INDEX_NAME = RAW_INDEX  # the index of data/raw (liverseg.artifacts owns the name)
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liverseg import runner
+from liverseg.artifacts import RUN, Artifacts
 from liverseg.config import load_params
 from liverseg.fanout.dvc_graph import Stage, overlaps
 from liverseg.fanout.errors import FanoutError, WorkerFailed
@@ -342,7 +343,7 @@ def work(root: Path, item: dict, stages: dict[str, Stage], *, dvc: str, env: dic
         except FanoutError as exc:
             tail = "\n".join(log_file.read_text().splitlines()[-60:])
             raise WorkerFailed(model, str(exc).splitlines()[0], log_file, tail) from None
-        run_info = _read_run(ws / "models" / model / "run.json")
+        run_info = _read_run(Artifacts(ws).model_dir(model) / RUN)
         remove_workspace(root, ws)
     return {"model": model, "stages": done, "device": device or "cpu", "commit": commit,
             "log_file": str(log_file), "run": run_info}

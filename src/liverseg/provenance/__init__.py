@@ -5,3 +5,7 @@
 in `rebuild`, the verdicts in `comparison`) and `model_card` (the card written from the
 recorded facts).
 """
+
+# The audit's absolute tolerance on metrics and curve values when a GPU was involved. Here,
+# not in `comparison`, so the CLI's option default costs no import at start-up.
+DEFAULT_TOLERANCE = 0.01

@@ -31,9 +31,8 @@ from pathlib import Path
 from liverseg import tracking
 from liverseg.artifacts import CONFIG, WEIGHTS, Artifacts
 from liverseg.checkpoint import read_config
-from liverseg.provenance import lineage
+from liverseg.provenance import DEFAULT_TOLERANCE, lineage
 from liverseg.provenance.comparison import (
-    DEFAULT_TOLERANCE,
     compare_curves,
     compare_metrics,
     compare_weights,

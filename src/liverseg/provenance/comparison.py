@@ -17,7 +17,6 @@ from pathlib import Path
 from liverseg.provenance import lineage
 from liverseg.provenance.rebuild import AuditError
 
-DEFAULT_TOLERANCE = 0.01  # absolute, on metrics and curve values, when a GPU was involved
 TIMING_KEYS = {"images_per_second"}  # measured speed, not a property of the model
 
 

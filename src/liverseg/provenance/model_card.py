@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from liverseg.artifacts import SPLIT_STATS
 from liverseg.io import read_json, write_json, write_text
 
 GLOBAL = ("fg_iou", "dice", "miou", "precision", "recall", "pixel_accuracy")
@@ -147,7 +148,7 @@ def write(record: dict, model_dir: Path, metrics_path: Path, comparison: dict,
     from liverseg.checkpoint import read_config  # torch: only when a card is written
 
     card = facts(record, read_config(model_dir), _optional_json(metrics_path),
-                 comparison, validation, _optional_json(splits_dir / "stats.json"))
+                 comparison, validation, _optional_json(splits_dir / SPLIT_STATS))
     card["limitations"] = limitations(card)
     md = write_text(prefix.with_suffix(".md"), render(card))
     return md, write_json(prefix.with_suffix(".json"), card)

@@ -52,7 +52,7 @@ def load_inputs(models: list[str], art: Artifacts) -> Inputs:
     """Read every upstream output; a missing file raises FileNotFoundError naming it."""
     inputs = Inputs(
         validation=read_json(art.validation),
-        stats=read_json(art.splits / "stats.json"),
+        stats=read_json(art.split_stats),
         splits={s: read_csv(art.splits / f"{s}.csv", SPLIT_COLUMNS) for s in ("train", "val")},
         histories={m: read_csv(art.curve(m), TRAINING_COLUMNS) for m in models},
         metrics={m: art.read_metrics(m) for m in models},

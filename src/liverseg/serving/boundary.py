@@ -1,7 +1,9 @@
 """What the serving boundary refuses before any work (DESIGN rule 9).
 
-- `safe_name`: the one sanitiser for every name made from input data (UIDs, patient ids,
-  descriptions, file and folder names) before it touches a path.
+- `safe_name`: serving's sanitiser for every name made from input data (UIDs, patient ids,
+  descriptions, file and folder names) before it touches a path. (Ingest's slice ids come
+  from the older `data.layout.safe_stem`, same rule, another hash; merging them would
+  rename every slice in data/raw.)
 - `Limits`: sizes read from headers (NIfTI header, DICOM Rows/Columns, the REST array's
   shape) and refused before a pixel is decoded; each limit has a default that fits a
   24 GiB machine and an environment variable that changes it (`LIVERSEG_MAX_VOXELS`, ...).

@@ -205,6 +205,12 @@ def load_series(series: Series):
     return [_volume(series, [ds]) for ds in datasets], datasets
 
 
+def seg_description(model_name: str, model_version: str = "") -> str:
+    """What a liverseg SEG's SeriesDescription says: the model and its registry version (the
+    DICOMweb batch recognises its own SEGs by it)."""
+    return f"liverseg {model_name} {model_version}".strip()[:64]
+
+
 def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, ...],
               model_name: str, description: str | None = None) -> None:
     """A DICOM SEG of `mask` [slices, rows, columns] (class indices, slices in the order of
@@ -232,5 +238,5 @@ def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, 
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
         manufacturer_model_name=model_name, software_versions=liverseg.__version__,
         device_serial_number="none",
-        series_description=description or f"liverseg {model_name}")
+        series_description=description or seg_description(model_name))
     seg.save_as(path)

@@ -110,11 +110,6 @@ def series_of(client, url: str, study_uid: str) -> list[RemoteSeries]:
     return out
 
 
-def seg_description(model_name: str, model_version: str) -> str:
-    """What a liverseg SEG's SeriesDescription says: the model and its registry version."""
-    return f"liverseg {model_name} {model_version}".strip()[:64]
-
-
 def segmented(client, url: str, series: list[RemoteSeries], description: str) -> set[str]:
     """The series of a study that already hold a SEG written by this model version (its
     SeriesDescription), read from each such SEG's ReferencedSeriesSequence."""
@@ -175,7 +170,6 @@ def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
     archive, each predicted as a local series and its SEG stored back into its study; a
     series already holding a SEG from this model version is skipped. The archive down:
     `ArchiveUnavailable`, naming it."""
-    import shutil
     import tempfile
 
     from liverseg.serving import predict
@@ -185,11 +179,12 @@ def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
     client = connect(url)
     studies = list(studies) or ct_studies(client, url, since)
     predictor, outcomes = predict.start(model_ref, out_dir)
+    public = redact(url)  # once: the URL is the only part that can hold a credential
     for study in studies:
         remote = series_of(client, url, study)
         done_before = segmented(client, url, remote, predictor.seg_description)
         for series in remote:
-            where = redact(f"{url} study {study} series {series.uid}")
+            where = f"{public} study {study} series {series.uid}"
             if series.modality != "CT":
                 why = (f"modality {series.modality!r}, not CT (rule: modality CT)"
                        if series.modality != "SEG" else "a segmentation, not an image")
@@ -198,29 +193,26 @@ def run(model_ref: str, url: str, studies: list[str], out_dir: str | Path,
                 outcomes.add(outcome(where, "skipped", f"already holds a SEG from "
                                                     f"{predictor.seg_description!r}", "dicomweb"))
             else:
-                folder = Path(tempfile.mkdtemp(prefix=".dicomweb-", dir=out_dir))
-                try:
-                    for row in _predict_remote(client, url, series, folder, predictor,
+                with tempfile.TemporaryDirectory(prefix=".dicomweb-", dir=out_dir) as folder:
+                    for row in _predict_remote(client, url, series, Path(folder), predictor,
                                                out_dir, policy):
-                        outcomes.add(row | {"input": where} if row["kind"] == "dicom" else row)
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
+                        outcomes.add(row | {"input": where})
     return predict.summary(model_ref, outcomes) | {"studies": studies}
 
 
 def _predict_remote(client, url: str, series: RemoteSeries, folder: Path, predictor,
                     out_dir: Path, policy) -> list[dict]:
-    """One fetched series: its rows (scouts skipped by name), the SEG stored back."""
+    """One fetched series: its rows (the caller names their input), the SEG stored back."""
     from liverseg.serving import dicom, predict
     from liverseg.serving.inputs import Item, outcome
 
     try:
         files = fetch(client, url, series, folder, policy.limits)
     except Refused as exc:
-        return [outcome(series.uid, "refused", str(exc), "dicom")]
+        return [outcome("", "refused", str(exc), "dicom")]
     found = dicom.find_series(files, policy.limits)
-    rows = [outcome(f.name, "skipped", why, "dicom") for f, why in found.skipped]
-    rows += [outcome(f.name, "refused", why, "dicom") for f, why in found.refused]
+    rows = [outcome("", "skipped", why, "dicom") for _, why in found.skipped]
+    rows += [outcome("", "refused", why, "dicom") for _, why in found.refused]
     for s in found.series:
         name = f"{safe_name(series.study_uid)}/{safe_name(f'series-{s.number or s.uid}')}"
         row = predict.predict_item(predictor, Item(s, name), out_dir, policy)

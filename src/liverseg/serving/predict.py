@@ -105,12 +105,11 @@ def model_identity(ref: str, config: dict) -> dict:
     uri = model_uri(ref)
     if uri.startswith("runs:/"):
         out["model_run"] = uri.split("/")[1]
-    elif match := re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", uri):
+    elif re.fullmatch(r"models:/[^/@]+(/\d+|@.+)", uri):  # a registered version
         from liverseg import tracking
+        from liverseg.provenance.lineage import resolve_version
 
-        client, (name, number, alias) = tracking.mlflow().MlflowClient(), match.groups()
-        version = (client.get_model_version(name, number) if number
-                   else client.get_model_version_by_alias(name, alias))
+        version = resolve_version(tracking.mlflow().MlflowClient(), uri)
         out["model_version"], out["model_run"] = str(version.version), version.run_id or ""
     return out
 
@@ -344,13 +343,11 @@ def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy
 
 
 def start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
-    from liverseg.serving.dicomweb import seg_description
-
     model, config = load(model_ref)
     identity = model_identity(model_ref, config)
     version = identity["model_version"] or identity["model_run"][:8]
-    predictor = Predictor(model, config, seg_description=seg_description(config["model"],
-                                                                         version))
+    predictor = Predictor(model, config,
+                          seg_description=dicom.seg_description(config["model"], version))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return predictor, Outcomes(out_dir, identity)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from liverseg import labels
-from liverseg.artifacts import Artifacts
+from liverseg.artifacts import SPLIT_STATS, Artifacts
 from liverseg.config import Params
 from liverseg.data import slice_cache
 from liverseg.io import atomic_dir, write_json
@@ -209,5 +209,5 @@ def run(params: Params, root: str | Path = ".") -> dict:
             slice_cache.load_input(Path(raw_dir), row)
             for row in splits["train"].to_dict("records"))
         mean, std = pixel_stats(train_images)
-        write_json(tmp / "stats.json", {"mean": mean, "std": std} | stats)
+        write_json(tmp / SPLIT_STATS, {"mean": mean, "std": std} | stats)
     return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}

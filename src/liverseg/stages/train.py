@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from liverseg import checkpoint, distributed, labels, redact, tracking
-from liverseg.artifacts import CHECKPOINTS, CONFIG, RUN, WEIGHTS, Artifacts
+from liverseg.artifacts import CHECKPOINTS, RUN, WEIGHTS, Artifacts
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset, train_augmentation
 from liverseg.io import atomic_path, read_json, write_json
@@ -216,11 +216,11 @@ def _train(params: Params, model_name: str, art: Artifacts) -> dict:
     ctx = distributed.setup(cfg.device)
     # First: an unreachable server fails before any real work. Only rank 0 talks to MLflow.
     mlf = tracking.mlflow() if ctx.is_main and tracking.enabled() else None
-    stats = read_json(splits_dir / "stats.json")
+    stats = read_json(art.split_stats)
     classes = labels.classes_of(stats)
     if len(classes) != params.model.num_classes:
         raise ValueError(f"model.num_classes is {params.model.num_classes} but the split's data "
-                         f"has {len(classes)} classes {list(classes)} ({splits_dir}/stats.json); "
+                         f"has {len(classes)} classes {list(classes)} ({art.split_stats}); "
                          "rerun ingest and split with the matching data.target")
     generator = seed_everything(params.seed)
     rt = make_runtime(cfg, ctx)
@@ -330,7 +330,7 @@ def _finish(mlf, active, params: Params, model_name: str, state: dict, art: Arti
                                      labels.classes_of(stats))
     config |= {"best_epoch": best["epoch"], "best_val_fg_iou": best["val_fg_iou"],
                "train_seconds": round(seconds, 1), "device": str(device)}
-    checkpoint.save_config(config, out_dir / CONFIG)
+    checkpoint.save_config(config, art.model_config(model_name))
     art.write_curve(model_name, state["history"])
     if mlf is None:
         return {"run_id": None, "model_uri": None, "tracking": "off"}
