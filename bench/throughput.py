@@ -3,8 +3,9 @@
 Measures side by side in one process and prints ratios:
   - training images/s (forward + backward + AdamW step, fixed steps after warm-up) of the
     Enhanced PAN and smp's plain PAN, same encoder, at 128 and 256 px, batch 8;
-  - the data pipeline (PNG decode or the decoded-slice cache, + albumentations +
-    normalisation) in images/s against what the Enhanced PAN consumes in training at 128 px;
+  - the data pipeline (a slice read from its case file, or from a memory-mapped array as
+    the old decoded cache served it, + resize + albumentations + normalisation) in images/s,
+    for slices stored at 512 px, against what the Enhanced PAN consumes in training at 128 px;
   - inference of the Enhanced PAN at 128 px, batch 8: torch eager against ONNX Runtime (CPU),
     same inputs, outputs compared;
   - with `--workspace DIR` (a workspace where the pipeline has run): `dvc repro` with nothing
@@ -30,7 +31,6 @@ import torch
 from liverseg.config import Params
 from liverseg.data import phantom
 from liverseg.data.dataset import SliceDataset, train_augmentation
-from liverseg.io import save_png
 from liverseg.models import build_model
 
 RESULTS = Path(__file__).with_name("results")
@@ -54,33 +54,54 @@ def train_throughput(name: str, size: int, batch: int, steps: int, warmup: int) 
     return steps * batch / (time.perf_counter() - start)
 
 
-def data_throughput(n: int, size: int) -> dict[str, float]:
-    """Decoded + augmented images/s, single process (num_workers=0): from PNG files, and
-    from the split stage's memory-mapped decoded-slice cache."""
-    from liverseg.data import slice_cache
+def data_throughput(n: int, stored: int, size: int) -> dict[str, float]:
+    """Read + resized + augmented images/s at `size` px, single process (num_workers=0), of
+    `n` phantom slices stored at `stored` px: from their case files (the loader training
+    uses) and from a memory-mapped uint8 array of the same slices (the decoded `.npy` cache
+    that split wrote before the case store, as `np.load(mmap_mode="r")` served it)."""
+    from liverseg import casestore
+    from liverseg.data.layout import CaseWriter
+
+    class MappedCache(SliceDataset):
+        def __init__(self, *args, images, masks, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.images, self.masks = images, masks
+
+        def stored(self, i):
+            return np.array(self.images[i]), np.array(self.masks[i]) // 255
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "images").mkdir()
-        (root / "masks").mkdir()
-        rows = []
-        for i, sl in enumerate(phantom.generate(max(n // 10, 1), 10, size, 3, 12.0, 0)):
-            save_png(root / f"images/{i}.png", sl.image)
-            save_png(root / f"masks/{i}.png", (sl.labels == phantom.TUMOUR).astype(np.uint8) * 255)
-            rows.append(f"{i},p,{i},images/{i}.png,masks/{i}.png,0,{size},{size}\n")
-        (root / "split.csv").write_text(
-            "slice_id,patient_id,slice_index,image,mask,fg_fraction,height,width\n"
-            + "".join(rows))
+        rows, slices = [], list(phantom.generate(max(n // 10, 1), 10, stored, 3, 12.0, 0))
+        for p in range(0, len(slices), 10):
+            writer = CaseWriter(f"p{p}", "phantom")
+            for sl in slices[p:p + 10]:
+                row = writer.add(f"{p}_{sl.slice_index}", f"p{p}", sl.slice_index, sl.image,
+                                 sl.labels == phantom.TUMOUR)
+                rows.append(row)
+            casestore.write_case(root / casestore.case_file(f"p{p}"), writer.stacked(),
+                                 {"rows": writer.rows, "facts": {}})
+        pd.DataFrame(rows).to_csv(root / "split.csv", index=False)
+        images = np.lib.format.open_memmap(root / "images.npy", "w+", np.uint8,
+                                           (len(slices), stored, stored))
+        masks = np.lib.format.open_memmap(root / "masks.npy", "w+", np.uint8, images.shape)
+        for i, row in enumerate(rows):
+            images[i] = casestore.read(root, row["image"])
+            masks[i] = casestore.read(root, row["mask"], "mask")
+        images.flush()
+        masks.flush()
+        args = (root / "split.csv", root, size, 0.2, 0.2, train_augmentation(0))
+        datasets = {"case_files": SliceDataset(*args), "mapped_npy": MappedCache(
+            *args, images=np.load(root / "images.npy", mmap_mode="r"),
+            masks=np.load(root / "masks.npy", mmap_mode="r"))}
         out = {}
-        for source, use_cache in (("png", False), ("cache", True)):
-            if use_cache:
-                slice_cache.write(pd.read_csv(root / "split.csv"), root, root / "split.csv")
-            ds = SliceDataset(root / "split.csv", root, size, 0.2, 0.2, train_augmentation(0),
-                              use_cache=use_cache)
+        for name, ds in datasets.items():
+            ds[0]  # open the file once before timing
             start = time.perf_counter()
             for i in range(len(ds)):
                 ds[i]
-            out[source] = len(ds) / (time.perf_counter() - start)
+            out[name] = len(ds) / (time.perf_counter() - start)
+        casestore.close_all()
         return out
 
 
@@ -171,8 +192,12 @@ def main() -> None:
         ratio = t[f"enhanced_pan@{size}"] / t[f"pan@{size}"]
         results["ratios"][f"enhanced_pan/pan@{size}"] = round(ratio, 3)
         print(f"  ratio enhanced_pan / pan at {size}px: {ratio:.2f}")
-    loader = data_throughput(40 if args.quick else 200, 128)
+    loader = data_throughput(40 if args.quick else 200, 512, 128)
     consume = results["train_images_per_s"]["enhanced_pan@128"]
+    ratio = loader["case_files"] / loader["mapped_npy"]
+    results["ratios"]["data_case_files/mapped_npy@128"] = round(ratio, 3)
+    print(f"data pipeline, slices stored at 512px: case files / memory-mapped array = "
+          f"{ratio:.3f}")
     for source, ips in loader.items():
         results[f"data_images_per_s@128_{source}"] = round(ips, 1)
         results["ratios"][f"data_supply_{source}/enhanced_pan_consumption@128"] = round(

@@ -6,7 +6,6 @@ Both are STOPPED by default, like the schedule: a team turns them on in the UI
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -14,40 +13,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from liverseg.config import PATH_SOURCES, load_params
+from liverseg.config import load_params
+from liverseg.data.listing import fingerprint
 from liverseg.redact import redact
 from pipeline.resources import REPO_ROOT, DvcResource
 from pipeline.schedules import retrain_job
 
 
-def _files(path: Path) -> list[tuple[str, int, int]]:
-    """(relative name, size, mtime) of every file under `path` (or of `path` itself)."""
-    if path.is_file():
-        st = path.stat()
-        return [(path.name, st.st_size, st.st_mtime_ns)]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            st = full.stat()
-            out.append((full.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
-    return out
-
-
 def source_fingerprint(root: Path) -> str:
-    """What ingest reads, hashed: params `seed` + `data` (the phantom, a pinned Kaggle
-    version) and, for folder/archive/nifti sources, the names, sizes and mtimes of the files
-    under data.path. Cheap (no file contents read), so the sensor can tick every minute;
-    DVC's md5 of data/raw stays the exact record of what was ingested."""
-    params = load_params(root / "params.yaml")
-    data = params.data
-    state: dict = {"seed": params.seed, "data": data.model_dump(mode="json")}
-    if data.source in PATH_SOURCES and data.path:
-        path = (root / Path(data.path).expanduser()).resolve()
-        state["files"] = _files(path) if path.exists() else f"missing: {path}"
-    blob = json.dumps(state, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """What ingest reads, hashed (`liverseg.data.listing`, the `source` stage's own listing):
+    params `seed` + `data` and the names, sizes and MD5s of the files under data.path, each
+    file read once (then known by its stat), so the sensor can tick every minute."""
+    return fingerprint(load_params(root / "params.yaml"), root)
 
 
 @dg.sensor(name="data_source_changed", job=retrain_job, minimum_interval_seconds=60,

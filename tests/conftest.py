@@ -19,6 +19,7 @@ from tests.helpers import (
     inside,
     repo_env,
     sh,
+    slice_pngs,
     tiny_raw_params,
     tracking_uri,
 )
@@ -75,7 +76,8 @@ def registered_template(tmp_path_factory) -> Path:
     """The pipeline's stages run in-process once, as `dvc repro` of repo_copy runs them (the
     same params): data, two models trained and evaluated, compared, the best registered as
     champion in an SQLite MLflow store in the folder. Without git or dvc.lock: tests of
-    what needs DVC use repo_copy."""
+    what needs DVC use repo_copy. `slices/` holds its stored slices as PNG files, the
+    inputs a user would hand `liverseg predict`."""
     from liverseg.config import parse_params
     from liverseg.stages import compare, evaluate, register, run_data_stages, train
 
@@ -89,6 +91,7 @@ def registered_template(tmp_path_factory) -> Path:
             evaluate.run(params, model)
         compare.run(params)
         register.run(params)
+        slice_pngs(root / "data/raw", root / "slices")
     return root
 
 

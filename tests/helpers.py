@@ -174,3 +174,44 @@ def record_failure(instance, result) -> None:
         dagster_run=result.dagster_run, dagster_event=result.get_run_failure_event(),
     ).for_run_failure()
     record_run_failure(context)
+
+
+def rewrite_slot(raw: Path, ref: str, image=None, mask=None) -> None:
+    """Replace one stored slot's grey image and/or stored mask in its case file: a new file
+    in place of the old one (the store's file it was linked to stays intact), as a user who
+    edits data/raw would leave it."""
+    from liverseg import casestore
+
+    at = casestore.SliceRef.parse(ref)
+    path = raw / at.case_file
+    casestore.close_all()
+    groups, record = casestore.read_case(path)
+    images, masks = groups[at.group]
+    for array, new in ((images, image), (masks, mask)):
+        if new is not None:
+            array[at.index] = new
+    casestore.write_case(path, groups, record)
+
+
+def slice_pngs(raw: Path, dest: Path, count: int | None = None) -> list[Path]:
+    """The first `count` stored slices of data/raw as PNG files in `dest` (what a user
+    would hand `liverseg predict`), named by slice id."""
+    import pandas as pd
+    from PIL import Image
+
+    from liverseg import casestore
+
+    index = pd.read_csv(raw / "slices.csv", keep_default_na=False)
+    rows = index[index["image"] != ""].head(count) if count else index[index["image"] != ""]
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in rows.itertuples():
+        paths.append(dest / f"{row.slice_id}.png")
+        Image.fromarray(casestore.read(raw, row.image)).save(paths[-1])
+    return paths
+
+
+def without_cases(summary: dict) -> dict:
+    """An ingest summary without its `cases` counts (how many were made or reused, by how
+    many workers: they depend on the store and the machine)."""
+    return {k: v for k, v in summary.items() if k != "cases"}

@@ -9,7 +9,8 @@ from tests.helpers import REPO
 def test_dvc_yaml_deps_and_outs_are_the_artifacts_paths():
     stages = load_stages(REPO)
     assert {s.group for s in stages.values()} == {
-        "ingest", "validate", "split", "train", "evaluate", "compare", "register", "report"}
+        "source", "ingest", "validate", "split", "train", "evaluate", "compare", "register",
+        "report"}
     for name, stage in stages.items():
         model = name.partition("@")[2]
         deps, outs = stage_io(stage.group, model)

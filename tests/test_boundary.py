@@ -188,7 +188,7 @@ def test_pyfunc_refuses_outside_its_contract_and_serves_inside(registry):
 
 
 def test_a_normal_predict_prints_no_third_party_warning(registry, tmp_path):
-    images = sorted((registry / "data/raw/images").glob("*.png"))[:2]
+    images = sorted((registry / "slices").glob("*.png"))[:2]
     cli = Path(sys.executable).parent / "liverseg"
     proc = subprocess.run([str(cli), "predict", "--model", CHAMPION, *map(str, images),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
@@ -209,7 +209,7 @@ def test_no_command_prints_the_tracking_password(registered, tmp_path):
                                                f"{free_port()}",
                         "LIVERSEG_TRACKING_TIMEOUT": "2"}
     cli = str(Path(sys.executable).parent / "liverseg")
-    image = next((root / "data/raw/images").glob("*.png"))
+    image = next((root / "slices").glob("*.png"))
     for args in (["evaluate", "enhanced_pan"], ["register"], ["lineage", CHAMPION],
                  ["predict", "--model", CHAMPION, str(image), "--out", str(tmp_path / "o")]):
         proc = subprocess.run([cli, *args], cwd=root, env=env, capture_output=True,
@@ -326,7 +326,7 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read()
 
-        images = sorted((registry / "data/raw/images").glob("*.png"))[:4]
+        images = sorted((registry / "slices").glob("*.png"))[:4]
         predict.run(CHAMPION, images, tmp_path / "pred")
         rows = pd.read_csv(tmp_path / "pred/predictions.csv")
         bodies = [json.dumps({"inputs": np.asarray(Image.open(p), np.float32)[None, None]

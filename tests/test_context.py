@@ -2,8 +2,8 @@
 input channels, the same stack in training, evaluate, predict and ONNX.
 
 The parity test crops 24 slices of the real LiTS volume and clears the liver label on its
-first three, so with `slices: organ` their images are context only (`data/raw/context/`)
-and the last row's neighbour repeats the volume's edge.
+first three, so with `slices: organ` training does not sample them (they are stored, and
+serve as context and in evaluation), and the last row's neighbour repeats the volume's edge.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from liverseg import casestore
 from liverseg.config import ConfigError, parse_params
-from liverseg.data import slice_cache
-from liverseg.io import load_gray
+from liverseg.data.dataset import SliceDataset
 from liverseg.preprocess import context_stack
 from liverseg.serving import export, predict
 from liverseg.stages import evaluate, run_data_stages, train
-from tests.helpers import tiny_raw_params
+from tests.helpers import slice_pngs, tiny_raw_params
 
 MODEL = "enhanced_pan"
 
@@ -56,12 +56,13 @@ def test_phantom_rows_name_their_neighbours(workdir):
     train_rows = pd.read_csv("data/splits/train.csv")
     first = train_rows[train_rows.slice_index == 0].iloc[0]
     pid = first.patient_id
-    assert first.context.split("|") == [f"images/{pid}_0000.png", f"images/{pid}_0000.png",
-                                        f"images/{pid}_0001.png"]
-    images, _ = slice_cache.open_cache("data/splits/train.csv", len(train_rows))
-    assert images.shape == (len(train_rows), 3, 64, 64)
-    i = int(first.name)
-    np.testing.assert_array_equal(images[i, 2], load_gray(f"data/raw/images/{pid}_0001.png"))
+    slot = f"cases/{pid}.h5#64x64/"
+    assert first.context.split("|") == [slot + "0", slot + "0", slot + "1"]
+    dataset = SliceDataset("data/splits/train.csv", "data/raw", 64, 0.0, 1.0)
+    stack, _ = dataset.stored(int(first.name))
+    assert stack.shape == (3, 64, 64)
+    np.testing.assert_array_equal(stack[2], casestore.read("data/raw", slot + "1"))
+    np.testing.assert_array_equal(stack[0], casestore.read("data/raw", first.image))
 
 
 def _cropped_lits(shared: Path, dest: Path) -> Path:
@@ -87,9 +88,13 @@ def test_context_model_predicts_what_evaluate_measured(workdir, shared_data, tmp
         model={"in_channels": 3}, split={"group_by": "slab", "val_fraction": 0.25}))
     run_data_stages(params)
     index = pd.read_csv("data/raw/slices.csv", keep_default_na=False)
-    assert index.slice_index.min() == 3 and index.slice_index.max() == 23
-    first, last = index.iloc[0], index.iloc[-1]
-    assert first.context.split("|")[0] == "context/117_0002.png"
+    assert index.slice_index.tolist() == list(range(24))  # every slice stored...
+    sampled = index[index.sampled]
+    assert sampled.slice_index.min() == 3  # ... the liver-free three not sampled
+    train_rows = pd.read_csv("data/splits/train.csv")
+    assert train_rows.sampled.all() and 0 not in train_rows.slice_index.tolist()
+    first, last = sampled.iloc[0], index.iloc[-1]
+    assert first.context.split("|")[0] == index.image.iloc[2]  # a stored, unsampled slice
     assert last.context.split("|")[1:] == [last.image, last.image]  # the edge repeats
     train.run(params, MODEL)
     evaluate.run(params, MODEL)
@@ -106,8 +111,8 @@ def test_context_model_predicts_what_evaluate_measured(workdir, shared_data, tmp
     assert [tp, fp, fn] == per_image[["tp", "fp", "fn"]].sum().tolist()
     assert abs(tp / (tp + fp + fn) - metrics["fg_iou"]) < 1e-9
 
-    refused = predict.run(f"models/{MODEL}", [Path("data/raw") / index.image.iloc[0]],
-                          tmp_path / "pred2d")  # a 2D image: its row says why, no mask
+    png = slice_pngs(Path("data/raw"), tmp_path / "png", 1)
+    refused = predict.run(f"models/{MODEL}", png, tmp_path / "pred2d")  # 2D: says why
     assert refused["refused"] == 1 and "give it a volume" in refused["refusals"][0]
     onnx = export.export_onnx(f"models/{MODEL}", tmp_path / "model.onnx")
     assert onnx["input"][1] == 3 and onnx["max_abs_diff"] <= 1e-4

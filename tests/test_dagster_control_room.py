@@ -155,11 +155,12 @@ def _validation(quarantined: int, n: int = 20, unattributed: bool = False) -> di
 
 @pytest.mark.parametrize("case, validation, val_patients, ran", [
     # 5 of 20 quarantined > max_quarantine_fraction 0.1: the suite failed beyond policy.
-    ("suite failed", _validation(5), ("p2",), ["ingest", "validate"]),
+    ("suite failed", _validation(5), ("p2",), ["source", "ingest", "validate"]),
     # A rule failed without naming slices: nothing could be quarantined.
-    ("unattributed", _validation(0, unattributed=True), ("p2",), ["ingest", "validate"]),
+    ("unattributed", _validation(0, unattributed=True), ("p2",),
+     ["source", "ingest", "validate"]),
     # Patient p1 is in train and val.
-    ("leakage", _validation(0), ("p1", "p2"), ["ingest", "validate", "split"]),
+    ("leakage", _validation(0), ("p1", "p2"), ["source", "ingest", "validate", "split"]),
 ])
 def test_a_failing_blocking_check_stops_everything_downstream(tmp_path, case, validation,
                                                               val_patients, ran):

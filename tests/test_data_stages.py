@@ -1,24 +1,31 @@
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from liverseg.io import load_gray
+from liverseg import casestore
+from liverseg.data import phantom
 from liverseg.stages import ingest, split, validate
 from liverseg.stages.split import LeakageError, check_no_leakage
 from liverseg.stages.validate import ValidationFailed
+from tests.helpers import rewrite_slot, without_cases
 
 
-def test_ingest_writes_the_layout(workdir, tiny_params):
+def test_ingest_writes_one_case_file_per_patient(workdir, tiny_params):
     summary = ingest.run(tiny_params)
     index = pd.read_csv("data/raw/slices.csv", dtype={"patient_id": str})
-    assert summary == {"source": "phantom", "classes": ["background", "tumour"], "slices": 24,
-                       "patients": 6} and len(index) == 24
-    mask = np.asarray(Image.open("data/raw/" + index["mask"][0]))
+    assert without_cases(summary) == {"source": "phantom", "classes": ["background", "tumour"],
+                                      "slices": 24, "sampled": 24, "patients": 6}
+    assert summary["cases"] | {"workers": 0} == {"total": 6, "ingested": 6, "reused": 0,
+                                                 "workers": 0}
+    assert len(index) == 24 and sorted(p.name for p in workdir.glob("data/raw/**/*.*")) == \
+        sorted([f"phantom{p:03d}.h5" for p in range(6)] + ["classes.json", "slices.csv"])
+    mask = casestore.read("data/raw", index["mask"][0], "mask")
     assert set(np.unique(mask)) <= {0, 255} and mask.shape == (64, 64)
+    # The stored slices are the phantom's own, bit for bit.
+    first = next(phantom.generate(6, 4, 64, 4, 12.0, tiny_params.seed))
+    np.testing.assert_array_equal(casestore.read("data/raw", index["image"][0]), first.image)
     pairs = zip(index.slice_id, index.patient_id, strict=True)
     assert all(sid.startswith(pid) for sid, pid in pairs)
     assert not [p for p in workdir.glob("data/.raw*")]  # no temporary left behind
@@ -35,9 +42,10 @@ def test_validate_accepts_clean_data_and_counts_reconcile(split_data):
 
 def _break_dataset(raw):
     index = pd.read_csv(raw / "slices.csv", dtype={"patient_id": str})
-    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(raw / index["mask"][0])  # not binary
-    shutil.copy(raw / index["image"][1], raw / index["image"][2])  # duplicate content
-    (raw / index["mask"][3]).unlink()  # mask missing
+    rewrite_slot(raw, index["mask"][0], mask=np.full((64, 64), 7, np.uint8))  # not binary
+    rewrite_slot(raw, index["image"][2], image=casestore.read(raw, index["image"][1]))  # twice
+    index.loc[3, "mask"] = index["mask"][3].rsplit("/", 1)[0] + "/99"  # a slot not there
+    index.to_csv(raw / "slices.csv", index=False)
     return index
 
 
@@ -77,10 +85,11 @@ def test_split_is_grouped_deterministic_and_has_stats(split_data, tiny_params):
     val = pd.read_csv(split_data / "data/splits/val.csv", dtype={"patient_id": str})
     stats = json.loads((split_data / "data/splits/stats.json").read_text())
     assert not set(train.patient_id) & set(val.patient_id)
-    assert len(train) + len(val) == 24 and val.patient_id.nunique() == 3  # ceil(0.34 * 6)
-    # Read from the decoded cache; equal to the train PNGs' own pixel statistics.
-    pixels = np.concatenate([load_gray(split_data / "data/raw" / rel).ravel()
-                             for rel in train.image]) / 255.0
+    assert len(train) + len(val) == 24 and val.patient_id.nunique() >= 1
+    # Equal to the train slices' own pixel statistics, read from the case files directly.
+    pixels = np.concatenate([casestore.read_case(path)[0]["64x64"][0].ravel()
+                             for path in sorted((split_data / "data/raw/cases").glob("*.h5"))
+                             if path.stem in set(train.patient_id)]) / 255.0
     assert stats["mean"] == pytest.approx(pixels.mean(), abs=1e-12)
     assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
     before = val.slice_id.tolist()
@@ -102,18 +111,21 @@ def test_leakage_check_catches_identical_image_content():
         check_no_leakage({"train": a, "val": b})
 
 
-def test_assign_patients_stratifies_and_fills_a_test_split():
-    patients = [f"p{i:02d}" for i in range(20)]
-    positive = {p: i < 8 for i, p in enumerate(patients)}  # 8 with tumour, 12 without
-    side = split.assign_patients(patients, 0.25, 1, test_fraction=0.25, strata=positive)
-    counts = pd.Series(side).value_counts().to_dict()
-    assert counts == {"train": 10, "val": 5, "test": 5}
-    for name in ("train", "val", "test"):  # every split gets positives and negatives
-        members = [p for p, s in side.items() if s == name]
-        assert 0 < sum(positive[p] for p in members) < len(members), name
-    assert side == split.assign_patients(patients, 0.25, 1, 0.25, positive)
-    with pytest.raises(ValueError, match="cannot fill"):
-        split.assign_patients(patients[:2], 0.5, 1, test_fraction=0.5)
+def test_a_patients_side_never_moves_when_patients_arrive_or_leave():
+    patients = [f"p{i:03d}" for i in range(200)]
+    side = split.assign_patients(patients, 0.25, 1, test_fraction=0.1)
+    counts = pd.Series(side).value_counts()
+    assert 30 <= counts["val"] <= 70 and 8 <= counts["test"] <= 35  # the fractions, roughly
+    more = split.assign_patients(patients + [f"new{i}" for i in range(50)], 0.25, 1, 0.1)
+    fewer = split.assign_patients(patients[::2], 0.25, 1, 0.1)
+    assert {p: more[p] for p in patients} == side  # 50 arrived: nobody moved
+    assert {p: fewer[p] for p in patients[::2]} == {p: side[p] for p in patients[::2]}
+    assert split.assign_patients(patients, 0.25, 2, 0.1) != side  # the seed does place them
+    # A tiny set still gets a validation patient.
+    tiny = split.assign_patients(["a", "b"], 0.01, 1)
+    assert sorted(tiny.values()) == ["train", "val"]
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        split.assign_patients(["a"], 0.5, 1)
 
 
 def test_msd_split_keeps_volumes_apart_and_a_slice_split_leaks(shared_data, workdir):
@@ -209,26 +221,22 @@ def test_failed_data_docs_build_keeps_the_previous_site(split_data, tiny_params,
     assert not list(split_data.glob("reports/.validation*"))
 
 
-def test_split_writes_a_decoded_cache_that_the_loader_reads_byte_for_byte(split_data):
-    import numpy as np
+def test_the_loader_reads_each_slice_from_its_case_file(split_data):
     import torch
 
-    from liverseg.data import slice_cache
     from liverseg.data.dataset import SliceDataset
 
     splits = split_data / "data/splits"
     stats = json.loads((splits / "stats.json").read_text())
-    assert stats["decoded_cache"] == {"train": True, "val": True, "test": False}  # test empty
-    images, masks = (np.array(a) for a in slice_cache.open_cache(
-        splits / "val.csv", len(pd.read_csv(splits / "val.csv"))))  # copies: no open maps
-    assert images.dtype == masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
-    args = (splits / "val.csv", split_data / "data/raw", 64, stats["mean"], stats["std"])
-    cached, decoded = SliceDataset(*args), SliceDataset(*args, use_cache=False)
-    assert cached.cache is not None and decoded.cache is None
-    for i in range(len(cached)):
-        for a, b in zip(cached[i][:2], decoded[i][:2], strict=True):
-            assert torch.equal(a, b), i
-    del cached  # unmap before the file is rewritten below
-    np.save(slice_cache.paths(splits / "val.csv")[0], images[:-1])  # out of step with the CSV
-    with pytest.raises(ValueError, match="rerun `liverseg split`"):
-        SliceDataset(*args)
+    assert not list(splits.glob("*.npy"))  # no decoded copy of the data
+    val = SliceDataset(splits / "val.csv", split_data / "data/raw", 64, stats["mean"],
+                       stats["std"])
+    row = val.rows[-1]
+    case, record = casestore.read_case(split_data / "data/raw/cases" / f"{row['case']}.h5")
+    k = int(row["image"].rsplit("/", 1)[1])
+    image, mask = val.stored(len(val) - 1)
+    np.testing.assert_array_equal(image, case["64x64"][0][k])
+    np.testing.assert_array_equal(mask, case["64x64"][1][k] // 255)
+    x, y, sid = val[len(val) - 1]
+    assert sid == row["slice_id"] and x.shape == (1, 64, 64) and y.shape == (1, 64, 64)
+    assert torch.equal(y[0], torch.from_numpy(mask.astype(np.float32)))

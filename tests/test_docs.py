@@ -26,8 +26,8 @@ BENCHMARKS = DOCS / "BENCHMARKS.md"
 RESULTS = REPO / "bench" / "results"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
-FLOW = ["ingest", "validate", "split", "train", "evaluate", "compare", "register", "report",
-        "predict", "export", "lineage", "audit", "models"]
+FLOW = ["source", "ingest", "validate", "split", "train", "evaluate", "compare", "register",
+        "report", "predict", "export", "lineage", "audit", "models"]
 
 
 @functools.cache

@@ -45,7 +45,7 @@ def test_plan_runs_the_shared_stages_first_and_each_models_stages_in_order():
     stages = load_stages(REPO)
     models = fanout.models(REPO)
     plan = fanout.plan(stages, models)
-    assert plan.upstream == ("ingest", "validate", "split")
+    assert plan.upstream == ("source", "ingest", "validate", "split")
     assert plan.per_model == {m: (f"train@{m}", f"evaluate@{m}") for m in models}
     assert stages[f"train@{models[0]}"].uncached == (f"reports/training/{models[0]}.csv",)
     with pytest.raises(fanout.FanoutError, match=r"no stage item ends in @nope"):

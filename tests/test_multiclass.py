@@ -10,11 +10,14 @@ import pytest
 from conftest import tiny_raw_params
 from PIL import Image
 
-from liverseg import labels, tracking
+from liverseg import casestore, labels, tracking
 from liverseg.config import ConfigError, parse_params
+from liverseg.data.dataset import SliceDataset
 from liverseg.data.layout import read_index
+from liverseg.io import load_masks
 from liverseg.serving import export, predict
 from liverseg.stages import compare, evaluate, ingest, register, report, split, train, validate
+from tests.helpers import rewrite_slot, slice_pngs
 
 THREE = ("background", "liver", "tumour")
 
@@ -58,8 +61,8 @@ def test_three_class_data_stages_record_and_check_the_classes(three_class, workd
     assert json.loads((workdir / "data/raw/classes.json").read_text())["classes"] == list(THREE)
     index = read_index(workdir / "data/raw")
     values = set()
-    for rel in index["mask"]:
-        values |= set(np.unique(np.asarray(Image.open(workdir / "data/raw" / rel))).tolist())
+    for ref in index["mask"]:
+        values |= set(np.unique(casestore.read(workdir / "data/raw", ref, "mask")).tolist())
     assert values == {0, 128, 255}  # background, liver, tumour
     report_ = json.loads((workdir / "reports/validation.json").read_text())
     rule = "mask values are the 3 classes (0/128/255)"
@@ -67,14 +70,17 @@ def test_three_class_data_stages_record_and_check_the_classes(three_class, workd
     assert any(r["rule"] == rule and r["success"] for r in report_["rules"])
     stats = json.loads((workdir / "data/splits/stats.json").read_text())
     assert stats["classes"] == list(THREE)
-    masks = np.load(workdir / "data/splits/train.masks.npy")
-    assert set(np.unique(masks).tolist()) == {0, 1, 2}  # the cache holds class indices
+    train_set = SliceDataset(workdir / "data/splits/train.csv", workdir / "data/raw", 64, 0, 1,
+                             num_classes=3)
+    masks = np.stack([train_set.stored(i)[1] for i in range(len(train_set))])
+    assert set(np.unique(masks).tolist()) == {0, 1, 2}  # the loader yields class indices
 
 
 def test_a_binary_mask_under_the_three_class_rule_is_quarantined(three_class, workdir):
     index = read_index(workdir / "data/raw")
-    bad = workdir / "data/raw" / index["mask"][0]
-    Image.fromarray(np.where(np.asarray(Image.open(bad)) > 0, 200, 0).astype(np.uint8)).save(bad)
+    stored = casestore.read(workdir / "data/raw", index["mask"][0], "mask")
+    rewrite_slot(workdir / "data/raw", index["mask"][0],
+                 mask=np.where(stored > 0, 200, 0).astype(np.uint8))
     validate.run(three_class)
     quarantine = pd.read_csv(workdir / "data/quarantine.csv")
     assert quarantine.slice_id.tolist() == [index.slice_id[0]]
@@ -98,8 +104,8 @@ def test_three_class_model_trains_evaluates_registers_and_predicts(three_class, 
     assert np.isclose(metrics["fg_iou"], (metrics["iou_liver"] + metrics["iou_tumour"]) / 2)
     history = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
     assert np.isclose(history.val_fg_iou.max(), summary["val_fg_iou"])
-    with np.load(workdir / "reports/predictions/enhanced_pan.npz") as npz:
-        assert set(np.unique(npz["masks"]).tolist()) <= {0, 1, 2}
+    masks = load_masks(workdir / "reports/predictions/enhanced_pan.h5")
+    assert set(np.unique([masks[sid] for sid in masks]).tolist()) <= {0, 1, 2}
     per_image = pd.read_csv(workdir / "reports/per_image/enhanced_pan.csv")
     assert {"iou_liver", "iou_tumour", "tp"} <= set(per_image.columns)
 
@@ -118,7 +124,7 @@ def test_three_class_model_trains_evaluates_registers_and_predicts(three_class, 
 
     hu = np.random.default_rng(0).normal(60, 40, (40, 48, 3)).astype(np.int16)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "case.nii.gz"))
-    image = workdir / "data/raw" / read_index(workdir / "data/raw")["image"][0]
+    (image,) = slice_pngs(workdir / "data/raw", tmp_path / "png", 1)
     out = predict.run("models:/liverseg@champion", [tmp_path / "case.nii.gz", image],
                       tmp_path / "out")
     rows = pd.read_csv(tmp_path / "out/predictions.csv")
@@ -143,7 +149,9 @@ def test_lits_volume_ingests_with_liver_and_tumour_labels(shared_data, workdir):
     assert validate.run(params)["accepted"] == 128
     source = np.asarray(nib.load(str(shared_data / "lits-117/segmentation-117.nii.gz")).dataobj)
     k = int((source == 2).sum(axis=(0, 1)).argmax())  # the slice with most tumour
-    stored = np.asarray(Image.open(workdir / f"data/raw/masks/117_{k:04d}.png"))
+    index = pd.read_csv(workdir / "data/raw/slices.csv", keep_default_na=False)
+    ref = index.loc[index.slice_index == k, "mask"].item()
+    stored = casestore.read(workdir / "data/raw", ref, "mask")
     truth = source[:, :, k].T  # ingest transposes (rows along the volume's second axis)
     assert ((stored == 128) == (truth == 1)).all() and ((stored == 255) == (truth == 2)).all()
 

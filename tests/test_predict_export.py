@@ -25,7 +25,7 @@ def _predict(*args) -> dict:
 
 
 def test_predict_slices_and_a_folder_keep_each_input_geometry(registry, tmp_path):
-    images = sorted((registry / "data/raw/images").glob("*.png"))[:2]
+    images = sorted((registry / "slices").glob("*.png"))[:2]
     folder = tmp_path / "in"
     folder.mkdir()
     for image in images:
@@ -66,7 +66,7 @@ def test_predict_lits_volume_117(registry, shared_data, tmp_path):
 
 def test_predict_refuses_unknown_inputs(registry, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    image = next((registry / "data/raw/images").glob("*.png"))
+    image = next((registry / "slices").glob("*.png"))
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "notes.txt"), str(image),
                                       "--model", CHAMPION, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unsupported input" in result.output  # the others done
@@ -90,7 +90,7 @@ def test_onnx_graph_serves_any_size_as_predict_does(registry, tmp_path):
     assert summary["max_abs_diff"] < 1e-4 and summary["input"][2:] == ["height", "width"]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    image = sorted((registry / "data/raw/images").glob("*.png"))[0]
+    image = sorted((registry / "slices").glob("*.png"))[0]
     with Image.open(image) as img:  # 64 px slices; served at 90x70, the model runs at 64
         gray = np.asarray(img.convert("L").resize((70, 90), Image.BILINEAR))
     net, config = _served_champion()

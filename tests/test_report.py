@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
+from liverseg import casestore
+from liverseg.data.layout import CaseWriter
 from liverseg.io import save_masks
 from liverseg.report.inputs import SPLIT_COLUMNS
 from liverseg.report.sections import COMPARISON_COLUMNS
@@ -44,18 +45,18 @@ def disc(cx: int, cy: int, r: int) -> np.ndarray:
 
 
 def write_slices(raw: Path, split: str, patients: list[str], rng) -> pd.DataFrame:
-    (raw / "images").mkdir(parents=True, exist_ok=True)
-    (raw / "masks").mkdir(parents=True, exist_ok=True)
+    """One case file per patient, as ingest writes them."""
     rows = []
     for p in patients:
+        writer = CaseWriter(p, "phantom")
         for k in range(3):
             sid = f"{p}_{k:04d}"
             mask = disc(20 + 8 * k, 30, 6 + 2 * k) if k != 2 else np.zeros((SIZE, SIZE), np.uint8)
             image = rng.integers(0, 120, (SIZE, SIZE), dtype=np.uint8) + (mask // 3)
-            Image.fromarray(image).save(raw / "images" / f"{sid}.png")
-            Image.fromarray(mask).save(raw / "masks" / f"{sid}.png")
-            rows.append([sid, p, k, f"images/{sid}.png", f"masks/{sid}.png",
-                         float((mask > 127).mean())])
+            row = writer.add(sid, p, k, image, mask > 127)
+            rows.append([sid, p, k, row["image"], row["mask"], float((mask > 127).mean())])
+        casestore.write_case(raw / casestore.case_file(p), writer.stacked(),
+                             {"rows": writer.rows, "facts": {}})
     return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
 
 
@@ -108,7 +109,7 @@ def workspace(tmp_path_factory) -> dict:
                    "failing_slices": ["p05_0000"]}]})
 
     val = frames["val"]
-    truths = {r.slice_id: np.asarray(Image.open(raw / r.mask)) > 127 for r in val.itertuples()}
+    truths = {r.slice_id: casestore.read(raw, r.mask, "mask") > 127 for r in val.itertuples()}
     rows = []
     for i, model in enumerate(MODELS):
         epochs = np.arange(1, 6)
@@ -122,7 +123,7 @@ def workspace(tmp_path_factory) -> dict:
         # evaluate stores them (at each slice's size: flat masks and their shapes).
         preds = {sid: np.roll(t, 2 * (i + 1) + k % 3, axis=1).astype(np.uint8)
                  for k, (sid, t) in enumerate(truths.items())}
-        save_masks(reports / "predictions" / f"{model}.npz", preds)
+        save_masks(reports / "predictions" / f"{model}.h5", preds)
         per_image_rows(truths, preds).to_csv(_mk(reports / "per_image" / f"{model}.csv"),
                                              index=False)
         metrics = metrics_row(model, i)

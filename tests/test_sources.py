@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from liverseg import casestore
 from liverseg.config import parse_params
 from liverseg.data.sources import kaggle
 from liverseg.data.sources.kaggle import KaggleError
 from liverseg.stages import ingest, split, validate
+from tests.helpers import without_cases
 
 
 def params(source, path=None, **sections):
@@ -31,8 +33,10 @@ def test_folder_on_msd_liver_slices(shared_data, workdir):
     msd = shared_data / "msd-liver-slices"
     p = params("folder", msd, data={"target": "liver"})
     summary = ingest.run(p)
-    assert summary == {"source": "folder", "classes": ["background", "liver"], "slices": 527,
-                       "patients": 98, "layouts": ["."], "pairs": 527}
+    assert without_cases(summary) == {"source": "folder", "classes": ["background", "liver"],
+                                      "slices": 527, "sampled": 527, "patients": 98,
+                                      "layouts": ["."], "pairs": 527}
+    assert summary["cases"]["total"] == 98  # one case file per volume (patient)
     index = read_index(workdir)
     row = index.set_index("slice_id").loc["flipped_10001_103"]
     assert (row.patient_id, row.slice_index) == ("10001", 103)
@@ -69,9 +73,9 @@ def test_nifti_on_lits_117(shared_data, workdir):
     lits = shared_data / "lits-117"
     p = params("nifti", lits, data={"target": "tumour", "nifti": {"slices": "all"}},
                split={"group_by": "slab"})
-    assert ingest.run(p) == {"source": "nifti", "classes": ["background", "tumour"],
-                             "slices": 128, "patients": 1, "volumes": 1, "pairs": 1,
-                             "refused": 0, "unpaired": 0, "ambiguous": 0}
+    assert without_cases(ingest.run(p)) == {
+        "source": "nifti", "classes": ["background", "tumour"], "slices": 128, "sampled": 128,
+        "patients": 1, "volumes": 1, "pairs": 1, "refused": 0, "unpaired": 0, "ambiguous": 0}
     index = read_index(workdir)
     assert set(index.patient_id) == {"117"} and index.slice_index.tolist() == list(range(128))
     assert validate.run(p)["accepted"] == 128
@@ -102,15 +106,16 @@ def test_nifti_msd_naming_selection_and_window(tmp_path, workdir):
         nib.save(nib.Nifti1Image(seg, np.eye(4)), root / f"labelsTr/{name}.nii.gz")
     (root / "imagesTr/._liver_0.nii.gz").write_bytes(b"macOS fork")  # ignored
     p = params("nifti", root, data={"target": "liver", "nifti": {"slices": "organ"}})
-    assert ingest.run(p)["slices"] == 6  # 3 organ slices x 2 volumes
+    summary = ingest.run(p)  # every slice stored, the 3 organ slices x 2 volumes sampled
+    assert (summary["slices"], summary["sampled"]) == (12, 6)
     index = read_index(workdir)
     assert sorted(set(index.patient_id)) == ["liver_0", "liver_1"]
-    assert index.slice_index.tolist() == [1, 2, 3, 1, 2, 3]
-    image = np.asarray(Image.open(workdir / "data/raw" / index.image[0]))
+    assert index[index.sampled].slice_index.tolist() == [1, 2, 3, 1, 2, 3]
+    image = casestore.read(workdir / "data/raw", index.image[1])
     assert image[0, 0] == 0 and image[8, 8] == round((100 + 200) / 450 * 255)
     keep_all = params("nifti", root, data={"nifti": {"slices": "tumour",
                                                      "empty_fraction": 1.0}})
-    assert ingest.run(keep_all)["slices"] == 12
+    assert ingest.run(keep_all)["sampled"] == 12
 
 
 def kaggle_zip(dest):

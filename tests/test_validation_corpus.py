@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from liverseg import casestore
 from liverseg.config import parse_params
 from liverseg.data.sources import SourceError
 from liverseg.data.sources.archive import UnsafeArchiveError, extract
@@ -127,7 +128,7 @@ def test_corpus_is_handled_quarantined_and_untouched(corpus, tmp_path, monkeypat
     assert good <= accepted
     non_ascii = [s for s in accepted if s.startswith("f")]
     assert len(non_ascii) == 1 and non_ascii[0].isascii()
-    deep = np.asarray(Image.open(tmp_path / "data/raw/images/deep_1.png"))
+    deep = casestore.read(tmp_path / "data/raw", manifest.set_index("slice_id").image["deep_1"])
     assert deep.min() == 0 and deep.max() == 255  # its 1000..3000 range kept, not clipped
     assert np.all(np.diff(deep.ravel().astype(int)) >= 0)  # monotone: order preserved
     jpeg = manifest.set_index("slice_id").loc["jpeg_1"]

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from liverseg.io import atomic_path, load_masks, read_json, save_masks, write_json
+from liverseg.io import MaskArchive, atomic_path, load_masks, read_json, write_json
 
 if TYPE_CHECKING:  # training runs where pandas is not installed: imported where used
-    import numpy as np
     import pandas as pd
 
 # The folders and files, relative to the repository root.
+SOURCE_LISTING = "data/source.json"  # what the source holds: ingest's dependency
 RAW, MANIFEST, QUARANTINE, SPLITS = (
     "data/raw", "data/manifest.parquet", "data/quarantine.csv", "data/splits")
 VALIDATION, VALIDATION_DOCS = "reports/validation.json", "reports/validation"
@@ -31,6 +31,8 @@ REPORT, FIGURES = "reports/report", "reports/figures"  # .html and .md; the PNGs
 CONFIG, WEIGHTS, RUN = "config.json", "model.safetensors", "run.json"  # in a model folder
 RAW_INDEX, SPLIT_STATS = "slices.csv", "stats.json"  # in data/raw; in data/splits
 CHECKPOINTS = ".checkpoints"  # training state while a model trains: no DVC output
+# Ingest's store of case files, keyed by what makes them (no DVC output: data/raw links to it)
+INGEST_STORE = ".liverseg/ingest"
 
 
 def _at(rel: str) -> property:
@@ -54,6 +56,7 @@ class Artifacts:
     validation, validation_docs = _at(VALIDATION), _at(VALIDATION_DOCS)
     raw_index, split_stats = _at(f"{RAW}/{RAW_INDEX}"), _at(f"{SPLITS}/{SPLIT_STATS}")
     registry, figures = _at(REGISTRY), _at(FIGURES)
+    ingest_store, source_listing = _at(INGEST_STORE), _at(SOURCE_LISTING)
 
     # ------------------------------------------------------------------ per model
     def model_dir(self, model: str) -> Path:
@@ -72,7 +75,8 @@ class Artifacts:
         return self.path(PER_IMAGE) / f"{model}.csv"
 
     def predictions(self, model: str) -> Path:
-        return self.path(PREDICTIONS) / f"{model}.npz"
+        """Evaluate's masks of the validation slices (`liverseg.io.MaskWriter`)."""
+        return self.path(PREDICTIONS) / f"{model}.h5"
 
     def metrics(self, model: str) -> Path:
         return self.path(METRICS) / f"{model}.json"
@@ -109,11 +113,8 @@ class Artifacts:
         with atomic_path(self.per_image(model)) as tmp:
             rows.to_csv(tmp, index=False)
 
-    def read_predictions(self, model: str) -> dict[str, np.ndarray]:
+    def read_predictions(self, model: str) -> MaskArchive:
         return load_masks(self.predictions(model))
-
-    def write_predictions(self, model: str, masks: dict[str, np.ndarray]) -> None:
-        save_masks(self.predictions(model), masks)
 
     def read_comparison(self) -> dict:
         return read_json(self.comparison(".json"))
@@ -130,7 +131,8 @@ def stage_io(stage: str, model: str) -> tuple[set[str], set[str]]:
     its code deps (`model` stands in for `${item.model}` of a per-model stage)."""
     a = Artifacts()
     rel = {
-        "ingest": ([], [a.raw]),
+        "source": ([], [a.source_listing]),
+        "ingest": ([a.source_listing], [a.raw]),
         "validate": ([a.raw], [a.manifest, a.quarantine, a.validation_docs, a.validation]),
         "split": ([a.manifest, a.raw], [a.splits]),
         "train": ([a.raw, a.splits], [a.model_dir(model), a.curve(model)]),

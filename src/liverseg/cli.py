@@ -23,7 +23,7 @@ disable_telemetry()  # before the stage's libraries are imported
 
 # `liverseg --help` lists the stages in the order of the flow, then the tools around them. A
 # command not named here is still listed: after these, in the order it was defined.
-FLOW_ORDER = ("ingest", "validate", "split", "train", "evaluate", "compare", "register",
+FLOW_ORDER = ("source", "ingest", "validate", "split", "train", "evaluate", "compare", "register",
               "report", "predict", "export", "lineage", "audit", "models")
 
 
@@ -64,6 +64,15 @@ def _run(stage: str, *args) -> None:
         _fail(stage, exc)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def source(params: Path = PARAMS) -> None:
+    """List the data source's files into data/source.json (ingest's dep).
+
+    Example: liverseg source (DVC runs it on every repro; it changes only with the source)
+    """
+    _run("source", params)
 
 
 @app.command()

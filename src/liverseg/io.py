@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,30 +120,90 @@ def load_gray(path: str | Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- masks archive
-# evaluate writes each model's validation masks here and the report reads them: slices may
-# differ in size, so one flat array, each mask's shape and its slice id.
+# evaluate writes each model's validation masks here, one slice at a time, and the report
+# reads the few it draws: an HDF5 file with a group per slice size ([N, H, W], one chunk per
+# mask) and `index.json` mapping each slice id to its group and row. Neither side holds
+# every mask in memory.
+
+
+class MaskWriter:
+    """Appends {slice id: 2D mask} to an archive, published atomically on `close()`."""
+
+    def __init__(self, path: str | Path):
+        import h5py
+
+        self.path = Path(path)
+        self._publish = ExitStack()  # atomic_path: renamed into place on a clean close
+        self._file = h5py.File(self._publish.enter_context(atomic_path(self.path)), "w")
+        self.index: dict[str, list] = {}
+
+    def add(self, slice_id: str, mask: np.ndarray) -> None:
+        if slice_id in self.index:
+            raise ValueError(f"{self.path}: slice {slice_id} written twice")
+        name = f"{mask.shape[0]}x{mask.shape[1]}"
+        if name not in self._file:
+            self._file.create_dataset(name, shape=(0, *mask.shape), maxshape=(None, *mask.shape),
+                                      dtype=np.uint8, chunks=(1, *mask.shape),
+                                      compression="gzip", track_times=False)
+        data = self._file[name]
+        data.resize(len(data) + 1, axis=0)
+        data[-1] = mask
+        self.index[slice_id] = [name, len(data) - 1]
+
+    def close(self) -> None:
+        blob = json.dumps(self.index).encode()
+        self._file.create_dataset("index.json", data=np.frombuffer(blob, np.uint8))
+        self._file.close()
+        self._publish.close()
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # nothing is published
+            self._file.close()
+            self._publish.__exit__(kind, error, tb)
 
 
 def save_masks(path: str | Path, masks: dict[str, np.ndarray]) -> None:
-    """{slice_id: 2D mask} as one compressed .npz, written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, slice_id=np.array(list(masks), dtype=str),
-                            shapes=np.array([m.shape for m in masks.values()],
-                                            np.int64).reshape(-1, 2),
-                            masks=np.concatenate([m.ravel() for m in masks.values()]))
+    """{slice_id: 2D mask} as one archive, written atomically."""
+    with MaskWriter(path) as writer:
+        for sid, mask in masks.items():
+            writer.add(sid, mask)
 
 
-def load_masks(path: str | Path) -> dict[str, np.ndarray]:
-    """What `save_masks` wrote; a missing or inconsistent file is named."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected file is missing (did the upstream stage run?)")
-    with np.load(path) as npz:
-        ids, shapes, flat = npz["slice_id"].astype(str), npz["shapes"], npz["masks"]
-    sizes = shapes.prod(axis=1)
-    if len(ids) != len(shapes) or sizes.sum() != flat.size:
-        raise ValueError(f"{path}: {len(ids)} slice ids, {len(shapes)} shapes and "
-                         f"{flat.size} mask pixels do not add up")
-    masks = np.split(flat, np.cumsum(sizes)[:-1])
-    return {sid: m.reshape(shape) for sid, m, shape in zip(ids.tolist(), masks, shapes,
-                                                           strict=True)}
+class MaskArchive:
+    """What `MaskWriter` wrote, read one mask at a time: `sid in archive`, `archive[sid]`."""
+
+    def __init__(self, path: str | Path):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: expected file is missing (did the upstream "
+                                    "stage run?)")
+        with h5py.File(self.path, "r") as f:
+            self.index = json.loads(f["index.json"][()].tobytes())
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __getitem__(self, sid: str) -> np.ndarray:
+        import h5py
+
+        name, row = self.index[sid]
+        with h5py.File(self.path, "r") as f:
+            return f[name][row]
+
+
+def load_masks(path: str | Path) -> MaskArchive:
+    """What `save_masks` wrote (a missing file is named), read lazily."""
+    return MaskArchive(path)

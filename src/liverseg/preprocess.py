@@ -31,9 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from liverseg import labels
-from liverseg.data import imageio
-from liverseg.data.phantom import WINDOW as PHANTOM_WINDOW
+from liverseg import imageio, labels
 
 ORIENTATION = "closest canonical RAS+, slices along the last axis, transposed"
 RESIZE = "bilinear, half-pixel centres (align_corners=False), no antialias"
@@ -70,7 +68,7 @@ class Preprocessing:
         or `data.nifti.window` (also what 2D-trained models apply to volumes: the window
         that made the 2D files is unknown, hence `hu_window_from` says which applies)."""
         data = params.data
-        window, source = (PHANTOM_WINDOW, "the phantom's window") \
+        window, source = (imageio.PHANTOM_WINDOW, "the phantom's window") \
             if data.source == "phantom" else (data.nifti.window, "data.nifti.window")
         volumes = data.source in ("phantom", "nifti")
         if not volumes:

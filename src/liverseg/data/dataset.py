@@ -19,9 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from liverseg import labels  # noqa: E402
-from liverseg.data import slice_cache  # noqa: E402
-from liverseg.io import load_gray  # noqa: E402
+from liverseg import casestore, labels  # noqa: E402
 from liverseg.preprocess import resize_image  # noqa: E402
 
 
@@ -50,31 +48,31 @@ class SliceDataset(Dataset):
     """Yields (image [C,S,S] float32 normalised, mask [1,S,S] float32 class indices (0/1 for
     a binary target), slice_id) at the trained size S; C = 1, or 2k + 1 with 2.5D context.
 
-    Reads the split's decoded-slice cache when the split stage wrote one (see
-    `slice_cache`), else decodes the PNGs; `use_cache=False` forces decoding. `rows` are
-    the CSV's rows as dicts of strings (the csv module: the training path needs no pandas).
+    Reads each slice from its case file (`liverseg.casestore`: one compressed chunk per
+    slice, no decoded copy). `rows` are the CSV's rows as dicts of strings (the csv module:
+    the training path needs no pandas); `sampled_only` keeps the rows training samples
+    (training's own validation), where evaluate takes every slice of each case.
     """
 
     def __init__(self, split_csv: str | Path, raw_dir: str | Path, image_size: int,
                  mean: float, std: float, augment: A.Compose | None = None,
-                 use_cache: bool = True, num_classes: int = 2):
+                 num_classes: int = 2, sampled_only: bool = False):
         with open(split_csv, newline="") as fh:
-            self.rows = list(csv.DictReader(fh))
+            self.rows = [row for row in csv.DictReader(fh)
+                         if not sampled_only or row.get("sampled", "True") == "True"]
         self.raw_dir, self.image_size, self.augment = Path(raw_dir), image_size, augment
         self.mean, self.std = mean, std
         self.num_classes = num_classes
-        self.cache = slice_cache.open_cache(split_csv, len(self.rows)) if use_cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def stored(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Slice `i` as stored: (uint8 grey, uint8 class indices), at its own size."""
-        if self.cache is not None:
-            return np.array(self.cache[0][i]), np.array(self.cache[1][i])
         row = self.rows[i]
-        return (slice_cache.load_input(self.raw_dir, row),
-                labels.decode(load_gray(self.raw_dir / row["mask"]), self.num_classes))
+        return (casestore.read_input(self.raw_dir, row),
+                labels.decode(casestore.read(self.raw_dir, row["mask"], "mask"),
+                              self.num_classes))
 
     def __getitem__(self, i: int):
         row = self.rows[i]

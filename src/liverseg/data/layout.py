@@ -1,39 +1,87 @@
 """The one on-disk layout every source is ingested into.
 
-    data/raw/images/<slice_id>.png   8-bit grayscale CT slice (windowed)
-    data/raw/masks/<slice_id>.png    8-bit mask: 0 background / 255 foreground, or for three
-                                     classes 0/128/255 (`liverseg.labels`)
-    data/raw/context/<slice_id>.png  2.5D (data.context_slices): a neighbour that is not a
-                                     row itself (e.g. outside data.nifti.slices: organ)
+    data/raw/cases/<case_id>.h5      one file per case: every slice (8-bit grey, windowed)
+                                     and its labels (0/255, or 0/128/255 for three
+                                     classes: `liverseg.labels`), compressed, one chunk per
+                                     slice (`liverseg.casestore`)
     data/raw/classes.json            the target and its class names
     data/raw/slices.csv              one row per source item: INDEX_COLUMNS + FACT_COLUMNS
 
-`slice_id` is unique and file-name safe: `<patient_id>_<slice_index:04d>` for volumes and
-the phantom, the (sanitised) file stem for 2D sources. Items that could not become a slice
-(an image without a mask, an undecodable file, a mask whose values are not allowed) are
-rows too, with empty `image`/`mask` where nothing was written and the facts saying why:
-the validate stage turns them into quarantine entries, so nothing is dropped silently.
+A case is what one worker ingests: a volume, or a 2D source's patient (its slices grouped
+by patient id; slices without one share a case per source folder). Each row's `image` and
+`mask` are references into its case file (`cases/<case>.h5#<H>x<W>/<k>`); `sampled` says
+whether training uses the slice (`data.nifti.slices`, `empty_fraction`): every slice is
+stored, so evaluation sees whole cases. With 2.5D context (`data.context_slices`) `context`
+holds the "|"-joined references of slices z-k .. z+k.
+
+`slice_id` is unique and file-name safe: `<case_id>_<slice_index:04d>` for volumes and the
+phantom, the (sanitised) file stem for 2D sources. Items that could not become a slice (an
+image without a mask, an undecodable file, a mask whose values are not allowed) are rows
+too, with empty `image`/`mask` where nothing was stored and the facts saying why: the
+validate stage turns them into quarantine entries, so nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from liverseg import labels
+from liverseg import casestore, labels
 from liverseg.artifacts import RAW_INDEX
-from liverseg.io import save_png
 
 INDEX_NAME = RAW_INDEX  # the index of data/raw (liverseg.artifacts owns the name)
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
                 "paired", "image_decodable", "mask_decodable", "mask_values_allowed",
-                "ingest_detail", "context"]
+                "ingest_detail", "context", "case", "sampled"]
+ROW_DEFAULTS = {"paired": True, "image_decodable": True, "mask_decodable": True,
+                "mask_values_allowed": True, "ingest_detail": "", "context": "", "case": "",
+                "sampled": True}
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One case as a source plans it: picklable, so a worker process can ingest it.
+    `files` (path, size, mtime) say when it changed; `spec` is the source's own."""
+
+    case_id: str
+    files: tuple[tuple[str, int, int], ...]
+    spec: object
+    memory: int = 0  # bytes a worker needs for it, from the headers (0: small)
+
+
+@dataclass
+class Plan:
+    """A source's cases, the rows of items that are no case (files that do not pair), and
+    facts about the source as a whole."""
+
+    tasks: list[CaseTask] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+
+def file_facts(*paths: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime in ns) of each file: what says a case's files changed, without
+    reading them."""
+    out = []
+    for path in paths:
+        st = os.stat(path)
+        out.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def problem_row(sid: str, patient_id: str | None, slice_index: int, source: str,
+                **facts) -> dict:
+    """The row of an item that stored nothing; the facts say why."""
+    return {"slice_id": sid, "patient_id": patient_id or "", "source": source,
+            "slice_index": slice_index, "image": "", "mask": ""} | ROW_DEFAULTS | facts
 
 
 def slice_id(patient_id: str, slice_index: int) -> str:
@@ -48,73 +96,71 @@ def safe_stem(name: str) -> str:
     return safe
 
 
-def _unique(sid: str, taken: set[str]) -> str:
+def unique(sid: str, taken: set[str]) -> str:
+    """`sid`, or `sid-2`, `sid-3`... when taken (e.g. train/ and test/ folders with the
+    same names)."""
     base, n = sid, 1
-    while sid in taken:  # e.g. two train/ and test/ folders with the same names
+    while sid in taken:
         n += 1
         sid = f"{base}-{n}"
     taken.add(sid)
     return sid
 
 
-class SliceWriter:
-    """Writes slices into a layout directory and collects the index rows."""
+class CaseWriter:
+    """Collects one case's slices and rows, then writes its case file in one go."""
 
-    def __init__(self, out_dir: Path, source: str, num_classes: int = 2):
-        self.out_dir, self.source, self.num_classes = Path(out_dir), source, num_classes
-        (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "masks").mkdir(exist_ok=True)
+    def __init__(self, case_id: str, source: str, num_classes: int = 2):
+        self.case_id, self.source, self.num_classes = case_id, source, num_classes
         self.rows: list[dict] = []
-        self.ids: set[str] = set()
-        self.context_ids: set[str] = set()
-
-    def _unique(self, sid: str) -> str:
-        return _unique(sid, self.ids)
+        self.groups: dict[str, tuple[list, list]] = {}
 
     def add(self, sid: str, patient_id: str | None, slice_index: int,
-            image: np.ndarray | None, mask: np.ndarray | None, **facts) -> str:
+            image: np.ndarray | None, mask: np.ndarray | None, sampled: bool = True,
+            **facts) -> dict:
         """One item; `image`/`mask` None when they could not be produced (facts say why).
-        `mask` is bool (binary) or class indices."""
-        sid = self._unique(sid)
-        row = {"slice_id": sid, "patient_id": patient_id or "", "source": self.source,
-               "slice_index": slice_index, "image": "", "mask": ""}
+        `mask` is bool (binary) or class indices. An image and a mask of different sizes
+        (a bad pair) are stored apart, each beside an empty partner, so validate reads both
+        and names the rule they break."""
+        row = problem_row(sid, patient_id, slice_index, self.source, case=self.case_id,
+                          sampled=sampled) | facts
+        encoded = None if mask is None else labels.encode(mask, self.num_classes)
         if image is not None:
-            row["image"] = f"images/{sid}.png"
-            save_png(self.out_dir / row["image"], image)
-        if mask is not None:
-            row["mask"] = f"masks/{sid}.png"
-            save_png(self.out_dir / row["mask"], labels.encode(mask, self.num_classes))
-        defaults = {"paired": True, "image_decodable": True, "mask_decodable": True,
-                    "mask_values_allowed": True, "ingest_detail": "", "context": ""}
-        self.rows.append(row | defaults | facts)
-        return sid
+            same = encoded is not None and encoded.shape == image.shape
+            row["image"] = self._store(image, encoded if same else np.zeros_like(image))
+            row["mask"] = row["image"] if same else ""
+        if encoded is not None and not row["mask"]:
+            row["mask"] = self._store(np.zeros_like(encoded), encoded)
+        self.rows.append(row)
+        return row
 
-    def link_context(self, rows: dict[int, str], n: int, k: int, image_of) -> None:
-        """2.5D: give each of one volume's rows (slice index -> slice id, of `n` slices)
-        its context, "|"-joined image paths of slices z-k .. z+k (`preprocess.context_indices`:
-        edges repeat the edge). A neighbour that is a row is its image; any other is written
-        once as `context/<slice_id>.png` from `image_of(index)`."""
+    def _store(self, image: np.ndarray, encoded_mask: np.ndarray) -> str:
+        """Append one slot to the group of its size; its reference."""
+        name = casestore.group_name(image.shape)
+        images, masks = self.groups.setdefault(name, ([], []))
+        images.append(np.asarray(image, np.uint8))
+        masks.append(np.asarray(encoded_mask, np.uint8))
+        return str(casestore.SliceRef(casestore.case_file(self.case_id), name, len(images) - 1))
+
+    def link_context(self, k: int) -> None:
+        """2.5D: each stored slice's context, the references of slices z-k .. z+k of the
+        case (`preprocess.context_indices`: edges repeat the edge). Every slice of a volume
+        is stored, so every neighbour is a row."""
         from liverseg.preprocess import context_indices  # torch: only 2.5D ingest needs it
 
-        wanted = set(rows.values())
-        by_id = {row["slice_id"]: row for row in self.rows if row["slice_id"] in wanted}
-        extra: dict[int, str] = {}
-        for z, sid in rows.items():
-            paths = []
-            for j in context_indices([z], n, k)[0].tolist():
-                if j in rows:
-                    paths.append(by_id[rows[j]]["image"])
-                    continue
-                if j not in extra:
-                    cid = _unique(slice_id(by_id[sid]["patient_id"], j), self.context_ids)
-                    extra[j] = f"context/{cid}.png"
-                    (self.out_dir / "context").mkdir(exist_ok=True)
-                    save_png(self.out_dir / extra[j], image_of(j))
-                paths.append(extra[j])
-            by_id[sid]["context"] = "|".join(paths)
+        stored = {row["slice_index"]: row["image"] for row in self.rows if row["image"]}
+        if not stored:
+            return
+        n = max(stored) + 1
+        for row in self.rows:
+            if row["image"]:
+                neighbours = context_indices([row["slice_index"]], n, k)[0].tolist()
+                row["context"] = "|".join(stored[j] for j in neighbours)
 
-    def index(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=INDEX_COLUMNS + FACT_COLUMNS)
+    def stacked(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The stored slots by group: (images, masks) [N, H, W] each."""
+        return {name: (np.stack(images), np.stack(masks))
+                for name, (images, masks) in self.groups.items()}
 
 
 def read_index(raw_dir: str | Path) -> pd.DataFrame:
@@ -129,6 +175,6 @@ def read_index(raw_dir: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {missing}; expected {INDEX_COLUMNS}")
     for col in FACT_COLUMNS:  # an index written by an older ingest has no facts: all fine
         if col not in index:
-            index[col] = True if col in ("paired", "image_decodable", "mask_decodable",
-                                         "mask_values_allowed") else ""
+            index[col] = ROW_DEFAULTS.get(col, "")
+    index["sampled"] = index["sampled"].astype(str).str.lower().isin(["true", "1"])
     return index

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from liverseg.data import imageio
+from liverseg import imageio
 
-WINDOW_LEVEL, WINDOW_WIDTH = 50.0, 400.0
-WINDOW = (WINDOW_LEVEL - WINDOW_WIDTH / 2, WINDOW_LEVEL + WINDOW_WIDTH / 2)  # HU -> 0..255
+WINDOW = imageio.PHANTOM_WINDOW  # HU -> 0..255
 BACKGROUND, LIVER, TUMOUR = 0, 1, 2
 
 
@@ -118,6 +117,20 @@ def _render_slice(anat: dict, z: int, slices: int, size: int, noise_hu: float, r
     return imageio.rescale(hu, WINDOW), labels  # the window serving applies: one function
 
 
+def patient_id(p: int) -> str:
+    return f"phantom{p:03d}"
+
+
+def generate_patient(p: int, slices_per_patient: int, size: int, max_tumours: int,
+                     noise_hu: float, seed: int) -> Iterator[PhantomSlice]:
+    """Every slice of patient `p`, from (seed, p) alone: patients can be made in any order."""
+    rng = np.random.default_rng([seed, p])
+    anat = _patient_anatomy(rng, slices_per_patient, max_tumours)
+    for z in range(slices_per_patient):
+        image, labels = _render_slice(anat, z, slices_per_patient, size, noise_hu, rng)
+        yield PhantomSlice(patient_id(p), z, image, labels)
+
+
 def generate(
     patients: int,
     slices_per_patient: int,
@@ -128,8 +141,4 @@ def generate(
 ) -> Iterator[PhantomSlice]:
     """Yield every slice of every patient, deterministically for a given seed."""
     for p in range(patients):
-        rng = np.random.default_rng([seed, p])
-        anat = _patient_anatomy(rng, slices_per_patient, max_tumours)
-        for z in range(slices_per_patient):
-            image, labels = _render_slice(anat, z, slices_per_patient, size, noise_hu, rng)
-            yield PhantomSlice(f"phantom{p:03d}", z, image, labels)
+        yield from generate_patient(p, slices_per_patient, size, max_tumours, noise_hu, seed)

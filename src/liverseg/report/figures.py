@@ -192,10 +192,10 @@ def load_visual_slices(raw_dir: Path, inputs: Inputs, models: list[str],
         preds = {}
         for m in models:
             if sid not in inputs.predictions[m]:
-                raise ValueError(f"predictions/{m}.npz has no mask for validation slice {sid}")
+                raise ValueError(f"predictions/{m}.h5 has no mask for validation slice {sid}")
             preds[m] = inputs.predictions[m][sid]
             if preds[m].shape != image.shape:  # evaluate scores at the stored size
-                raise ValueError(f"predictions/{m}.npz: mask of {sid} is {preds[m].shape}, "
+                raise ValueError(f"predictions/{m}.h5: mask of {sid} is {preds[m].shape}, "
                                  f"the slice is {image.shape}; rerun `liverseg evaluate {m}`")
         out.append(VisualSlice(role, sid, image, truth, preds,
                                {m: iou_of(inputs.per_image[m], sid) for m in models},

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from liverseg import labels
+from liverseg import casestore, labels
 from liverseg.artifacts import Artifacts
-from liverseg.io import load_gray, read_json
+from liverseg.io import read_json
 
 SPLIT_COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction"]
 TRAINING_COLUMNS = ["epoch", "train_loss", "train_miou", "train_pixel_accuracy", "val_loss",
@@ -71,5 +71,5 @@ def load_inputs(models: list[str], art: Artifacts) -> Inputs:
 
 def load_slice(raw_dir: Path, row: pd.Series, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The CT slice and its truth as class indices."""
-    return (load_gray(raw_dir / row["image"]),
-            labels.decode(load_gray(raw_dir / row["mask"]), num_classes))
+    return (casestore.read(raw_dir, row["image"]),
+            labels.decode(casestore.read(raw_dir, row["mask"], "mask"), num_classes))

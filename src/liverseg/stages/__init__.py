@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def run_data_stages(params) -> None:
-    """ingest -> validate -> split in-process, in the working directory: the data half of
-    `dvc repro`, for tests and benchmarks that need a split dataset and no DVC."""
-    from liverseg.stages import ingest, split, validate
+    """source -> ingest -> validate -> split in-process, in the working directory: the data
+    half of `dvc repro`, for tests and benchmarks that need a split dataset and no DVC."""
+    from liverseg.stages import ingest, source, split, validate
 
-    for stage in (ingest, validate, split):
+    for stage in (source, ingest, validate, split):
         stage.run(params)

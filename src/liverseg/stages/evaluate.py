@@ -7,9 +7,10 @@ per-epoch validation figures of training, in reports/training/, are at the train
 
 Writes `reports/metrics/<model>.json` (global metrics with 95% bootstrap CIs, per-image and
 per-volume summaries, size, FLOPs and speed), `reports/per_image/<model>.csv` (one row per
-slice) and `reports/predictions/<model>.npz` (the predictions at each slice's stored size, for the
-report's visual comparison: class indices, 0/1 for a binary model; `masks` flat, `shapes`
-[N, 2]). Definitions and the empty-mask
+slice) and `reports/predictions/<model>.h5` (the predictions at each slice's stored size, for
+the report's visual comparison: class indices, 0/1 for a binary model; `liverseg.io.MaskWriter`,
+written slice by slice). Volume sources are scored on every slice of each validation case,
+not only the slices training sampled. Definitions and the empty-mask
 rule: `liverseg.metrics`; with three classes the JSON also has each class's IoU and Dice.
 """
 
@@ -28,7 +29,7 @@ from liverseg import checkpoint, labels, tracking
 from liverseg.artifacts import RUN, Artifacts
 from liverseg.config import Params
 from liverseg.data.dataset import SliceDataset
-from liverseg.io import read_json
+from liverseg.io import MaskWriter, read_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
@@ -60,13 +61,14 @@ def stored_batches(dataset: SliceDataset, batch_size: int):
 
 @torch.no_grad()
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
-                  classes: tuple[str, ...]):
-    """Serve every slice of `dataset`; returns pooled meter, per-image rows, per-image class
-    counts [N, C, 4], predicted class masks (a list: sizes may differ) and seconds.
+                  classes: tuple[str, ...], masks: MaskWriter):
+    """Serve every slice of `dataset`, each predicted class mask going to `masks` as it is
+    made (memory stays at one batch); returns pooled meter, per-image rows, per-image class
+    counts [N, C, 4] and seconds.
 
     The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
     counts themselves for a binary model."""
-    meter, rows, counts, masks, seconds = ConfusionMeter(classes), [], [], [], 0.0
+    meter, rows, counts, seconds = ConfusionMeter(classes), [], [], 0.0
     for images, truth, ids in stored_batches(dataset, batch_size):
         start = time.perf_counter()
         pred = served.classes_of(images)
@@ -80,9 +82,9 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
             rows.append({"slice_id": str(sid), **m, "hd95": hd95(pred[i] > 0, fg_truth[i]),
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth[i].sum())})
+            masks.add(str(sid), pred[i])
         counts.append(stats.numpy())
-        masks += list(pred)
-    return meter, rows, np.concatenate(counts), masks, seconds
+    return meter, rows, np.concatenate(counts), seconds
 
 
 def flops_per_image(model: torch.nn.Module, in_channels: int, image_size: int) -> int:
@@ -132,8 +134,9 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
         prep = replace(prep, threshold=params.evaluate.threshold)
     dataset = SliceDataset(splits_dir / "val.csv", art.raw, prep.image_size, prep.mean,
                            prep.std, num_classes=len(classes))
-    meter, rows, counts, masks, seconds = predict_split(
-        Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes)
+    with MaskWriter(art.predictions(model_name)) as masks:
+        meter, rows, counts, seconds = predict_split(
+            Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes, masks)
 
     per_image = pd.DataFrame(rows)
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
@@ -157,8 +160,6 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
     metrics = {"model": model_name} | nan_to_none(metrics)
     art.write_metrics(model_name, metrics)
     art.write_per_image(model_name, per_image)
-    art.write_predictions(model_name, dict(zip(per_image["slice_id"].astype(str), masks,
-                                               strict=True)))
 
     run_id = read_json(model_dir / RUN)["run_id"]
     if run_id is None or not tracking.enabled():

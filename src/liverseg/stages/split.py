@@ -1,16 +1,22 @@
-"""split: patient-grouped, tumour-stratified, seeded train/val/test split of accepted slices
-(or fold k of a k-fold cross-validation: `split.folds`, `split.fold`).
+"""split: patient-grouped train/val/test split of accepted slices (or fold k of a k-fold
+cross-validation: `split.folds`, `split.fold`) that stays put as cases arrive.
 
-No patient and no identical image content is in two splits (checked, not assumed: the
-stage fails otherwise). Patients are stratified by whether any of their slices has
-foreground, so every split gets its share of positive patients where there are enough.
-The train split's pixel mean and standard deviation are saved so every later stage
-normalises the same way, and each split's slices are decoded once into a memory-mappable
-cache (`liverseg.data.slice_cache`) that training reads instead of the PNGs.
+A patient's side is a function of its id and the seed alone: a hash of both places it in
+[0, 1); test is the band below `split.test_fraction` (a frozen test set: no patient added
+later changes it), validation the next `split.val_fraction`, train the rest. So adding or
+removing a case never moves another between train, validation and test. Cross-validation
+folds are balanced blocks of a seeded, foreground-stratified order instead: a benchmark on
+a fixed dataset. No patient and no identical image content is in two
+splits (checked, not assumed: the stage fails otherwise). Training gets the slices ingest
+marked `sampled`; validation and test get every slice of their cases (evaluation sees
+whole cases), with `sampled` saying which training's own validation uses. The train
+split's pixel mean and standard deviation are saved so every later stage normalises the
+same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from liverseg import labels
+from liverseg import casestore, labels
 from liverseg.artifacts import SPLIT_STATS, Artifacts
 from liverseg.config import Params
-from liverseg.data import slice_cache
 from liverseg.io import atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
-           "image_sha256", "height", "width", "context"]
+           "image_sha256", "height", "width", "context", "case", "sampled"]
 
 
 class LeakageError(AssertionError, ValueError):  # ValueError: the CLI prints it cleanly
@@ -43,18 +48,30 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
     return n_val, n_test
 
 
+def patient_position(patient: str, seed: int) -> float:
+    """A patient's place in [0, 1): a hash of (seed, patient id), whoever else is there."""
+    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def assign_patients(patients: list[str], val_fraction: float, seed: int,
-                    test_fraction: float = 0.0, strata: dict[str, bool] | None = None
-                    ) -> dict[str, str]:
-    """Patient -> split. Within each stratum patients are shuffled with the seed and spread
-    evenly over one ordering; val takes its head, test the next part, train the rest."""
+                    test_fraction: float = 0.0) -> dict[str, str]:
+    """Patient -> split by its position: test below `test_fraction`, val the next
+    `val_fraction`, train the rest. A tiny set whose val or train band comes out empty gets
+    the nearest patient moved in (the only case where a side depends on the others)."""
     if len(patients) < 2:
         raise ValueError(f"need at least 2 patients to split, got {len(patients)}: {patients}; "
                          "for a single volume use split.group_by=slab")
-    n_val, n_test = split_sizes(len(patients), val_fraction, test_fraction)
-    order = patient_order(patients, seed, strata)
-    return {p: ("val" if i < n_val else "test" if i < n_val + n_test else "train")
-            for i, p in enumerate(order)}
+    position = {p: patient_position(p, seed) for p in patients}
+    side = {p: "test" if u < test_fraction else "val" if u < test_fraction + val_fraction
+            else "train" for p, u in position.items()}
+    for empty, donor in (("val", "train"), ("train", "val")):
+        if empty not in side.values():
+            candidates = [p for p in patients if side[p] == donor] or \
+                [p for p in patients if side[p] == "test"]
+            side[min(candidates, key=lambda p: abs(position[p] - test_fraction
+                                                   - val_fraction))] = empty
+    return side
 
 
 def patient_order(patients: list[str], seed: int, strata: dict[str, bool] | None = None
@@ -73,7 +90,9 @@ def patient_order(patients: list[str], seed: int, strata: dict[str, bool] | None
 
 def assign_patient_folds(patients: list[str], folds: int, fold: int, seed: int,
                          strata: dict[str, bool] | None = None) -> dict[str, str]:
-    """Patient -> split for k-fold CV: validation is block `fold` of the seeded order."""
+    """Patient -> split for k-fold CV: validation is block `fold` of the seeded order,
+    stratified by foreground. Balanced folds of a fixed dataset (a benchmark), not stable
+    as cases arrive: a growing dataset uses the fractions."""
     if len(patients) < folds:
         raise ValueError(f"split.folds={folds} needs at least {folds} patients, got "
                          f"{len(patients)}")
@@ -155,8 +174,6 @@ def run(params: Params, root: str | Path = ".") -> dict:
     accepted = manifest[manifest["accepted"]]
     if "id" not in accepted:  # a manifest from before the contract named it
         accepted = accepted.assign(id=accepted["slice_id"])
-    if "context" not in accepted:  # ... or before 2.5D context
-        accepted = accepted.assign(context="")
     cfg = params.split
     positive = accepted.groupby("patient_id")["fg_fraction"].max().gt(0).to_dict()
     if cfg.folds and cfg.group_by == "slab":
@@ -171,43 +188,41 @@ def run(params: Params, root: str | Path = ".") -> dict:
             assign_by_modulo(list(accepted["patient_id"].unique()), cfg.patient_modulo))
     else:
         by_patient = assign_patients(list(accepted["patient_id"].unique()), cfg.val_fraction,
-                                     params.seed, cfg.test_fraction, strata=positive)
+                                     params.seed, cfg.test_fraction)
         side = accepted["patient_id"].map(by_patient)
     splits = {name: accepted[side == name][COLUMNS] for name in SPLITS}
+    not_sampled = splits["train"][~splits["train"]["sampled"]]
+    splits["train"] = splits["train"][splits["train"]["sampled"]]
     empty = [name for name in ("train", "val") if splits[name].empty]
     if empty:
         raise ValueError(f"split: the {' and '.join(empty)} split would be empty "
                          f"({len(accepted)} accepted slices); check the split section of params")
     check_no_leakage(splits, "patient_id" if cfg.group_by == "patient" else "slice_id")
     gap = accepted[side == "gap"]
-    if sum(len(f) for f in splits.values()) + len(gap) != len(accepted):
+    if sum(len(f) for f in splits.values()) + len(gap) + len(not_sampled) != len(accepted):
         raise AssertionError("split lost slices")
 
     classes = labels.read_classes(raw_dir)  # what ingest wrote; the loaders decode with it
     stats = {"seed": params.seed, "classes": list(classes), "leakage_checked": True,
              "grouped_by": cfg.group_by,
-             "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else "seeded fractions",
-             "stratified_by": "patient has foreground" if cfg.group_by == "patient"
-             and not cfg.patient_modulo else None,
+             "rule": cfg.patient_modulo.model_dump() if cfg.patient_modulo else
+             "seeded stratified folds" if cfg.folds and cfg.group_by == "patient" else
+             "hash of (seed, patient id) against the fractions" if cfg.group_by == "patient"
+             else "contiguous slabs",
              "cv": {"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else None,
-             # Counts reconcile: train + val + test + excluded = accepted.
+             # Counts reconcile: train + val + test + excluded + not sampled = accepted.
              "excluded": {"slices": len(gap), "slice_ids": gap["slice_id"].tolist(),
                           "rule": f"within split.fold_gap={cfg.fold_gap} slices of the "
-                                  "validation slab"} if len(gap) else None}
+                                  "validation slab"} if len(gap) else None,
+             "train_not_sampled": {"slices": len(not_sampled), "rule": (
+                 "stored, not sampled for training (data.nifti.slices, empty_fraction)")}}
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
+    mean, std = pixel_stats(casestore.read_input(raw_dir, row)
+                            for row in splits["train"].to_dict("records"))
     with atomic_dir(art.splits) as tmp:
-        stats["decoded_cache"] = {}
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)
-            stats["decoded_cache"][name] = slice_cache.write(frame, Path(raw_dir),
-                                                             tmp / f"{name}.csv", len(classes))
-        # From the cache just written when there is one: each PNG is decoded once.
-        cache = slice_cache.open_cache(tmp / "train.csv", len(splits["train"]))
-        train_images = cache[0] if cache else (
-            slice_cache.load_input(Path(raw_dir), row)
-            for row in splits["train"].to_dict("records"))
-        mean, std = pixel_stats(train_images)
         write_json(tmp / SPLIT_STATS, {"mean": mean, "std": std} | stats)
     return {name: stats[name]["slices"] for name in SPLITS} | {"mean": mean, "std": std}

@@ -124,7 +124,7 @@ def make_loaders(params: Params, splits_dir: Path, raw_dir: Path, stats: dict, g
     train = SliceDataset(splits_dir / "train.csv", raw_dir, size, stats["mean"], stats["std"],
                          augment, num_classes=n)
     val = SliceDataset(splits_dir / "val.csv", raw_dir, size, stats["mean"], stats["std"],
-                       num_classes=n)
+                       num_classes=n, sampled_only=True)
     if len(train) < cfg.batch_size * ctx.world_size:
         raise ValueError(f"train split has {len(train)} slices, fewer than "
                          f"train.batch_size={cfg.batch_size} x {ctx.world_size} process(es)")

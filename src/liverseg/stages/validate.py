@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from liverseg import labels
+from liverseg import casestore, labels
 from liverseg.artifacts import Artifacts
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
-from liverseg.io import atomic_dir, atomic_path, load_gray, sha256_file, write_json
+from liverseg.io import atomic_dir, atomic_path, write_json
 
 QUARANTINE_COLUMNS = ["path", "rule", "detail", "slice_id"]
 
@@ -41,22 +41,28 @@ class ValidationFailed(RuntimeError, ValueError):  # ValueError: the CLI prints 
     """The suite failed under the configured policy; the message names files and rules."""
 
 
+def _read(raw_dir: Path, ref: str, what: str) -> np.ndarray | None:
+    """A stored slice, or None when its case file does not hold it."""
+    try:
+        return casestore.read(raw_dir, ref, what)
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
 def describe_slice(raw_dir: Path, row: pd.Series) -> dict:
-    """Facts about one written image/mask pair, read from the files themselves."""
-    image_path = raw_dir / row["image"] if row["image"] else None
-    mask_path = raw_dir / row["mask"] if row["mask"] else None
-    # None (not checked) where ingest wrote no file: the rule it broke there says why.
+    """Facts about one stored image/mask pair, read from the case file itself."""
+    image = _read(raw_dir, row["image"], "image") if row["image"] else None
+    mask = _read(raw_dir, row["mask"], "mask") if row["mask"] else None
+    # None (not checked) where ingest stored nothing: the rule it broke there says why.
     unexplained = False if not row["ingest_detail"] else None
-    facts = {"image_exists": image_path.is_file() if image_path else unexplained,
-             "mask_exists": mask_path.is_file() if mask_path else unexplained}
-    if facts["image_exists"]:
-        image = load_gray(image_path)
-        facts |= {"image_sha256": sha256_file(image_path), "height": image.shape[0],
+    facts = {"image_exists": image is not None if row["image"] else unexplained,
+             "mask_exists": mask is not None if row["mask"] else unexplained}
+    if image is not None:
+        facts |= {"image_sha256": casestore.slice_digest(image), "height": image.shape[0],
                   "width": image.shape[1], "image_mean": float(image.mean()),
                   "image_std": float(image.std())}
-    if facts["mask_exists"]:
-        mask = load_gray(mask_path)
-        facts |= {"mask_sha256": sha256_file(mask_path), "mask_height": mask.shape[0],
+    if mask is not None:
+        facts |= {"mask_sha256": casestore.slice_digest(mask), "mask_height": mask.shape[0],
                   "mask_width": mask.shape[1],
                   "mask_values": ",".join(str(v) for v in np.unique(mask)),
                   "fg_fraction": float((mask > 127).mean())}
@@ -76,6 +82,7 @@ def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
             manifest[col] = None
     manifest.insert(0, "id", manifest["slice_id"])  # the contract's name for the slice id
     group_by_own_id(manifest)
+    # Where the slice is stored (its case file and slot), for entries with no source file.
     manifest["image_path"] = [str(raw_dir / p) if p else "" for p in manifest["image"]]
     manifest["mask_path"] = [str(raw_dir / p) if p else "" for p in manifest["mask"]]
     return manifest
@@ -301,6 +308,9 @@ def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
         return f"stored mask values {row['mask_values']}"
     if rule.startswith("image intensity") or rule.startswith("image is not blank"):
         return f"mean {row['image_mean']:.1f}, std {row['image_std']:.2f}"
+    if rule in ("image file exists", "mask file exists"):
+        ref = row["mask_path" if rule.startswith("mask") else "image_path"]
+        return f"{ref}: not in data/raw (case file missing, or no such slot in it)"
     if rule == "split group present":
         return f"no patient id and no slice id to split {row['source_image']!r} by"
     return rule
@@ -351,7 +361,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
         "rules": rules,
     }
     write_json(report_path, summary)
-    listing = "\n  ".join(f"{q.path}: {q.rule}: {q.detail}" for q in quarantine.itertuples())
+    listing = "\n  ".join(f"{q.path} (slice {q.slice_id}): {q.rule}: {q.detail}"
+                          for q in quarantine.itertuples())
     if cfg.policy == "fail" and quarantined:
         raise ValidationFailed(f"{raw_dir}: {quarantined} of {n} items broke the suite "
                                f"(validate.policy=fail); see {report_path}\n  {listing}")

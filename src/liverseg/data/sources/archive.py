@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import stat
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from liverseg.config import ArchiveParams, DataParams
-from liverseg.data.layout import SliceWriter
+from liverseg.data.layout import CaseTask, CaseWriter, Plan, file_facts
 from liverseg.data.sources import folder
 from liverseg.data.sources.folder import SourceError
 
@@ -80,22 +79,36 @@ def extract(archive: Path, target: Path, cfg: ArchiveParams) -> Path:
     return target
 
 
-def ingest_tree(root: Path, data: DataParams, writer: SliceWriter, origin: Path) -> dict:
-    """Ingest every images/masks folder pair found under an extracted tree."""
-    start = len(writer.rows)
-    try:
-        facts = folder.ingest_tree(root, data, writer)
-    except SourceError as exc:  # name the archive, not the temporary folder
-        raise SourceError(str(exc).replace(str(root), f"{origin}!")) from None
-    # Name files as `<archive>!/<member>`: the extraction folder is gone after ingest.
-    for row in writer.rows[start:]:
-        for key in ("source_image", "source_mask", "ingest_detail"):
-            row[key] = str(row.get(key) or "").replace(str(root), f"{origin}!")
-    return facts | {"ignored": [p.replace(str(root), f"{origin}!") for p in facts["ignored"]]}
+def _renamed(text: str, root: Path, archive: Path) -> str:
+    """Name files as `<archive>!/<member>`: the extraction folder is gone after ingest."""
+    return str(text or "").replace(str(root), f"{archive}!")
 
 
-def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
+def plan(data: DataParams, seed: int, workdir: Path) -> Plan:
+    """Extract into the stage's work folder, then plan the tree as `folder` does. A case's
+    fingerprint is the archive's own (size, mtime) and its members' names and sizes:
+    extracted files have fresh mtimes."""
     archive = Path(data.path).expanduser()
-    with tempfile.TemporaryDirectory(prefix="liverseg-archive-") as tmp:
-        extract(archive, Path(tmp), data.archive)
-        return ingest_tree(Path(tmp), data, writer, archive)
+    root = extract(archive, Path(workdir) / "archive", data.archive)
+    try:
+        out = folder.plan_tree(root, data)
+    except SourceError as exc:  # name the archive, not the temporary folder
+        raise SourceError(_renamed(str(exc), root, archive)) from None
+    whole = file_facts(archive)
+    out.tasks = [CaseTask(t.case_id, whole + tuple((_renamed(name, root, archive), size, 0)
+                                                   for name, size, _ in t.files),
+                          (str(root), str(archive), t.spec)) for t in out.tasks]
+    for row in out.rows:
+        for key in ("source_image", "source_mask", "ingest_detail"):
+            row[key] = _renamed(row.get(key), root, archive)
+    out.facts["ignored"] = [_renamed(p, root, archive) for p in out.facts["ignored"]]
+    return out
+
+
+def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter) -> dict:
+    root, archive, items = task.spec
+    facts = folder.ingest_case(CaseTask(task.case_id, (), items), data, seed, writer)
+    for row in writer.rows:
+        for key in ("source_image", "source_mask", "ingest_detail"):
+            row[key] = _renamed(row.get(key), Path(root), Path(archive))
+    return facts

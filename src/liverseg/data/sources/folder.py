@@ -10,16 +10,28 @@ Every file is accounted for: a pair becomes a slice; an image without a mask, a 
 without an image, files that pair ambiguously, an undecodable file or a mask with values
 that are not allowed becomes an index row whose facts say so (validate quarantines it,
 naming the source files).
+
+Cases: the slices of one patient id (`data.folder.patient_regex`) within one folder pair are
+one case file; slices whose names carry no patient id share one case for their folder.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from liverseg import imageio
 from liverseg.config import DataParams, FolderParams
-from liverseg.data import imageio
-from liverseg.data.layout import SliceWriter, safe_stem
+from liverseg.data.layout import (
+    CaseTask,
+    CaseWriter,
+    Plan,
+    file_facts,
+    problem_row,
+    safe_stem,
+    unique,
+)
 
 IMAGE_DIRS = ("images", "image", "imgs", "img", "ct", "frames")
 MASK_DIRS = ("masks", "mask", "labels", "label", "seg", "segmentation", "segmentations",
@@ -164,9 +176,22 @@ def patient_and_slice(stem: str, regex: re.Pattern) -> tuple[str | None, int | N
     return found["patient"], int(found["slice"]) if found.get("slice") else None
 
 
-def ingest_pair_folders(image_dir: Path, mask_dir: Path, data: DataParams,
-                        writer: SliceWriter) -> dict:
-    """Ingest one images folder and its masks folder into `writer`; returns counts."""
+@dataclass(frozen=True)
+class Item:
+    """One image/mask group of files as planned: its slice id, files and pairing problem."""
+
+    sid: str
+    patient: str | None
+    index: int
+    image: Path | None
+    mask: Path | None
+    problem: str = ""
+
+
+def plan_pair_folders(image_dir: Path, mask_dir: Path, data: DataParams, out: Plan,
+                      taken: set[str]) -> list[Item]:
+    """The items of one images folder and its masks folder; ambiguous groups (nothing to
+    decode) become rows of `out` naming every file."""
     cfg: FolderParams = data.folder
     images, ignored = list_files(image_dir, cfg.image_glob, cfg.extensions)
     masks, ignored_masks = list_files(mask_dir, cfg.mask_glob, cfg.extensions)
@@ -174,72 +199,93 @@ def ingest_pair_folders(image_dir: Path, mask_dir: Path, data: DataParams,
         raise SourceError(f"{image_dir.parent}: empty source, no files matching "
                           f"{cfg.extensions} in {image_dir} or {mask_dir}")
     regex = re.compile(cfg.patient_regex)
-    pairs = 0
+    items = []
     for stem, image_paths, mask_paths in pair_stems(images, masks, cfg.mask_suffix):
         problem = _pairing_problem(stem, image_paths, mask_paths, (image_dir, mask_dir),
                                    cfg.mask_suffix)
-        if problem and len(image_paths) <= 1 and len(mask_paths) <= 1:  # one side missing
-            _ingest_item(writer, stem, image_paths[0] if image_paths else None,
-                         mask_paths[0] if mask_paths else None, data, regex, problem)
-        elif problem:  # ambiguous: nothing decoded, one row naming every file
-            patient, index = patient_and_slice(stem, regex)
-            writer.add(safe_stem(stem), patient, -1 if index is None else index, None, None,
-                       source_image=str(image_paths[0] if image_paths else ""),
-                       source_mask=str(mask_paths[0] if mask_paths else ""), paired=False,
-                       ingest_detail=problem)
-        else:
-            pairs += 1
-            _ingest_item(writer, stem, image_paths[0], mask_paths[0], data, regex)
-    return {"pairs": pairs, "ignored": [str(p) for p in ignored + ignored_masks]}
+        patient, index = patient_and_slice(stem, regex)
+        sid, index = unique(safe_stem(stem), taken), -1 if index is None else index
+        if problem and (len(image_paths) > 1 or len(mask_paths) > 1):  # ambiguous
+            out.rows.append(problem_row(
+                sid, patient, index, data.source,
+                source_image=str(image_paths[0] if image_paths else ""),
+                source_mask=str(mask_paths[0] if mask_paths else ""), paired=False,
+                ingest_detail=problem))
+            continue
+        out.facts["pairs"] += not problem
+        items.append(Item(sid, patient, index, image_paths[0] if image_paths else None,
+                          mask_paths[0] if mask_paths else None, problem))
+    out.facts["ignored"] += [str(p) for p in ignored + ignored_masks]
+    return items
 
 
-def _ingest_item(writer: SliceWriter, stem: str, image_path: Path | None,
-                 mask_path: Path | None, data: DataParams, regex: re.Pattern,
-                 problem: str = "") -> None:
+def plan_cases(items: list[Item], folder_name: str, source: str, cases: set[str]
+               ) -> list[CaseTask]:
+    """One case per patient id; items without one share a case for their folder."""
+    groups: dict[str | None, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.patient, []).append(item)
+    tasks = []
+    for patient, members in groups.items():
+        name = safe_stem(patient) if patient is not None else f"unnamed-{folder_name}"
+        files = [p for item in members for p in (item.image, item.mask) if p is not None]
+        tasks.append(CaseTask(unique(name, cases), file_facts(*files), tuple(members)))
+    return tasks
+
+
+def plan_tree(root: Path, data: DataParams) -> Plan:
+    """Every images/masks folder pair found under `root`, planned as cases."""
+    layouts = find_layouts(root, data.folder)
+    if not layouts:
+        raise SourceError(no_layout_message(root, data.folder))
+    out, taken, cases = Plan(facts={"pairs": 0, "ignored": []}), set(), set()
+    for image_dir, mask_dir in layouts:
+        items = plan_pair_folders(image_dir, mask_dir, data, out, taken)
+        folder_name = safe_stem(image_dir.parent.relative_to(root).as_posix() or "root")
+        out.tasks += plan_cases(items, folder_name, data.source, cases)
+    out.facts["layouts"] = [image_dir.parent.relative_to(root).as_posix()
+                            for image_dir, _ in layouts]
+    return out
+
+
+def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter) -> dict:
+    """Decode every item of one case into `writer`."""
+    for item in task.spec:
+        _ingest_item(writer, item, data)
+    return {}
+
+
+def _ingest_item(writer: CaseWriter, item: Item, data: DataParams) -> None:
     cfg = data.folder
-    patient, index = patient_and_slice(stem, regex)
-    facts = {"source_image": str(image_path or ""), "source_mask": str(mask_path or ""),
-             "paired": not problem}
-    details = [problem] if problem else []
+    facts = {"source_image": str(item.image or ""), "source_mask": str(item.mask or ""),
+             "paired": not item.problem}
+    details = [item.problem] if item.problem else []
     image = mask = None
-    if image_path is not None:
+    if item.image is not None:
         try:
-            image, info = imageio.decode_image(image_path, data.max_pixels, cfg.high_bit_window)
+            image, info = imageio.decode_image(item.image, data.max_pixels, cfg.high_bit_window)
             facts |= {"channels": info["channels"], "dtype": info["dtype"]}
         except imageio.DecodeError as exc:
             facts["image_decodable"] = False
             details.append(f"image decodable: {exc}")
-    if mask_path is not None:
+    if item.mask is not None:
         try:
-            raw = imageio.decode_mask(mask_path, data.max_pixels)
+            raw = imageio.decode_mask(item.mask, data.max_pixels)
             mask, issue = imageio.mask_classes(raw, cfg.mask_mapping, cfg.mask_threshold,
                                                cfg.max_ambiguous_fraction)
             facts["source_mask_values"] = imageio.compact_values(raw)
             if issue:
                 facts["mask_values_allowed"] = False
-                details.append(f"mask values allowed: {mask_path}: {issue}")
+                details.append(f"mask values allowed: {item.mask}: {issue}")
         except imageio.DecodeError as exc:
             facts["mask_decodable"] = False
             details.append(f"mask decodable: {exc}")
-    writer.add(safe_stem(stem), patient, -1 if index is None else index, image, mask,
-               ingest_detail=" | ".join(details), **facts)
+    writer.add(item.sid, item.patient, item.index, image, mask, ingest_detail=" | ".join(details),
+               **facts)
 
 
-def ingest_tree(root: Path, data: DataParams, writer: SliceWriter) -> dict:
-    """Ingest every images/masks folder pair found under `root`."""
-    layouts = find_layouts(root, data.folder)
-    if not layouts:
-        raise SourceError(no_layout_message(root, data.folder))
-    ignored, pairs = [], 0
-    for image_dir, mask_dir in layouts:
-        counts = ingest_pair_folders(image_dir, mask_dir, data, writer)
-        ignored, pairs = ignored + counts["ignored"], pairs + counts["pairs"]
-    return {"layouts": [image_dir.parent.relative_to(root).as_posix() for image_dir, _ in layouts],
-            "pairs": pairs, "ignored": ignored}
-
-
-def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
+def plan(data: DataParams, seed: int, workdir) -> Plan:
     root = Path(data.path).expanduser()
     if not root.is_dir():
         raise SourceError(f"{root}: data.path is not a folder (data.source=folder)")
-    return ingest_tree(root, data, writer)
+    return plan_tree(root, data)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from liverseg.config import DataParams, KaggleParams
-from liverseg.data.layout import SliceWriter
+from liverseg.data.layout import Plan
 from liverseg.data.sources import archive, folder
 from liverseg.data.sources.folder import SourceError
 
@@ -107,8 +107,12 @@ def fetch(cfg: KaggleParams, data: DataParams) -> Path:
     return cache
 
 
-def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
+def plan(data: DataParams, seed: int, workdir) -> Plan:
     root = fetch(data.kaggle, data)
     # The cache stays: rows name its real files (an archive's are named `<archive>!/...`).
-    return {"kaggle": handle(data.kaggle), "cache": str(root)} | folder.ingest_tree(
-        root, data, writer)
+    out = folder.plan_tree(root, data)
+    out.facts |= {"kaggle": handle(data.kaggle), "cache": str(root)}
+    return out
+
+
+ingest_case = folder.ingest_case

@@ -15,8 +15,10 @@ sub-datasets that both hold case `0` do not cross-pair.
 
 Slices: the volume in closest canonical orientation (RAS+), slice k of the last axis,
 transposed; intensities windowed in HU (`data.nifti.window`), exactly as `liverseg predict`
-serves a volume. Labels: 0 background, 1 liver, 2 tumour. With `data.context_slices` k each
-row also names its neighbours' images (`SliceWriter.link_context`), as predict stacks them.
+serves a volume. Every slice is stored (one case file per volume); `data.nifti.slices` and
+`empty_fraction` choose the slices training samples (`sampled`), from the case's own seeded
+stream. Labels: 0 background, 1 liver, 2 tumour. With `data.context_slices` k each
+row also names its neighbours' slices (`CaseWriter.link_context`), as predict stacks them.
 
 Nothing is dropped: a volume without a label volume, a label volume without a volume, a
 case with two candidates on one side (`.nii` beside `.nii.gz`), a volume that cannot be
@@ -28,16 +30,25 @@ the folders looked for.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from liverseg import imageio, preprocess
 from liverseg import labels as label_schema
-from liverseg import preprocess
 from liverseg.config import DataParams
-from liverseg.data import imageio
-from liverseg.data.layout import SliceWriter, slice_id
+from liverseg.data.layout import (
+    CaseTask,
+    CaseWriter,
+    Plan,
+    file_facts,
+    problem_row,
+    safe_stem,
+    slice_id,
+    unique,
+)
 from liverseg.data.sources.folder import SourceError
 
 ORGAN_LABELS = {"organ": [1, 2], "tumour": [2]}
@@ -160,8 +171,8 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def select_slices(labels: np.ndarray, mode: str, empty_fraction: float,
                   rng: np.random.Generator) -> list[int]:
-    """Indices into `labels` [Z, H, W]: all, or the slices containing the organ/tumour plus
-    some of the rest."""
+    """Indices into `labels` [Z, H, W] that training samples: all, or the slices containing
+    the organ/tumour plus some of the rest."""
     n = len(labels)
     if mode == "all":
         return list(range(n))
@@ -171,10 +182,9 @@ def select_slices(labels: np.ndarray, mode: str, empty_fraction: float,
     return sorted(set(np.flatnonzero(hit).tolist()) | set(keep.tolist()))
 
 
-def _reject(writer: SliceWriter, pid: str, vol: Path | None, label: Path | None,
-            **facts) -> None:
-    writer.add(slice_id(pid, 0), pid, -1, None, None, source_image=str(vol or ""),
-               source_mask=str(label or ""), **facts)
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """A case's own random stream: the same whichever worker, in whatever order, ingests it."""
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
 def _shape_problem(vol: Path, label: Path, image: np.ndarray, labels: np.ndarray) -> dict:
@@ -190,9 +200,20 @@ def _shape_problem(vol: Path, label: Path, image: np.ndarray, labels: np.ndarray
     return {}
 
 
-def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
-    """Slices of every paired volume; facts: `pairs` = `volumes` + `refused` (unreadable,
-    not 3D, or shapes differ); `unpaired` and `ambiguous` cases are rows too."""
+def _memory(vol: Path) -> int:
+    """Bytes a worker holds for one volume, from its header: the stored voxels, a float
+    canonical copy, the label volume and its copy, the grey slices and the stored labels
+    collected and stacked (about 12 bytes a voxel)."""
+    import nibabel as nib
+
+    try:
+        return int(np.prod(nib.load(vol).shape)) * 12
+    except Exception:  # an unreadable header: ingest_case names it; no estimate needed
+        return 0
+
+
+def plan(data: DataParams, seed: int, workdir) -> Plan:
+    """One case per paired volume; unpaired and ambiguous cases are rows naming the files."""
     root, cfg = Path(data.path).expanduser(), data.nifti
     if not root.is_dir():
         raise SourceError(f"{root}: data.path is not a folder (data.source=nifti)")
@@ -201,42 +222,54 @@ def ingest(data: DataParams, seed: int, writer: SliceWriter) -> dict:
         raise SourceError(f"{root}: empty source, no NIfTI volumes (*.nii, *.nii.gz) under it")
     if not any(c.paired for c in cases):
         raise SourceError(nothing_pairs_message(root, cases, cfg.labels_dir))
-    rng = np.random.default_rng(seed)
-    volumes = 0
+    out, taken = Plan(), set()
     for case in cases:
-        problem, pid = pairing_problem(case), case.pid
         vol = case.images[0] if case.images else None
         label = case.labels[0] if case.labels else None
+        problem = pairing_problem(case)
         if problem:
-            _reject(writer, pid, vol, label, paired=False, ingest_detail=problem)
+            out.rows.append(problem_row(slice_id(case.pid, 0), case.pid, -1, "nifti",
+                                        source_image=str(vol or ""), source_mask=str(label or ""),
+                                        paired=False, ingest_detail=problem))
             continue
-        try:
-            (image, affine), (labels, _) = _load(vol), _load(label)
-        except imageio.DecodeError as exc:
-            _reject(writer, pid, vol, label, image_decodable=False,
-                    ingest_detail=f"image decodable: {exc}")
-            continue
-        refused = _shape_problem(vol, label, image, labels)
-        if refused:
-            _reject(writer, pid, vol, label, **refused)
-            continue
-        volumes += 1
-        # The serving orientation (liverseg.preprocess): canonical axes, slice k of the last
-        # one; the label volume's voxels follow the image's (same grid, by the shape check).
-        ornt = preprocess.orientation(affine)
-        image, labels = (preprocess.to_slices(preprocess.to_canonical(a, ornt))
-                         for a in (image, labels))
-        rows = {}
-        for k in select_slices(labels, cfg.slices, cfg.empty_fraction, rng):
-            rows[k] = writer.add(
-                slice_id(pid, k), pid, k, preprocess.window(image[k], cfg.window),
-                label_schema.from_volume_labels(labels[k], data.target),
-                source_image=f"{vol}#{k}", source_mask=f"{label}#{k}", channels=1,
-                dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]))
-        if data.context_slices and rows:
-            writer.link_context(rows, len(image), data.context_slices,
-                                lambda j, volume=image: preprocess.window(volume[j], cfg.window))
-    pairs = sum(c.paired for c in cases)
-    return {"volumes": volumes, "pairs": pairs, "refused": pairs - volumes,
-            "unpaired": sum(not (c.images and c.labels) for c in cases),
-            "ambiguous": sum(bool(c.images and c.labels) and not c.paired for c in cases)}
+        case_id = unique(safe_stem(case.pid), taken)
+        out.tasks.append(CaseTask(case_id, file_facts(vol, label), (case.pid, str(vol), str(label)),
+                                  _memory(vol)))
+    out.facts = {"pairs": len(out.tasks), "volumes": 0, "refused": 0,
+                 "unpaired": sum(not (c.images and c.labels) for c in cases),
+                 "ambiguous": sum(bool(c.images and c.labels) and not c.paired for c in cases)}
+    return out
+
+
+def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter) -> dict:
+    """Every slice of one volume (`sampled`: the ones training uses); facts: `volumes`, or
+    `refused` when it is unreadable, not 3D, or its label volume has another shape."""
+    cfg, (pid, vol, label) = data.nifti, task.spec
+    vol, label = Path(vol), Path(label)
+    first = slice_id(task.case_id, 0)
+    try:
+        (image, affine), (labels, _) = _load(vol), _load(label)
+    except imageio.DecodeError as exc:
+        writer.add(first, pid, -1, None, None, source_image=str(vol), source_mask=str(label),
+                   image_decodable=False, ingest_detail=f"image decodable: {exc}")
+        return {"refused": 1}
+    refused = _shape_problem(vol, label, image, labels)
+    if refused:
+        writer.add(first, pid, -1, None, None, source_image=str(vol), source_mask=str(label),
+                   **refused)
+        return {"refused": 1}
+    # The serving orientation (liverseg.preprocess): canonical axes, slice k of the last
+    # one; the label volume's voxels follow the image's (same grid, by the shape check).
+    ornt = preprocess.orientation(affine)
+    image, labels = (preprocess.to_slices(preprocess.to_canonical(a, ornt))
+                     for a in (image, labels))
+    sampled = set(select_slices(labels, cfg.slices, cfg.empty_fraction,
+                                case_rng(seed, task.case_id)))
+    for k in range(len(image)):  # slice by slice: a float copy of one slice at a time
+        writer.add(slice_id(task.case_id, k), pid, k, preprocess.window(image[k], cfg.window),
+                   label_schema.from_volume_labels(labels[k], data.target), sampled=k in sampled,
+                   source_image=f"{vol}#{k}", source_mask=f"{label}#{k}", channels=1,
+                   dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]))
+    if data.context_slices:
+        writer.link_context(data.context_slices)
+    return {"volumes": 1}

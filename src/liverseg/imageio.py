@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The phantom's CT window (level 50, width 400 HU): the generator windows with it, and
+# `preprocess` records it for phantom-trained models. Here, below both, so neither imports up.
+PHANTOM_WINDOW = (50.0 - 400.0 / 2, 50.0 + 400.0 / 2)
 HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 

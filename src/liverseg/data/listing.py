@@ -1,0 +1,89 @@
+"""What the data source holds now, listed cheaply. One owner for two readers: the `source`
+stage, whose output `data/source.json` is ingest's dependency (a DVC stage that runs on
+every `dvc repro`, `always_changed`, and whose output changes only when the source does,
+so ingest reruns only then), and the Dagster data sensor's fingerprint.
+
+- folder, archive, nifti: every file under data.path (or the archive file), with its size
+  and MD5. An MD5 is computed once per file and kept in `.liverseg/listing-md5.json` by
+  (path, size, mtime, inode), as DVC's own state database does: a listing costs one stat
+  per file, and reads only files that are new or changed (or, in a fresh clone, all once).
+- phantom: nothing on disk; the params say everything (they are the stage's params).
+- kaggle: the dataset's handle; pin `data.kaggle.version` for a data version that cannot
+  move under you (the newest version is only known by downloading it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from liverseg.artifacts import Artifacts
+from liverseg.config import PATH_SOURCES, Params
+from liverseg.io import atomic_path
+
+MD5_CACHE = "listing-md5.json"  # in the ingest store's parent, .liverseg/
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _walk(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        out += [Path(dirpath) / name for name in sorted(filenames)]
+    return out
+
+
+def file_listing(path: Path, cache: dict) -> list[list]:
+    """[relative name, size, md5] of every file under `path` (or of `path` itself). `cache`
+    maps "path|size|mtime_ns|inode" to a known MD5; afterwards it holds this listing's
+    files only."""
+    rows, seen = [], {}
+    for full in _walk(path):
+        st = full.stat()
+        key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        seen[key] = cache.get(key) or _md5(full)
+        name = full.name if full == path else full.relative_to(path).as_posix()
+        rows.append([name, st.st_size, seen[key]])
+    cache.clear()
+    cache.update(seen)
+    return rows
+
+
+def list_source(params: Params, root: str | Path = ".") -> dict:
+    """The source's listing: its kind, and its files (path sources) or handle (Kaggle)."""
+    data, root = params.data, Path(root)
+    listing: dict = {"source": data.source}
+    if data.source == "kaggle":
+        listing["kaggle"] = {"slug": data.kaggle.slug, "version": data.kaggle.version}
+    if data.source in PATH_SOURCES and data.path:
+        path = (root / Path(data.path).expanduser()).resolve()
+        if not path.exists():
+            listing["files"] = f"missing: {path}"
+            return listing
+        cache_path = Artifacts(root).ingest_store.parent / MD5_CACHE
+        known = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        cache = dict(known)
+        listing["files"] = file_listing(path, cache)
+        if cache != known:
+            with atomic_path(cache_path) as tmp:
+                tmp.write_text(json.dumps(cache))
+    return listing
+
+
+def fingerprint(params: Params, root: str | Path = ".") -> str:
+    """What ingest reads, hashed: `seed`, the `data` params and the source's listing."""
+    state = {"seed": params.seed, "data": params.data.model_dump(mode="json"),
+             "listing": list_source(params, root)}
+    blob = json.dumps(state, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

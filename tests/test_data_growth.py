@@ -1,0 +1,142 @@
+"""A source that grows: a case added to a folder is seen by `dvc status`, the Dagster data
+sensor and the retrain job; only that case is ingested, no other case file changes and no
+patient changes sides; with nothing added, a retrain is the no-op it should be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from liverseg.data import phantom
+from liverseg.fanout.dvc_graph import load_stages
+from liverseg.io import sha256_file
+from liverseg.stages import ingest
+from pipeline.resources import DvcResource
+from pipeline.sensors import data_source_sensor
+from tests.helpers import copy_repository, repo_env, sh, tiny_raw_params, tracking_uri
+
+
+def write_patient(folder: Path, p: int, slices: int = 4, size: int = 64) -> None:
+    """Patient `p` of the phantom as 2D files: `images/p<p>_<k>.png` beside masks."""
+    for sl in phantom.generate_patient(p, slices, size, 2, 12.0, seed=3):
+        for kind, array in (("images", sl.image), ("masks", (sl.labels > 0) * np.uint8(255))):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(folder / kind / f"p{p:02d}_{sl.slice_index}.png")
+
+
+def case_hashes(root: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted((root / "data/raw/cases").glob("*.h5"))}
+
+
+def sides(root: Path) -> dict[str, str]:
+    out = {}
+    for name in ("train", "val", "test"):
+        frame = pd.read_csv(root / f"data/splits/{name}.csv", dtype={"patient_id": str})
+        out |= {p: name for p in frame.patient_id.unique()}
+    return out
+
+
+def lock(root: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+
+
+def out_md5(locked: dict, stage: str, path: str) -> str:
+    return next(o["md5"] for o in locked[stage]["outs"] if o["path"] == path)
+
+
+def sensor_tick(root: Path, cursor: str | None):
+    context = dg.build_sensor_context(cursor=cursor,
+                                      resources={"dvc": DvcResource(repo_root=str(root))})
+    return data_source_sensor(context), context.cursor
+
+
+def test_ingest_reuses_unchanged_cases_and_drops_removed_ones(workdir):
+    incoming = workdir / "incoming"
+    for p in range(3):
+        write_patient(incoming, p)
+    from liverseg.config import parse_params
+
+    params = parse_params(tiny_raw_params(data={"source": "folder", "path": str(incoming)}))
+    first = ingest.run(params)
+    assert first["cases"] | {"workers": 0} == {"total": 3, "ingested": 3, "reused": 0,
+                                               "workers": 0}
+    before = case_hashes(workdir)
+    write_patient(incoming, 3)
+    second = ingest.run(params)
+    assert (second["cases"]["ingested"], second["cases"]["reused"]) == (1, 3)
+    after = case_hashes(workdir)
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"p03.h5"}
+    for kind in ("images", "masks"):  # patient 1 leaves: its file and rows go
+        for f in (incoming / kind).glob("p01_*"):
+            f.unlink()
+    third = ingest.run(params)
+    index = pd.read_csv(workdir / "data/raw/slices.csv", dtype={"patient_id": str})
+    assert third["cases"]["ingested"] == 0 and "p01.h5" not in case_hashes(workdir)
+    assert "p01" not in set(index.patient_id) and len(index) == 12
+    assert len(list((workdir / ".liverseg/ingest").glob("*.h5"))) == 3  # the last run's
+
+
+def test_case_files_are_the_same_bytes_for_one_and_two_workers(workdir, monkeypatch):
+    from liverseg.config import parse_params
+
+    incoming = workdir / "incoming"
+    for p in range(3):
+        write_patient(incoming, p)
+    params = parse_params(tiny_raw_params(data={"source": "folder", "path": str(incoming)}))
+    hashes = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("LIVERSEG_INGEST_WORKERS", workers)
+        for stale in (workdir / ".liverseg/ingest").glob("*.h5"):
+            stale.unlink()  # make every case again
+        assert ingest.run(params)["cases"]["workers"] == int(workers)
+        hashes.append(case_hashes(workdir) | {"index": sha256_file(
+            workdir / "data/raw/slices.csv")})
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 4
+
+
+@pytest.mark.slow
+def test_a_case_added_to_the_folder_retrains_through_the_sensor_and_nothing_else_does(
+        tmp_path):
+    root, incoming = tmp_path / "repo", tmp_path / "incoming"
+    root.mkdir()
+    for p in range(6):
+        write_patient(incoming, p)
+    copy_repository(root, tiny_raw_params(data={"source": "folder", "path": str(incoming),
+                                                "target": "liver"}))
+    env = repo_env(DAGSTER_HOME=str(root / ".dagster_home"), MLFLOW_TRACKING_URI=tracking_uri(root))
+    sh(["dvc", "repro"], root, env)
+    assert set(json.loads(sh(["dvc", "status", "--json"], root, env))) == {"source"}  # always
+    cases, split_sides, locked = case_hashes(root), sides(root), lock(root)
+    assert len(cases) == 6
+
+    first, cursor = sensor_tick(root, None)  # records the source
+    assert isinstance(first, dg.SkipReason)
+    nothing, cursor = sensor_tick(root, cursor)
+    assert isinstance(nothing, dg.SkipReason)
+    retrain = ["dagster", "job", "execute", "-m", "pipeline.definitions", "-j", "retrain"]
+    sh(retrain, root, env)  # the scheduled run with nothing new: a no-op
+    assert lock(root) == locked and case_hashes(root) == cases
+
+    write_patient(incoming, 6)
+    fired, cursor = sensor_tick(root, cursor)
+    assert isinstance(fired, dg.RunRequest) and fired.job_name in (None, "retrain")
+    assert load_stages(root)  # the job is the whole DAG of this repository
+    out = sh(retrain + ["--tags", json.dumps(fired.tags)], root, env)
+    assert "RUN_SUCCESS" in out
+    now = lock(root)
+    assert out_md5(now, "ingest", "data/raw") != out_md5(locked, "ingest", "data/raw")
+    assert out_md5(now, "train@enhanced_pan", "models/enhanced_pan") != \
+        out_md5(locked, "train@enhanced_pan", "models/enhanced_pan")  # retrained
+    after = case_hashes(root)
+    assert {k: after[k] for k in cases} == cases and set(after) - set(cases) == {"p06.h5"}
+    assert {p: s for p, s in sides(root).items() if p in split_sides} == split_sides
+    again, _ = sensor_tick(root, cursor)
+    assert isinstance(again, dg.SkipReason)
