@@ -4,7 +4,9 @@ new git repo with its environment, running commands, waiting for servers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -215,3 +217,17 @@ def without_cases(summary: dict) -> dict:
     """An ingest summary without its `cases` counts (how many were made or reused, by how
     many workers: they depend on the store and the machine)."""
     return {k: v for k, v in summary.items() if k != "cases"}
+
+
+# `dvc status` of a reproduced workspace: only the source listing, which DVC runs on every
+# repro (`always_changed`), is named.
+UP_TO_DATE = {"source": ["always changed"]}
+
+
+def dvc_status(root: Path, env: dict) -> dict:
+    return json.loads(sh(["dvc", "status", "--json"], root, env))
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a `dvc repro` output says it ran."""
+    return re.findall(r"Running stage '([^']+)'", output)

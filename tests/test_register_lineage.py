@@ -183,8 +183,8 @@ def test_lineage_of_the_first_champion_reproduces_then_names_what_changed(
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["train"]["epochs"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    image = sorted((root / "data/raw/images").iterdir())[0]
-    image.write_bytes(image.read_bytes() + b"\0")  # an edited data file
+    case = sorted((root / "data/raw/cases").iterdir())[0]
+    case.write_bytes(case.read_bytes() + b"\0")  # an edited data file
     changed = json.loads(_lineage(root, env, monkeypatch, "1", "--json"))
     assert changed["reproducible"] is False
     text = "\n".join(changed["differences"])

@@ -37,8 +37,14 @@ def _row(metrics: dict) -> dict:
 
 def comparison_table(params: Params, art: Artifacts) -> pd.DataFrame:
     table = pd.DataFrame([_row(art.read_metrics(name)) for name in params.models])
-    # NaN ranks last: an undefined score never wins.
-    return table.sort_values(params.compare.rank_by, ascending=False, na_position="last")
+    key = params.compare.rank_by
+    table[key] = pd.to_numeric(table[key])  # an undefined score (None in JSON) is NaN
+    # NaN ranks last: an undefined score never wins; ties keep the params' order.
+    return table.sort_values(key, ascending=False, na_position="last", kind="stable")
+
+
+UNDEFINED = ("{models}: {key} undefined (0/0: neither the validation truth nor the "
+             "predictions hold the class), ranked after every defined score")
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -73,21 +79,25 @@ def run(params: Params, root: str | Path = ".") -> dict:
     key = params.compare.rank_by
     best = table.iloc[0]
     runner_up = table.iloc[1] if len(table) > 1 else None
-    margin = float(best[key] - runner_up[key]) if runner_up is not None else None
+    margin = float(best[key] - runner_up[key]) if runner_up is not None else math.nan
+    undefined = table.loc[table[key].isna(), "model"].tolist()
+    note = UNDEFINED.format(models=", ".join(undefined), key=key) if undefined else None
     records = [nan_to_none(row) for row in table.to_dict(orient="records")]
     for rec in records:  # JSON: CIs as [lo, hi] pairs, like the metrics files
         for k in CI_METRICS:
             lo, hi = rec.pop(f"{k}_ci_lo"), rec.pop(f"{k}_ci_hi")
             rec[f"{k}_ci"] = None if lo is None else [lo, hi]
-    summary = {"rank_by": key, "best_model": best["model"], "best_score": float(best[key]),
+    summary = {"rank_by": key, "best_model": best["model"],
+               "best_score": None if math.isnan(best[key]) else float(best[key]),
                "runner_up": None if runner_up is None else runner_up["model"],
-               "margin_over_next": None if margin is None or math.isnan(margin) else margin,
-               "models": records}
+               "margin_over_next": None if math.isnan(margin) else margin,
+               "undefined": undefined, "note": note, "models": records}
     with atomic_path(art.comparison(".csv")) as tmp:
         table.to_csv(tmp, index=False)
     write_text(art.comparison(".md"), markdown(table)
                + f"\nBest by {key}: **{best['model']}**"
-               + (f", {margin:+.4f} over {runner_up['model']}.\n" if margin is not None else ".\n"))
+               + (f", {margin:+.4f} over {runner_up['model']}.\n" if not math.isnan(margin)
+                  else ".\n") + (f"\n{note}.\n" if note else ""))
     write_json(art.comparison(".json"), summary)
     return {k: summary[k] for k in ("rank_by", "best_model", "best_score", "runner_up",
-                                    "margin_over_next")}
+                                    "margin_over_next")} | ({"note": note} if note else {})

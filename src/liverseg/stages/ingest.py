@@ -6,9 +6,10 @@ outputs) under a key of everything that makes its bytes: the case's source files
 size, mtime), the `data` params, the seed and the code that writes it. data/raw/cases/ holds
 hard links to the store's files (no second copy), so when DVC deletes data/raw before a
 rerun, an unchanged case is linked again instead of being decoded again; the store keeps
-only the keys of the last run. Workers: `LIVERSEG_INGEST_WORKERS` (not a DVC param: it
-changes no byte of the output), default the CPU cores, capped by the memory the largest
-case needs (from its header).
+only the keys of the last run, with each file's size and mtime, so a file edited in place
+through its link is made anew rather than trusted. Workers: `LIVERSEG_INGEST_WORKERS` (not
+a DVC param: it changes no byte of the output), default the CPU cores, capped by the memory
+the largest case needs (from its header).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from liverseg import casestore, labels
 from liverseg.artifacts import Artifacts
 from liverseg.config import DataParams, Params
 from liverseg.data import layout, sources
-from liverseg.io import atomic_dir
+from liverseg.io import atomic_dir, atomic_path
 
 WORKERS_ENV = "LIVERSEG_INGEST_WORKERS"
+STAMPS = "stamps.json"  # in the store: each file's (size, mtime) as ingest left it
 # The code that decides a case file's bytes: a change in it makes every case new.
 CODE = ("data", "preprocess.py", "labels.py", "imageio.py", "casestore.py")
 
@@ -91,6 +93,15 @@ def ingest_missing(tasks: list[layout.CaseTask], paths: dict[str, Path], data: D
     progress.close()
 
 
+def stamp(path: Path) -> list[int] | None:
+    """(size, mtime) of a store file, None when it is missing."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def link(stored: Path, target: Path) -> None:
     """A hard link to the store's file; a copy where the filesystem has no links."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,13 +127,18 @@ def run(params: Params, root: str | Path = ".") -> dict:
     source, code = sources.get(data.source), code_version()
     store = art.ingest_store
     store.mkdir(parents=True, exist_ok=True)
+    stamps_file = store / STAMPS
+    stamps = json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="liverseg-ingest-") as work:
         plan = source.plan(data, params.seed, Path(work))
         paths = {t.case_id: store / f"{case_key(t, data, params.seed, code)}{casestore.SUFFIX}"
                  for t in plan.tasks}
-        todo = [t for t in plan.tasks if not paths[t.case_id].is_file()]
+        # A store file edited in place (through its link in data/raw) is made again.
+        todo = [t for t in plan.tasks if stamp(paths[t.case_id]) is None
+                or stamps.get(paths[t.case_id].name) != stamp(paths[t.case_id])]
         workers = worker_count(todo)
         ingest_missing(todo, paths, data, params.seed, workers)
+    stamps = {path.name: stamp(path) for path in paths.values()}
     rows, facts = list(plan.rows), dict(plan.facts)
     with atomic_dir(art.raw) as tmp:
         labels.write_classes(tmp, data.target)
@@ -136,6 +152,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
         index.to_csv(tmp / layout.INDEX_NAME, index=False)
     for stale in set(store.glob(f"*{casestore.SUFFIX}")) - set(paths.values()):
         stale.unlink()  # the store holds the last run's cases only
+    with atomic_path(stamps_file) as tmp:
+        tmp.write_text(json.dumps(stamps, sort_keys=True))
     written = index[index["image"] != ""]
     summary = {
         "source": data.source,
