@@ -253,13 +253,17 @@ def bench_params(head: str, source: Path, assignments: list[str]) -> dict:
     return params
 
 
-def fresh_workdir(workdir: Path, params: dict, head: str) -> None:
-    """A new clone of REPO at `head` with `params` as its params.yaml."""
+def fresh_workdir(workdir: Path, params: dict, head: str, cache_type: str | None) -> None:
+    """A new clone of REPO at `head` with `params` as its params.yaml (and DVC's
+    `cache.type`, when given, set in its local config)."""
     if workdir.exists():
         shutil.rmtree(workdir)
     runner.git_checked("clone", "--quiet", str(REPO), str(workdir), cwd=REPO)
     runner.git_checked("checkout", "--quiet", "--force", head, cwd=workdir)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if cache_type:
+        subprocess.run(["dvc", "config", "--local", "cache.type", cache_type], cwd=workdir,
+                       env=stage_env(workdir), check=True)
 
 
 def stage_env(workdir: Path, ingest_workers: int | None = None) -> dict:
@@ -297,10 +301,11 @@ def data_stages(workdir: Path) -> list[str]:
     return names[:names.index("train")]
 
 
-def full_run(workdir: Path, params: dict, head: str, workers: int) -> dict:
+def full_run(workdir: Path, params: dict, head: str, workers: int,
+             cache_type: str | None = None) -> dict:
     """Every stage of one (cases, workers) row, one at a time; the row's figures."""
     input_bytes = du_bytes(params["data"]["path"])
-    fresh_workdir(workdir, params, head)
+    fresh_workdir(workdir, params, head, cache_type)
     stages, disk, data = {}, {}, data_stages(workdir)
     for stage in data + MODEL_STAGES:
         env = stage_env(workdir, workers if stage == "ingest" else None)
@@ -444,6 +449,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="one more params override, e.g. data.nifti.slices=all")
     parser.add_argument("--name", help="results file stem scale-<name>; default s<size>-z<slices>")
+    parser.add_argument("--cache-type", help="DVC cache.type for the work repositories, e.g. "
+                        "hardlink (default: DVC's own, reflink,copy)")
     parser.add_argument("--sharing", default="nothing else",
                         help="what else ran on the machine meanwhile (recorded in the JSON)")
     return parser.parse_args()
@@ -461,7 +468,8 @@ def main() -> None:
         for workers in args.workers:
             dirs[workers] = WORK / f"scale-{name}-n{cases}-w{workers}"
             rows.append({"cases": cases, "workers": workers,
-                         **full_run(dirs[workers], params, head, workers)})
+                         "cache_type": args.cache_type or "reflink,copy",
+                         **full_run(dirs[workers], params, head, workers, args.cache_type)})
         if len(dirs) > 1:
             identities.append(identity(cases, dirs))
         if args.increment:
