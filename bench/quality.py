@@ -32,25 +32,13 @@ import yaml
 
 from liverseg import runner
 from liverseg.metrics import paired_difference
-from liverseg.params_dict import deep_merge
+from liverseg.params_dict import deep_merge, set_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 COLUMNS = ["model", "fg_iou", "fg_iou_ci_low", "fg_iou_ci_high", "dice", "miou", "image_iou",
            "pixel_accuracy", "sec_per_epoch", "epochs", "params", "best_epoch", "gflops",
            "images_per_second"]
-
-
-def set_key(params: dict, assignment: str) -> None:
-    """`a.b.c=value` (value parsed as YAML), like `dvc exp run -S`."""
-    key, _, value = assignment.partition("=")
-    *parents, leaf = key.split(".")
-    node = params
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise SystemExit(f"--set {assignment}: params.yaml has no section {key!r}")
-        node = node[part]
-    node[leaf] = yaml.safe_load(value)
 
 
 def preset_params(dataset: str, models: list[str] | None, epochs: int | None,

@@ -74,7 +74,7 @@ import yaml
 
 from liverseg import runner
 from liverseg.artifacts import INGEST_STORE
-from liverseg.params_dict import deep_merge
+from liverseg.params_dict import deep_merge, set_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -228,18 +228,6 @@ def tree_diff(before: dict[str, str], after: dict[str, str]) -> dict:
 
 
 # ---- params and work directories ----------------------------------------------------------
-
-def set_key(params: dict, assignment: str) -> None:
-    """`a.b.c=value` (value parsed as YAML), like `dvc exp run -S` (bench/quality.py's)."""
-    key, _, value = assignment.partition("=")
-    *parents, leaf = key.split(".")
-    node = params
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise SystemExit(f"--set {assignment}: params.yaml has no section {key!r}")
-        node = node[part]
-    node[leaf] = yaml.safe_load(value)
-
 
 def bench_params(head: str, source: Path, assignments: list[str]) -> dict:
     """params.yaml of commit `head` with the benchmark's settings and `--set`s over it."""

@@ -16,6 +16,21 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def set_key(params: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into raw params, like `dvc exp run -S` (the
+    benchmarks' `--set`); a section params.yaml lacks is a clear error."""
+    import yaml
+
+    key, _, value = assignment.partition("=")
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise SystemExit(f"--set {assignment}: params.yaml has no section {key!r}")
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+
+
 def flatten(data: dict, prefix: str = "") -> dict:
     """Nested params as flat `a.b.c` keys (MLflow's param names; what lineage compares)."""
     out = {}

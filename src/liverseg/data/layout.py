@@ -108,7 +108,7 @@ def unique(sid: str, taken: set[str]) -> str:
 
 
 class CaseWriter:
-    """Collects one case's slices and rows, then writes its case file in one go."""
+    """Collects one case's slices and rows; `stacked()` is what the case file holds."""
 
     def __init__(self, case_id: str, source: str, num_classes: int = 2):
         self.case_id, self.source, self.num_classes = case_id, source, num_classes

@@ -71,8 +71,7 @@ def ingest_case(source: str, task: layout.CaseTask, data: DataParams, seed: int,
     """One case into its store file (a worker's job; also run in-process)."""
     writer = layout.CaseWriter(task.case_id, data.source, len(labels.TARGETS[data.target]))
     facts = sources.get(source).ingest_case(task, data, seed, writer)
-    groups = {name: (images, masks) for name, (images, masks) in writer.stacked().items()}
-    casestore.write_case(path, groups, {"rows": writer.rows, "facts": facts})
+    casestore.write_case(path, writer.stacked(), {"rows": writer.rows, "facts": facts})
     os.chmod(path, 0o444)  # linked into data/raw: nothing may write into it in place
 
 
