@@ -85,6 +85,8 @@ def mlflow():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     install_log_redaction()  # MLflow logs run URLs that embed the tracking URI
     uri = tracking_uri()
+    if redact(uri) != uri:  # ... and writes them to stdout itself, past the log redaction
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     check_reachable(uri)
     try:
         import mlflow as _mlflow
