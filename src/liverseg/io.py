@@ -16,7 +16,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 
 def _umask() -> int:
@@ -104,19 +103,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def save_png(path: str | Path, array: np.ndarray) -> None:
-    """Save a 2D uint8 array as an 8-bit grayscale PNG."""
-    if array.dtype != np.uint8 or array.ndim != 2:
-        raise ValueError(f"{path}: expected a 2D uint8 array, got {array.dtype} {array.shape}")
-    Image.fromarray(array).save(path)  # 2D uint8 -> mode "L"
-
-
-def load_gray(path: str | Path) -> np.ndarray:
-    """Load an image as a 2D uint8 array (colour images are converted to luminance)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L"))
 
 
 # ----------------------------------------------------------------------------- masks archive
