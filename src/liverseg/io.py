@@ -1,4 +1,4 @@
-"""Atomic file writes and the image format shared by every stage.
+"""Atomic file writes, JSON, and the masks archive evaluate writes and the report reads.
 
 Outputs are written to a temporary sibling and renamed into place, so no stage (or DVC)
 ever sees a half-written file.
