@@ -22,8 +22,8 @@ from pipeline.schedules import retrain_job
 
 def source_fingerprint(root: Path) -> str:
     """What ingest reads, hashed (`liverseg.data.listing`, the `source` stage's own listing):
-    params `seed` + `data` and the names, sizes and MD5s of the files under data.path, each
-    file read once (then known by its stat), so the sensor can tick every minute."""
+    params `seed` + `data` and the names, sizes and SHA-256s of the files under data.path,
+    each file read once (then known by its stat), so the sensor can tick every minute."""
     return fingerprint(load_params(root / "params.yaml"), root)
 
 

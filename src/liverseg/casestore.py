@@ -160,11 +160,6 @@ def read_input(raw_dir: str | Path, row: dict) -> np.ndarray:
     return read(raw_dir, row["image"])
 
 
-def read_group(path: str | Path, group: str, what: str = "image") -> np.ndarray:
-    """A whole group [N, H, W] of one case file (evaluate, the report: one case at a time)."""
-    return _dataset(Path(path), f"{group}/{what}")[()]
-
-
 def read_case(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """A whole case: its groups {name: (images, masks)} and its record."""
     with _h5py().File(path, "r") as f:

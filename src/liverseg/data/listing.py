@@ -4,7 +4,7 @@ every `dvc repro`, `always_changed`, and whose output changes only when the sour
 so ingest reruns only then), and the Dagster data sensor's fingerprint.
 
 - folder, archive, nifti: every file under data.path (or the archive file), with its size
-  and MD5. An MD5 is computed once per file and kept in `.liverseg/listing-md5.json` by
+  and SHA-256. A digest is computed once per file and kept in `.liverseg/listing-sha256.json` by
   (path, size, mtime, inode), as DVC's own state database does: a listing costs one stat
   per file, and reads only files that are new or changed (or, in a fresh clone, all once).
 - phantom: nothing on disk; the params say everything (they are the stage's params).
@@ -21,17 +21,9 @@ from pathlib import Path
 
 from liverseg.artifacts import Artifacts
 from liverseg.config import PATH_SOURCES, Params
-from liverseg.io import atomic_path
+from liverseg.io import atomic_path, sha256_file
 
-MD5_CACHE = "listing-md5.json"  # in the ingest store's parent, .liverseg/
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+DIGEST_CACHE = "listing-sha256.json"  # in the ingest store's parent, .liverseg/
 
 
 def _walk(path: Path) -> list[Path]:
@@ -45,14 +37,14 @@ def _walk(path: Path) -> list[Path]:
 
 
 def file_listing(path: Path, cache: dict) -> list[list]:
-    """[relative name, size, md5] of every file under `path` (or of `path` itself). `cache`
-    maps "path|size|mtime_ns|inode" to a known MD5; afterwards it holds this listing's
+    """[relative name, size, sha256] of every file under `path` (or of `path` itself). `cache`
+    maps "path|size|mtime_ns|inode" to a known digest; afterwards it holds this listing's
     files only."""
     rows, seen = [], {}
     for full in _walk(path):
         st = full.stat()
         key = f"{full}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        seen[key] = cache.get(key) or _md5(full)
+        seen[key] = cache.get(key) or sha256_file(full)
         name = full.name if full == path else full.relative_to(path).as_posix()
         rows.append([name, st.st_size, seen[key]])
     cache.clear()
@@ -71,7 +63,7 @@ def list_source(params: Params, root: str | Path = ".") -> dict:
         if not path.exists():
             listing["files"] = f"missing: {path}"
             return listing
-        cache_path = Artifacts(root).ingest_store.parent / MD5_CACHE
+        cache_path = Artifacts(root).ingest_store.parent / DIGEST_CACHE
         known = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         cache = dict(known)
         listing["files"] = file_listing(path, cache)

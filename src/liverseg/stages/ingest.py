@@ -133,8 +133,9 @@ def run(params: Params, root: str | Path = ".") -> dict:
         paths = {t.case_id: store / f"{case_key(t, data, params.seed, code)}{casestore.SUFFIX}"
                  for t in plan.tasks}
         # A store file edited in place (through its link in data/raw) is made again.
-        todo = [t for t in plan.tasks if stamp(paths[t.case_id]) is None
-                or stamps.get(paths[t.case_id].name) != stamp(paths[t.case_id])]
+        now = {t.case_id: stamp(paths[t.case_id]) for t in plan.tasks}
+        todo = [t for t in plan.tasks
+                if now[t.case_id] is None or now[t.case_id] != stamps.get(paths[t.case_id].name)]
         workers = worker_count(todo)
         ingest_missing(todo, paths, data, params.seed, workers)
     stamps = {path.name: stamp(path) for path in paths.values()}
