@@ -20,8 +20,8 @@ import dagster as dg
 
 from liverseg import runner
 from liverseg.redact import redact
-from liverseg.serving import dicomweb
-from liverseg.serving.boundary import safe_name
+from liverseg.dicom import web as dicomweb
+from liverseg.boundary import safe_name
 from pipeline.metadata import csv_rows
 from pipeline.resources import MlflowResource, PacsResource
 

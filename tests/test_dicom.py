@@ -21,7 +21,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, RLELossless
 
 from liverseg.config import parse_params
-from liverseg.serving import dicom, predict
+from liverseg.dicom import series as dicom
+from liverseg.serving import predict
 from tests.dicom_series import write_series
 from tests.helpers import SHARED_DATA, tiny_raw_params
 

@@ -8,8 +8,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg.serving import dicom
-from liverseg.serving.boundary import Limits, safe_name
+from liverseg.dicom import series as dicom
+from liverseg.boundary import Limits, safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

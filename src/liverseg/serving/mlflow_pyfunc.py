@@ -12,7 +12,7 @@ same code evaluate and `liverseg predict` run; the parameters are the model's
 
 This is the REST contract (`mlflow models serve`): an input outside it (NaN/inf, values
 outside 0..255, channels other than the model's, H or W outside 16..2048, more than 64
-images, not 4-D; `liverseg.serving.boundary.Limits`) is refused with an MlflowException
+images, not 4-D; `liverseg.boundary.Limits`) is refused with an MlflowException
 naming the rule, which the scoring server answers with HTTP 400.
 """
 
@@ -40,14 +40,14 @@ class LiversegModel(PythonModel):
         self.model.eval()
         self.net = Served(self.model, Preprocessing.from_config(self.config)).eval()
         self.torch = torch
-        from liverseg.serving.boundary import Limits
+        from liverseg.boundary import Limits
 
         self.limits = Limits.from_env()  # read once when the server loads, not per request
 
     # np.ndarray: a hint MLflow accepts without converting or validating the input (the
     # boundary's checks below do that), and without its "Add type hints" warning.
     def predict(self, context, model_input: np.ndarray, params=None):
-        from liverseg.serving.boundary import Refused, check_grey_batch
+        from liverseg.boundary import Refused, check_grey_batch
 
         try:
             x = np.asarray(model_input, dtype=np.float32)

@@ -2,13 +2,13 @@
 that never dies for one input (DESIGN rule 9).
 
 Inputs: PNG/JPG slices, folders of them, NIfTI volumes (`.nii`, `.nii.gz`, values in
-Hounsfield units) and DICOM CT series (`liverseg.serving.dicom`: files recognised by
+Hounsfield units) and DICOM CT series (`liverseg.dicom.series`: files recognised by
 content, grouped by series). All go through `liverseg.preprocess` with the parameters the
 model recorded (grey conversion, canonical orientation, the training HU window, the resize
 to the trained size and back), so a mask has the input's geometry and is what evaluate
 measured; volume masks are written in the input's own axes, with its affine and header.
 
-Before any work each input passes the boundary (`liverseg.serving.boundary`): sizes from
+Before any work each input passes the boundary (`liverseg.boundary`): sizes from
 the header within `Limits`, no NaN/inf voxel (unless `Policy.allow_nonfinite`: counted,
 and masked as background), values that can be CT in HU (unless `Policy.hu_check` is off).
 
@@ -48,8 +48,9 @@ from liverseg.preprocess import (
     to_input_orientation,
     volume_slices,
 )
-from liverseg.serving import dicom
-from liverseg.serving.boundary import Limits, Refused, check_hu, nonfinite
+from liverseg.dicom import seg_writer
+from liverseg.dicom import series as dicom
+from liverseg.boundary import Limits, Refused, check_hu, nonfinite
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
 
 CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
@@ -311,7 +312,7 @@ def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy
                "reason": f"no NIfTI mask or ml: {series.irregular}; SEG on the source frames",
                **_overlay_row(predictor, slices, masks, out)}
     with atomic_path(out.with_name(f"{out.name}_seg.dcm")) as tmp:
-        dicom.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"],
+        seg_writer.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"],
                         predictor.seg_description)
     return row | {"kind": "dicom", "series_uid": series.uid, "study_uid": series.study_uid,
                   "slices": len(datasets), "seg": f"{out.name}_seg.dcm"}
@@ -347,7 +348,7 @@ def start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
     identity = model_identity(model_ref, config)
     version = identity["model_version"] or identity["model_run"][:8]
     predictor = Predictor(model, config,
-                          seg_description=dicom.seg_description(config["model"], version))
+                          seg_description=seg_writer.seg_description(config["model"], version))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return predictor, Outcomes(out_dir, identity)

@@ -1,4 +1,4 @@
-"""DICOM CT series in, DICOM SEG out, for `liverseg predict`.
+"""DICOM CT series in: what `liverseg predict` serves and the `dicom` data source trains on.
 
 A folder is recognised as DICOM by content (the `DICM` preamble), not by extension; a
 DICOMDIR tree is read as the folder of files it indexes. Files are grouped by series
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg.serving.boundary import Limits, Refused
+from liverseg.boundary import Limits, Refused
 
 CT_MODALITY = "CT"
 # Type 2 attributes of the patient and study modules the SEG copies from its sources:
@@ -203,40 +203,3 @@ def load_series(series: Series):
     if series.irregular is None:
         return _volume(series, datasets), datasets
     return [_volume(series, [ds]) for ds in datasets], datasets
-
-
-def seg_description(model_name: str, model_version: str = "") -> str:
-    """What a liverseg SEG's SeriesDescription says: the model and its registry version (the
-    DICOMweb batch recognises its own SEGs by it)."""
-    return f"liverseg {model_name} {model_version}".strip()[:64]
-
-
-def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, ...],
-              model_name: str, description: str | None = None) -> None:
-    """A DICOM SEG of `mask` [slices, rows, columns] (class indices, slices in the order of
-    `datasets`): one segment per foreground class, coded in SNOMED CT. `description` (the
-    SeriesDescription) names the model and its version, so an archive can tell its SEGs."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    import liverseg
-
-    concepts = {"liver": (codes.SCT.AnatomicalStructure, codes.SCT.Liver),
-                "tumour": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm)}
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"liverseg {model_name}", version=liverseg.__version__,
-        family=codes.cid7162.ArtificialIntelligence)
-    segments = [hd.seg.SegmentDescription(
-        segment_number=k, segment_label=name, segmented_property_category=concepts[name][0],
-        segmented_property_type=concepts[name][1], algorithm_identification=algorithm,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC)
-        for k, name in enumerate(classes[1:], start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=mask.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=999,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
-        manufacturer_model_name=model_name, software_versions=liverseg.__version__,
-        device_serial_number="none",
-        series_description=description or seg_description(model_name))
-    seg.save_as(path)

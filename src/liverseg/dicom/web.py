@@ -1,0 +1,162 @@
+"""A DICOMweb archive: find CT series (QIDO-RS), fetch them (WADO-RS), store a SEG back into
+its study (STOW-RS), with `dicomweb-client` (from the authors of highdicom). The PACS batch
+(`liverseg.serving.dicomweb`) and the `dicom` data source both use it.
+
+Credentials never on a command line: `LIVERSEG_DICOMWEB_USER` and
+`LIVERSEG_DICOMWEB_PASSWORD`, else a netrc entry for the host (requests reads ~/.netrc);
+they are redacted from every message (`liverseg.redact`). TLS certificates are verified
+(requests' default; `REQUESTS_CA_BUNDLE` names a hospital's CA). A series is fetched within
+the boundary's limits (`Limits.max_slices`, and each instance's Rows x Columns) before the
+predict path sees it. A series that already holds a SEG from the same model (its
+SeriesDescription, which `dicom.write_seg` writes as `liverseg <model> <version>`) is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from liverseg.redact import redact
+from liverseg.boundary import Limits, Refused, safe_name
+
+USER_ENV, PASSWORD_ENV = "LIVERSEG_DICOMWEB_USER", "LIVERSEG_DICOMWEB_PASSWORD"
+TIMEOUT_S = 20.0
+# DICOM JSON tags (PS3.18 F.2)
+STUDY_UID, SERIES_UID, MODALITY, SERIES_NUMBER = "0020000D", "0020000E", "00080060", "00200011"
+SERIES_DESCRIPTION, STUDY_DATE = "0008103E", "00080020"
+
+
+class ArchiveUnavailable(RuntimeError):
+    """The archive did not answer; the message names its URL (credentials masked)."""
+
+
+@dataclass(frozen=True)
+class RemoteSeries:
+    study_uid: str
+    uid: str
+    modality: str
+    number: str | None
+    description: str
+
+
+def _value(item: dict, tag: str, default=None):
+    values = item.get(tag, {}).get("Value") or [default]
+    return values[0]
+
+
+def connect(url: str, timeout: float = TIMEOUT_S):
+    """A DICOMweb client for `url`, authenticated from the environment or netrc."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if os.environ.get(USER_ENV):
+        session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
+    client = DICOMwebClient(url=url, session=session, timeout=timeout)
+    # Its default retries a refused connection five times over 31 s: a down archive must
+    # fail in seconds (a busy one, 429/503, still gets two more tries).
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+    return client
+
+
+def _call(url: str, what: str, fn, *args, **kwargs):
+    """Run one DICOMweb request; a connection failure names the archive, never a secret."""
+    import requests
+
+    try:
+        return fn(*args, **kwargs)
+    except requests.exceptions.ConnectionError as exc:
+        raise ArchiveUnavailable(redact(f"DICOMweb archive {url} is unreachable ({what}): "
+                                        f"{type(exc).__name__}")) from None
+    except requests.exceptions.RequestException as exc:
+        raise ArchiveUnavailable(redact(f"DICOMweb archive {url} refused {what}: {exc}")) from None
+
+
+PAGE = 500
+
+
+def _search(url: str, what: str, fn, key: str, **kwargs) -> list[dict]:
+    """Every result of a QIDO-RS search, a page at a time; stops at an empty page or one
+    with nothing new (some archives ignore `offset`, so get_remaining would never end)."""
+    results, seen = [], set()
+    while True:
+        page = _call(url, what, fn, limit=PAGE, offset=len(results), **kwargs)
+        new = [r for r in page if _value(r, key) not in seen]
+        if not new:
+            return results
+        results += new
+        seen |= {_value(r, key) for r in new}
+        if len(page) < PAGE:
+            return results
+
+
+def ct_studies(client, url: str, since: str | None = None) -> list[str]:
+    """StudyInstanceUIDs of the studies holding CT (from `since`, YYYYMMDD, when given)."""
+    filters = {"ModalitiesInStudy": "CT"} | ({"StudyDate": f"{since}-"} if since else {})
+    found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
+                    search_filters=filters)
+    return sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)})
+
+
+def series_of(client, url: str, study_uid: str) -> list[RemoteSeries]:
+    found = _search(url, f"a series search in study {study_uid} (QIDO-RS)",
+                    client.search_for_series, SERIES_UID, study_instance_uid=study_uid)
+    out = []
+    for s in found:
+        number = _value(s, SERIES_NUMBER)
+        out.append(RemoteSeries(study_uid, _value(s, SERIES_UID), _value(s, MODALITY, ""),
+                                None if number is None else str(number),
+                                _value(s, SERIES_DESCRIPTION, "")))
+    return out
+
+
+def segmented(client, url: str, series: list[RemoteSeries], description: str) -> set[str]:
+    """The series of a study that already hold a SEG written by this model version (its
+    SeriesDescription), read from each such SEG's ReferencedSeriesSequence."""
+    done = set()
+    for seg in (s for s in series if s.modality == "SEG" and s.description == description):
+        metadata = _call(url, f"SEG {seg.uid} metadata (WADO-RS)",
+                         client.retrieve_series_metadata, study_instance_uid=seg.study_uid,
+                         series_instance_uid=seg.uid)
+        for instance in metadata:
+            for ref in instance.get("00081115", {}).get("Value", []):
+                done.add(_value(ref, SERIES_UID))
+    return done
+
+
+def fetch(client, url: str, series: RemoteSeries, folder: Path, limits: Limits) -> list[Path]:
+    """The series' instances into `folder` (one file each), streamed and bounded: more
+    instances than `max_slices` or an instance over `max_side` stops the download."""
+    import requests
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    try:
+        for i, ds in enumerate(client.iter_series(study_instance_uid=series.study_uid,
+                                                  series_instance_uid=series.uid)):
+            if i >= limits.max_slices:
+                raise Refused(f"series {series.uid}: more than {limits.max_slices} instances, "
+                              "above the limit max_slices (raise it with "
+                              f"{Limits.env_name('max_slices')})")
+            side = max(int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
+            if side > limits.max_side:
+                raise Refused(f"series {series.uid}: {side} pixels per side, above the limit "
+                              f"max_side={limits.max_side}")
+            path = folder / f"{i:05d}_{safe_name(ds.get('SOPInstanceUID', i))}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    except requests.exceptions.RequestException as exc:
+        raise ArchiveUnavailable(redact(f"DICOMweb archive {url}: fetching series {series.uid} "
+                                        f"(WADO-RS) failed: {type(exc).__name__}")) from None
+    return files
+
+
+def store(client, url: str, seg_path: Path) -> str:
+    """STOW-RS the SEG into its study; returns its SOPInstanceUID."""
+    import pydicom
+
+    seg = pydicom.dcmread(seg_path)
+    _call(url, "storing the SEG (STOW-RS)", client.store_instances, [seg],
+          study_instance_uid=seg.StudyInstanceUID)
+    return str(seg.SOPInstanceUID)
