@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from liverseg import tracking
-from liverseg.serving import predict
 from liverseg.boundary import Limits, Refused, check_grey_batch, check_hu, safe_name
+from liverseg.serving import predict
 from tests.helpers import copy_workspace, free_port, record_failure, wait_for_http
 
 CHAMPION = "models:/liverseg@champion"

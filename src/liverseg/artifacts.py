@@ -33,6 +33,9 @@ RAW_INDEX, SPLIT_STATS = "slices.csv", "stats.json"  # in data/raw; in data/spli
 CHECKPOINTS = ".checkpoints"  # training state while a model trains: no DVC output
 # Ingest's store of case files, keyed by what makes them (no DVC output: data/raw links to it)
 INGEST_STORE = ".liverseg/ingest"
+# The dicom source's copy of a DICOMweb archive (one file per instance; outside DVC: the
+# listing in data/source.json names each instance and its digest).
+DICOMWEB_MIRROR = ".liverseg/dicomweb"
 
 
 def _at(rel: str) -> property:
@@ -57,6 +60,7 @@ class Artifacts:
     raw_index, split_stats = _at(f"{RAW}/{RAW_INDEX}"), _at(f"{SPLITS}/{SPLIT_STATS}")
     registry, figures = _at(REGISTRY), _at(FIGURES)
     ingest_store, source_listing = _at(INGEST_STORE), _at(SOURCE_LISTING)
+    dicomweb_mirror = _at(DICOMWEB_MIRROR)
 
     # ------------------------------------------------------------------ per model
     def model_dir(self, model: str) -> Path:

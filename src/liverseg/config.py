@@ -110,15 +110,47 @@ class KaggleParams(Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
 
 
+ORIGINS = ("human", "corrected", "model", "unknown")  # of a DICOM label (docs/DATA.md)
+LabelOrigin = Literal[ORIGINS]
+
+
+class DicomParams(Strict):
+    """`data.source: dicom`: CT series labelled by DICOM SEG or RTSTRUCT, from the folder
+    data.path or from a DICOMweb archive (`url`; credentials only from the environment,
+    LIVERSEG_DICOMWEB_USER/PASSWORD, or netrc, never here)."""
+
+    url: str | None = None
+    study_date: str | None = None  # QIDO-RS StudyDate filter: "20240101-", "20240101-20241231"
+    study_description: str | None = None  # QIDO-RS StudyDescription filter ("*liver*")
+    # Which label origins become training targets; a model's own output is not one.
+    train_on: tuple[LabelOrigin, ...] = ("human", "corrected")
+    fractional_threshold: float = Field(0.5, gt=0, le=1)  # a FRACTIONAL SEG's voxel is in at >=
+    # Segment/ROI names (case-insensitive) of each class, besides the coded concepts
+    # (SNOMED CT Liver, Neoplasm...) and the usual names (liver, tumour, tumor, lesion, ...).
+    names: dict[Literal["liver", "tumour"], tuple[str, ...]] = {"liver": (), "tumour": ()}
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value and (urlsplit(value).username or urlsplit(value).password):
+            raise ValueError("data.dicom.url holds credentials; give them in "
+                             "LIVERSEG_DICOMWEB_USER / LIVERSEG_DICOMWEB_PASSWORD or netrc, "
+                             "never in params.yaml (it is in git and dvc.lock)")
+        return value
+
+
 # The data sources (liverseg.data.sources has a module of each name); those that read
-# data.path, which the data-source sensor watches.
-SOURCES = ("phantom", "folder", "archive", "nifti", "kaggle")
-PATH_SOURCES = ("folder", "archive", "nifti")
+# data.path, which the data-source sensor watches; those whose slices are HU volumes.
+SOURCES = ("phantom", "folder", "archive", "nifti", "kaggle", "dicom")
+PATH_SOURCES = ("folder", "archive", "nifti", "dicom")
+VOLUME_SOURCES = ("phantom", "nifti", "dicom")
 
 
 class DataParams(Strict):
     source: Literal[SOURCES] = "phantom"
-    path: str | None = None  # folder, archive file or NIfTI folder (not used by phantom/kaggle)
+    path: str | None = None  # folder, archive file, NIfTI or DICOM folder (not phantom/kaggle)
     # tumour | liver: binary masks; liver_tumour: three classes (background, liver, tumour)
     target: Literal["tumour", "liver", "liver_tumour"] = "tumour"
     max_pixels: int = Field(40_000_000, ge=1024)  # per image; larger is refused as a bomb
@@ -130,20 +162,25 @@ class DataParams(Strict):
     archive: ArchiveParams = ArchiveParams()
     nifti: NiftiParams = NiftiParams()
     kaggle: KaggleParams = KaggleParams()
+    dicom: DicomParams = DicomParams()
 
     @model_validator(mode="after")
     def _fits_the_source(self):
-        if self.source in PATH_SOURCES and not self.path:
+        if self.source == "dicom" and self.dicom.url and self.path:
+            raise ValueError("data.dicom.url and data.path are both set for data.source=dicom: "
+                             "read a folder (data.path) or an archive (data.dicom.url), not both")
+        archive = self.source == "dicom" and self.dicom.url
+        if self.source in PATH_SOURCES and not self.path and not archive:
             raise ValueError(f"data.path is required for data.source={self.source}")
         folder_like = self.source in ("folder", "archive", "kaggle")
         mapped = set((self.folder.mask_mapping or {}).values())
         if folder_like and self.target == "liver_tumour" and not mapped >= {1, 2}:
             raise ValueError("data.target liver_tumour from 2D masks needs "
                              "data.folder.mask_mapping onto classes 0/1/2, e.g. {0: 0, 1: 1, 2: 2}")
-        if self.context_slices and self.source not in ("phantom", "nifti"):
+        if self.context_slices and self.source not in VOLUME_SOURCES:
             raise ValueError(f"data.context_slices={self.context_slices} needs a volume source "
-                             f"(phantom or nifti): data.source {self.source} has 2D slices "
-                             "without neighbours")
+                             f"({', '.join(VOLUME_SOURCES)}): data.source {self.source} has 2D "
+                             "slices without neighbours")
         if folder_like and self.target != "liver_tumour" and 2 in mapped:
             raise ValueError(f"data.folder.mask_mapping maps onto class 2, but data.target "
                              f"{self.target} is binary (classes 0/1)")

@@ -67,10 +67,12 @@ class Preprocessing:
         fixes. The HU window is the one that made the training slices: the phantom's own,
         or `data.nifti.window` (also what 2D-trained models apply to volumes: the window
         that made the 2D files is unknown, hence `hu_window_from` says which applies)."""
+        from liverseg.config import VOLUME_SOURCES
+
         data = params.data
         window, source = (imageio.PHANTOM_WINDOW, "the phantom's window") \
             if data.source == "phantom" else (data.nifti.window, "data.nifti.window")
-        volumes = data.source in ("phantom", "nifti")
+        volumes = data.source in VOLUME_SOURCES
         if not volumes:
             source += " (assumed: the 2D training images came windowed)"
         return cls(image_size=params.train.image_size, in_channels=params.model.in_channels,

@@ -7,6 +7,11 @@ so ingest reruns only then), and the Dagster data sensor's fingerprint.
   and SHA-256. A digest is computed once per file and kept in `.liverseg/listing-sha256.json` by
   (path, size, mtime, inode), as DVC's own state database does: a listing costs one stat
   per file, and reads only files that are new or changed (or, in a fresh clone, all once).
+- dicom from a DICOMweb archive (`data.dicom.url`): the archive is mirrored first
+  (`liverseg.dicom.web.mirror`: new instances fetched, gone ones removed) into
+  .liverseg/dicomweb/<study>/<series>/<sop>.dcm, then listed as a folder: the listing
+  names every study, series and instance UID (in the paths) and each instance's SHA-256,
+  so a data version says exactly which archive objects it holds.
 - phantom: nothing on disk; the params say everything (they are the stage's params).
 - kaggle: the dataset's handle; pin `data.kaggle.version` for a data version that cannot
   move under you (the newest version is only known by downloading it).
@@ -19,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from liverseg.artifacts import Artifacts
+from liverseg.artifacts import DICOMWEB_MIRROR, Artifacts
 from liverseg.config import PATH_SOURCES, Params
 from liverseg.io import atomic_path, sha256_file
 
@@ -52,14 +57,32 @@ def file_listing(path: Path, cache: dict) -> list[list]:
     return rows
 
 
+def source_path(params: Params, root: str | Path = ".") -> Path | None:
+    """The file or folder a path source reads: data.path, or the DICOMweb mirror."""
+    data, root = params.data, Path(root)
+    if data.source == "dicom" and data.dicom.url:
+        return (root / DICOMWEB_MIRROR).resolve()
+    if data.source in PATH_SOURCES and data.path:
+        return (root / Path(data.path).expanduser()).resolve()
+    return None
+
+
 def list_source(params: Params, root: str | Path = ".") -> dict:
     """The source's listing: its kind, and its files (path sources) or handle (Kaggle)."""
     data, root = params.data, Path(root)
     listing: dict = {"source": data.source}
     if data.source == "kaggle":
         listing["kaggle"] = {"slug": data.kaggle.slug, "version": data.kaggle.version}
-    if data.source in PATH_SOURCES and data.path:
-        path = (root / Path(data.path).expanduser()).resolve()
+    if data.source == "dicom" and data.dicom.url:
+        from liverseg.dicom.web import mirror
+        from liverseg.redact import redact
+
+        cfg = data.dicom
+        listing["archive"] = {"url": redact(cfg.url), "study_date": cfg.study_date,
+                              "study_description": cfg.study_description}
+        mirror(cfg.url, root / DICOMWEB_MIRROR, cfg.study_date, cfg.study_description)
+    path = source_path(params, root)
+    if path is not None:
         if not path.exists():
             listing["files"] = f"missing: {path}"
             return listing

@@ -44,4 +44,14 @@ def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, 
         manufacturer_model_name=model_name, software_versions=liverseg.__version__,
         device_serial_number="none",
         series_description=description or seg_description(model_name))
+    _no_empty_deidentification_method(seg)
     seg.save_as(path)
+
+
+def _no_empty_deidentification_method(seg) -> None:
+    """DeidentificationMethod is Type 1C (PS3.3 C.7.1.1): with PatientIdentityRemoved YES
+    and no DeidentificationMethodCodeSequence it needs a value. Anonymisers often leave it
+    empty and highdicom copies it as found; the SEG says the source did not state it."""
+    if (seg.get("PatientIdentityRemoved") == "YES" and not seg.get("DeidentificationMethod")
+            and "DeidentificationMethodCodeSequence" not in seg):
+        seg.DeidentificationMethod = "not stated in the source images"

@@ -31,6 +31,7 @@ import numpy as np
 from liverseg.boundary import Limits, Refused
 
 CT_MODALITY = "CT"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame kinds, .7.1 - .7.4
 # Type 2 attributes of the patient and study modules the SEG copies from its sources:
 # anonymised exports often drop them; DICOM allows them empty.
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
@@ -75,6 +76,15 @@ def _skip_reason(ds) -> str | None:
     if ds.get("Modality") != CT_MODALITY:
         return (f"modality {ds.get('Modality')!r}, not CT; the model was trained on CT in "
                 "Hounsfield units (rule: modality CT)")
+    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE):
+        kind = "/".join(str(v) for v in ds.get("ImageType", [])) or "no ImageType"
+        return (f"secondary capture ({kind}; e.g. an export's exam summary page), not a CT "
+                "slice (rule: CT Image Storage)")
+    missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+               if k not in ds]
+    if missing:
+        return (f"no {'/'.join(missing)}: not a slice of a volume (rule: a CT slice has "
+                "its position, orientation and pixel spacing)")
     return None
 
 

@@ -17,8 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg.redact import redact
 from liverseg.boundary import Limits, Refused, safe_name
+from liverseg.io import atomic_path
+from liverseg.redact import redact
 
 USER_ENV, PASSWORD_ENV = "LIVERSEG_DICOMWEB_USER", "LIVERSEG_DICOMWEB_PASSWORD"
 TIMEOUT_S = 20.0
@@ -160,3 +161,62 @@ def store(client, url: str, seg_path: Path) -> str:
     _call(url, "storing the SEG (STOW-RS)", client.store_instances, [seg],
           study_instance_uid=seg.StudyInstanceUID)
     return str(seg.SOPInstanceUID)
+
+
+# ----------------------------------------------------------------------------- a mirror
+
+MIRRORED = ("CT", "SEG", "RTSTRUCT")  # what the dicom source trains from
+SOP_UID = "00080018"
+
+
+def mirror(url: str, folder: Path, study_date: str | None = None,
+           study_description: str | None = None, limits: Limits | None = None) -> dict:
+    """The CT, SEG and RTSTRUCT series of the archive's CT studies (filtered by StudyDate and
+    StudyDescription, QIDO-RS matching) as one file per instance,
+    `folder/<study>/<series>/<sop>.dcm` (sanitised UIDs). An instance already there is not
+    fetched again (a SOP instance's content never changes under its UID); files of
+    instances the archive no longer holds are removed, so the folder is what the archive
+    holds now. Returns counts of what it fetched, kept and removed."""
+    limits, folder = limits or Limits(), Path(folder)
+    client = connect(url)
+    filters = {"ModalitiesInStudy": "CT"} | (
+        {"StudyDate": study_date} if study_date else {}) | (
+        {"StudyDescription": study_description} if study_description else {})
+    found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
+                    search_filters=filters)
+    wanted: set[Path] = set()
+    fetched = 0
+    for study in sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)}):
+        for series in series_of(client, url, study):
+            if series.modality not in MIRRORED:
+                continue
+            instances = _search(url, f"an instance search in series {series.uid} (QIDO-RS)",
+                                client.search_for_instances, SOP_UID,
+                                study_instance_uid=study, series_instance_uid=series.uid)
+            if len(instances) > limits.max_slices:
+                raise Refused(f"series {series.uid}: {len(instances)} instances, above the "
+                              f"limit max_slices (raise it with "
+                              f"{Limits.env_name('max_slices')})")
+            where = folder / safe_name(study) / safe_name(series.uid)
+            for sop in sorted(_value(i, SOP_UID) for i in instances):
+                path = where / f"{safe_name(sop)}.dcm"
+                wanted.add(path)
+                if not path.is_file():
+                    _fetch_instance(client, url, study, series.uid, sop, path)
+                    fetched += 1
+    removed = 0
+    for path in sorted(folder.rglob("*.dcm")) if folder.is_dir() else []:
+        if path not in wanted:
+            path.unlink()
+            removed += 1
+    return {"studies": len(found), "instances": len(wanted), "fetched": fetched,
+            "removed": removed}
+
+
+def _fetch_instance(client, url: str, study: str, series: str, sop: str, path: Path) -> None:
+    """One instance (WADO-RS), written atomically."""
+    ds = _call(url, f"instance {sop} (WADO-RS)", client.retrieve_instance,
+               study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
