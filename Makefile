@@ -28,6 +28,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt requirements/dvc.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c requirements/lock.txt -e '.[dev]' $(PIP_QUIET)
+	# rt-utils writes the tests' RTSTRUCTs. Its wheel requires the GUI opencv-python, which
+	# would clash with the headless build albumentations brings (both are the module cv2):
+	# installed without its requirements, which are here already (numpy, pydicom, cv2).
+	$(VENV)/bin/pip install -q --no-deps -c requirements/lock.txt rt-utils $(PIP_QUIET)
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
 	$(DVC_VENV)/bin/pip install -q -r requirements/dvc.txt $(PIP_QUIET)
 	ln -sf $(CURDIR)/$(DVC_VENV)/bin/dvc $(VENV)/bin/dvc
