@@ -14,7 +14,9 @@ import contextlib
 import copy
 import io
 import json
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -135,7 +137,10 @@ def write_seg_dcmqi(series_dir: Path, label_nifti: Path, path: Path,
             "ContentLabel": "SEGMENTATION", "ContentDescription": "dcmqi test SEG"}
     meta_path = path.with_suffix(".json")
     meta_path.write_text(json.dumps(meta))
-    subprocess.run(["itkimage2segimage", "--inputImageList", str(label_nifti),
+    # the venv's bin/ holds dcmqi's tools: found there also when it is not on PATH
+    tool = shutil.which("itkimage2segimage") or str(Path(sys.executable).parent /
+                                                    "itkimage2segimage")
+    subprocess.run([tool, "--inputImageList", str(label_nifti),
                     "--inputDICOMDirectory", str(series_dir), "--outputDICOM", str(path),
                     "--inputMetadata", str(meta_path)], check=True, capture_output=True)
     return path

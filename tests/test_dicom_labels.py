@@ -78,11 +78,19 @@ def test_seg_gives_the_label_volumes_voxels_on_every_frame(lits, name):
 
 
 def test_a_seg_omits_empty_frames_and_they_read_as_background(lits):
-    """highdicom writes no frame where a segment is empty: those instances are background."""
+    """highdicom writes no frame where a segment is empty, and some writers reference only
+    the instances they wrote frames for: the series' other instances are background."""
     empty = np.zeros_like(lits.truth)
     empty[3:5] = lits.truth[3:5]
     path = data.write_seg_highdicom(lits.datasets, empty, lits.root / "two-frames.dcm")
-    assert int(pydicom.dcmread(path, stop_before_pixels=True).NumberOfFrames) == 4
+    ds = pydicom.dcmread(path)
+    assert int(ds.NumberOfFrames) == 4
+    referenced = ds.ReferencedSeriesSequence[0]
+    labelled = {str(d.SOPInstanceUID) for d in lits.datasets[3:5]}
+    referenced.ReferencedInstanceSequence = [
+        r for r in referenced.ReferencedInstanceSequence
+        if r.ReferencedSOPInstanceUID in labelled]
+    ds.save_as(path)
     np.testing.assert_array_equal(read_labels(describe(path), lits.datasets), empty)
 
 
