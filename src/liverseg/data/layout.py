@@ -37,13 +37,18 @@ from liverseg.artifacts import RAW_INDEX
 
 INDEX_NAME = RAW_INDEX  # the index of data/raw (liverseg.artifacts owns the name)
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
+# Where a label came from (the dicom source; empty for file sources, whose label is the
+# `source_mask` file): the archive objects, its kind, creator, origin (human, corrected,
+# model, unknown) and status (superseded by a later label of the same series).
+LABEL_COLUMNS = ["study_uid", "series_uid", "label_uid", "label_kind", "origin",
+                 "label_creator", "label_status", "label_readable", "label_mapped"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
                 "paired", "image_decodable", "mask_decodable", "mask_values_allowed",
-                "ingest_detail", "context", "case", "sampled"]
+                "ingest_detail", "context", "case", "sampled", *LABEL_COLUMNS]
 ROW_DEFAULTS = {"paired": True, "image_decodable": True, "mask_decodable": True,
                 "mask_values_allowed": True, "ingest_detail": "", "context": "", "case": "",
-                "sampled": True}
+                "sampled": True, "label_readable": True, "label_mapped": True}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ a slice). Rows that break an expectation are quarantined: kept in the manifest w
 detail; the path is the user's source file), never dropped. Policy `fail` stops at the
 first bad row instead, listing every failing file and rule; `quarantine` still fails when
 more than `validate.max_quarantine_fraction` of the items are bad. Counts reconcile:
-ingested = accepted + quarantined.
+ingested = accepted + quarantined + superseded (a DICOM label that a later label of its
+series replaced: listed in the report, not checked).
 
 A slice whose name carries no patient id (`data.folder.patient_regex` did not match) is
 kept and split as a group of its own (its slice id); the result says so prominently, since
@@ -159,6 +160,12 @@ def expectations(cfg: ValidateParams, num_classes: int = 2) -> dict:
             column="image_std", min_value=cfg.min_image_std),
         # The split's group: the patient id from the name, else the slice's own id.
         "split group present": e.ExpectColumnValuesToNotBeNull(column="patient_id"),
+        # DICOM labels (the dicom source; always true for file sources).
+        "label readable on its series": e.ExpectColumnValuesToBeInSet(
+            column="label_readable", **is_true),
+        "label classes mapped": e.ExpectColumnValuesToBeInSet(column="label_mapped", **is_true),
+        "label origin allowed for training": e.ExpectColumnValuesToBeInSet(
+            column="origin_allowed", **is_true),
     }
 
 
@@ -284,7 +291,7 @@ def _link_runs_from_index(site: Path) -> None:
 
 # Which file a rule is about, so quarantine.csv names the file to fix.
 def _about_mask(rule: str) -> bool:
-    return rule.startswith("mask ") or rule == "foreground fraction in bounds"
+    return rule.startswith(("mask ", "label ")) or rule == "foreground fraction in bounds"
 
 
 def _detail(rule: str, row: pd.Series, manifest: pd.DataFrame) -> str:
@@ -332,29 +339,43 @@ def quarantine_entries(manifest: pd.DataFrame, reasons: dict[str, list[str]]) ->
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
 
 
+def origin_allowed(manifest: pd.DataFrame, train_on: tuple[str, ...]) -> pd.Series:
+    """A row's label may train: a file source's own label (no origin), or an origin in
+    data.dicom.train_on."""
+    return manifest["origin"].fillna("").isin(("", *train_on))
+
+
 def run(params: Params, root: str | Path = ".") -> dict:
     art = Artifacts(root)
     raw_dir, report_path = art.raw, art.validation
     cfg = params.validate_
     manifest = build_manifest(raw_dir)
+    manifest["origin_allowed"] = origin_allowed(manifest, params.data.dicom.train_on)
+    # A label a later one of its series replaced is no item to check: counted apart.
+    superseded = manifest["label_status"] == "superseded"
     classes = labels.read_classes(raw_dir)
-    success, rules = run_suite_with_data_docs(manifest, cfg, art.validation_docs, len(classes))
+    success, rules = run_suite_with_data_docs(manifest[~superseded], cfg, art.validation_docs,
+                                              len(classes))
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
             reasons.setdefault(sid, []).append(rule["rule"])
     manifest["quarantine_reason"] = [
         "; ".join(reasons.get(sid, [])) for sid in manifest["slice_id"]]
-    manifest["accepted"] = manifest["quarantine_reason"] == ""
+    manifest["accepted"] = (manifest["quarantine_reason"] == "") & ~superseded
     quarantine = quarantine_entries(manifest, reasons)
 
-    n, quarantined = len(manifest), int((~manifest["accepted"]).sum())
+    n, n_superseded = len(manifest), int(superseded.sum())
+    quarantined = int((~manifest["accepted"]).sum()) - n_superseded
     groups = patient_ids(manifest, params.data.folder.patient_regex)
     warnings = [groups["warning"]] if groups["warning"] else []
     summary = {
         "success": success, "warnings": warnings, "policy": cfg.policy, "classes": list(classes),
-        "ingested": n, "accepted": n - quarantined,
-        "quarantined": quarantined, "reconciles": n == (n - quarantined) + quarantined,
+        "ingested": n, "accepted": n - quarantined - n_superseded,
+        "quarantined": quarantined, "superseded": n_superseded,
+        "reconciles": n == int(manifest["accepted"].sum()) + quarantined + n_superseded,
+        "superseded_labels": manifest.loc[superseded, ["label_uid", "ingest_detail"]].to_dict(
+            "records"),
         "quarantine": {sid: r for sid, r in sorted(reasons.items())},
         "quarantine_files": quarantine.to_dict("records"),
         "patient_ids": groups,
@@ -367,7 +388,7 @@ def run(params: Params, root: str | Path = ".") -> dict:
         raise ValidationFailed(f"{raw_dir}: {quarantined} of {n} items broke the suite "
                                f"(validate.policy=fail); see {report_path}\n  {listing}")
     limit = cfg.max_quarantine_fraction
-    if n == 0 or quarantined > limit * n:
+    if n == n_superseded or quarantined > limit * n:
         raise ValidationFailed(
             f"{raw_dir}: {quarantined} of {n} items broke the suite (limit "
             f"validate.max_quarantine_fraction={limit}); see {report_path}\n  {listing}")
@@ -376,4 +397,5 @@ def run(params: Params, root: str | Path = ".") -> dict:
     with atomic_path(art.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     return {k: summary[k] for k in ("success", "ingested", "accepted", "quarantined")} | (
+        {"superseded": n_superseded} if n_superseded else {}) | (
         {"warnings": warnings} if warnings else {})
