@@ -185,3 +185,42 @@ def test_a_series_labelled_only_by_the_model_trains_nothing_until_a_human_label_
     summary, index = _ingest(tmp_path / "w", source="dicom", path=str(study))
     used = index[index["image"] != ""]
     assert len(used) == len(lits["labels"]) and set(used["origin"]) == {"corrected"}
+
+
+def test_the_split_names_the_studies_and_label_instances_each_side_used(lits, tmp_path):
+    """Two patients' series, each with a human SEG: every series of a patient lands on one
+    side, and the split's stats (which register tags and logs for lineage) name exactly the
+    studies and label instances of each side."""
+    from liverseg.stages import run_data_stages
+    from liverseg.stages.register import training_labels
+
+    study = tmp_path / "export"
+    uids = {}
+    for patient in ("P1", "P2"):
+        files = write_series(lits["nifti"] / "volume-117.nii.gz", study / patient / "ct")
+        for f in files:  # another patient: own PatientID, HU 1 higher (no duplicate slices)
+            ds = pydicom.dcmread(f)
+            ds.PatientID, ds.RescaleIntercept = patient, ds.RescaleIntercept + (patient == "P2")
+            ds.save_as(f)
+        (series,) = dicom.find_series(files).series
+        _, datasets = dicom.load_series(series)
+        seg = write_seg_highdicom(datasets, lits["labels"], study / patient / "seg.dcm")
+        uids[patient] = (series.study_uid, str(pydicom.dcmread(seg).SOPInstanceUID))
+    params = parse_params(tiny_raw_params(
+        data={"source": "dicom", "path": str(study), "target": "liver"},
+        split={"val_fraction": 0.5}, validate={"fg_fraction": [0.0, 1.0]}))
+    cwd = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        run_data_stages(params)
+    finally:
+        os.chdir(cwd)
+    stats = json.loads(Artifacts(tmp_path).split_stats.read_text())
+    sides = {name: stats[name]["patients"] for name in ("train", "val")}
+    assert sorted(sides["train"] + sides["val"]) == ["P1", "P2"]
+    for name, (patient,) in sides.items():
+        assert stats[name]["studies"] == [uids[patient][0]]
+        assert stats[name]["label_instances"] == [uids[patient][1]]
+        assert stats[name]["label_origins"] == {"human": 1}
+    summary = training_labels(stats)["summary"]
+    assert summary["train"]["label_instances"] == summary["val"]["label_instances"] == 1

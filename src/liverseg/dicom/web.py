@@ -209,6 +209,9 @@ def mirror(url: str, folder: Path, study_date: str | None = None,
         if path not in wanted:
             path.unlink()
             removed += 1
+    for where in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        if not any(where.iterdir()):  # a deleted series' or study's folder
+            where.rmdir()
     return {"studies": len(found), "instances": len(wanted), "fetched": fetched,
             "removed": removed}
 

@@ -143,6 +143,10 @@ def trail(client, version) -> dict:
         "validation_success": tags.get("validation_success") == "true"
         if "validation_success" in tags else None,
         "validation_counts": tags.get("validation_counts"),
+        # dicom source: how many studies and label instances (and their origins) it was
+        # trained and validated on; the full list is the run's lineage/training_labels.json.
+        "training_labels": json.loads(tags["training_labels"])
+        if "training_labels" in tags else None,
         "metrics": json.loads(tags["metrics"]) if "metrics" in tags else
         {k.removeprefix("metric_"): float(v) for k, v in tags.items() if k.startswith("metric_")},
         "quality_gate": tags.get("quality_gate"),

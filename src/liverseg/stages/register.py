@@ -27,6 +27,7 @@ under `model_card/<name>/v<version>/`, named by the version's `model_card` tag.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import UTC, datetime
@@ -55,13 +56,34 @@ def version_tags(params: Params, best: str, metrics: dict, validation: dict,
         "metrics": lineage.truncate(json.dumps(metrics, sort_keys=True)),
         "validation_success": str(validation["success"]).lower(),
         "validation_counts": (f"ingested={validation['ingested']} accepted="
-                              f"{validation['accepted']} quarantined={validation['quarantined']}"),
+                              f"{validation['accepted']} quarantined={validation['quarantined']}"
+                              + (f" superseded={validation['superseded']}"
+                                 if validation.get("superseded") else "")),
     }
     # Full precision (repr): the gate compares later candidates against these numbers.
     tags |= {f"metric_{k}": repr(metrics[k]) for k in METRIC_TAGS if metrics.get(k) is not None}
     if os.environ.get("LIVERSEG_DAGSTER_RUN_ID"):
         tags["dagster_run_id"] = os.environ["LIVERSEG_DAGSTER_RUN_ID"]
     return tags
+
+
+TRAINING_LABELS = "lineage/training_labels.json"  # an artifact of the model's run
+
+
+def training_labels(split_stats: dict) -> dict | None:
+    """The studies and label instances (dicom source) each split used, and a summary small
+    enough for a version tag: their counts, origins and a digest of the full list."""
+    per_split = {name: {k: split_stats[name][k] for k in ("studies", "label_instances",
+                                                           "label_origins")}
+                 for name in ("train", "val", "test")
+                 if "label_instances" in split_stats.get(name, {})}
+    if not per_split:
+        return None
+    digest = hashlib.sha256(json.dumps(per_split, sort_keys=True).encode()).hexdigest()
+    summary = {name: {"studies": len(s["studies"]), "label_instances": len(s["label_instances"]),
+                      "origins": s["label_origins"]} for name, s in per_split.items()}
+    return {"splits": per_split, "summary": summary | {"sha256": digest,
+                                                        "artifact": TRAINING_LABELS}}
 
 
 def champion_info(client, cfg: RegisterParams, number: int | None = None) -> dict | None:
@@ -187,6 +209,9 @@ def run(params: Params, root: str | Path = ".") -> dict:
     validation = read_json(art.validation)
     tags = version_tags(params, best, metrics, validation, read_config(model_dir),
                         model_dir / WEIGHTS)
+    labelled = training_labels(read_json(art.split_stats))
+    if labelled:
+        tags["training_labels"] = lineage.truncate(json.dumps(labelled["summary"]))
 
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
@@ -201,6 +226,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
     version = existing.version if existing is not None else \
         mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
+    if labelled:  # the full list of archive objects, beside the run's model
+        client.log_dict(run["run_id"], labelled, TRAINING_LABELS)
     if not passed:
         client.set_model_version_tag(cfg.model_name, version, "gate_reason", gate)
     elif existing is not None and "gate_reason" in existing.tags:  # it failed an earlier run

@@ -30,8 +30,10 @@ from liverseg.config import Params
 from liverseg.io import atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
+# Each slice with where its label came from (the dicom source's archive objects).
 COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
-           "image_sha256", "height", "width", "context", "case", "sampled"]
+           "image_sha256", "height", "width", "context", "case", "sampled",
+           "study_uid", "series_uid", "label_uid", "origin"]
 
 
 class LeakageError(AssertionError, ValueError):  # ValueError: the CLI prints it cleanly
@@ -167,6 +169,20 @@ def pixel_stats(images: Iterable[np.ndarray]) -> tuple[float, float]:
     return float(mean), float(math.sqrt(max(total_sq / count - mean**2, 1e-12)))
 
 
+def label_sources(frame: pd.DataFrame) -> dict:
+    """The archive objects a split's labels came from (the dicom source; {} for file
+    sources): its studies, label instances and their origins, which lineage records."""
+    if "label_uid" not in frame:
+        return {}
+    archive = frame[frame["label_uid"].fillna("") != ""]
+    if archive.empty:
+        return {}
+    labels_ = archive.drop_duplicates("label_uid")
+    return {"studies": sorted(archive["study_uid"].unique()),
+            "label_instances": sorted(labels_["label_uid"]),
+            "label_origins": labels_["origin"].value_counts().sort_index().to_dict()}
+
+
 def run(params: Params, root: str | Path = ".") -> dict:
     art = Artifacts(root)
     raw_dir = art.raw
@@ -218,7 +234,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
                  "stored, not sampled for training (data.nifti.slices, empty_fraction)")}}
     for name, frame in splits.items():
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
-                       "foreground_slices": int((frame["fg_fraction"] > 0).sum())}
+                       "foreground_slices": int((frame["fg_fraction"] > 0).sum())
+                       } | label_sources(frame)
     mean, std = pixel_stats(casestore.read_input(raw_dir, row)
                             for row in splits["train"].to_dict("records"))
     with atomic_dir(art.splits) as tmp:

@@ -45,7 +45,6 @@ from liverseg.dicom import labels
 from liverseg.dicom import series as dicom
 
 SOURCE = "dicom"
-TARGETS = ("human", "corrected")  # what an origin must be to train, by default
 
 
 @dataclass(frozen=True)
