@@ -51,7 +51,9 @@ def write_seg(path: Path, datasets: list, mask: np.ndarray, classes: tuple[str, 
 def _no_empty_deidentification_method(seg) -> None:
     """DeidentificationMethod is Type 1C (PS3.3 C.7.1.1): with PatientIdentityRemoved YES
     and no DeidentificationMethodCodeSequence it needs a value. Anonymisers often leave it
-    empty and highdicom copies it as found; the SEG says the source did not state it."""
+    empty and highdicom copies it as found; the SEG says the source did not state it. A new
+    element, not a new value: highdicom shares the source's element, whose dataset the
+    caller still holds."""
     if (seg.get("PatientIdentityRemoved") == "YES" and not seg.get("DeidentificationMethod")
             and "DeidentificationMethodCodeSequence" not in seg):
-        seg.DeidentificationMethod = "not stated in the source images"
+        seg.add_new("DeidentificationMethod", "LO", "not stated in the source images")
