@@ -114,9 +114,11 @@ def test_a_labelled_series_is_the_nifti_case_slice_for_slice(lits, tmp_path, wri
             assert dice >= 0.98, (k, value, dice)
 
 
-def _liverseg_seg(lits: dict, path: Path, when: str) -> None:
-    """liverseg predict's own SEG of the series, as if written at `when`."""
-    seg_writer.write_seg(path, lits["datasets"], (lits["labels"] > 0).astype(np.uint8),
+def _liverseg_seg(lits: dict, path: Path, when: str, mask: np.ndarray | None = None) -> None:
+    """liverseg predict's own SEG of the series (the liver, or `mask`), as if written at
+    `when`."""
+    mask = (lits["labels"] > 0) if mask is None else mask
+    seg_writer.write_seg(path, lits["datasets"], mask.astype(np.uint8),
                          ("background", "liver"), "enhanced_pan", "liverseg enhanced_pan 3")
     ds = pydicom.dcmread(path)
     ds.ContentDate, ds.ContentTime = when.split()
@@ -129,7 +131,9 @@ def test_every_label_object_has_an_origin_and_one_outcome(lits, tmp_path):
     correction, but superseded) and the latest human SEG, which the slices carry. Counts
     reconcile: ingested = accepted + quarantined + superseded."""
     study, labels = _study(lits, tmp_path), lits["labels"]
-    _liverseg_seg(lits, study / "model.dcm", "20260101 090000")
+    missed = labels > 0
+    missed[:2] = False  # the model missed the liver on two slices; the clinician drew it
+    _liverseg_seg(lits, study / "model.dcm", "20260101 090000", missed)
     write_seg_highdicom(lits["datasets"], labels, study / "vendor.dcm", algorithm="AUTOMATIC",
                         manufacturer="OtherAI", content_time=("20260101", "091000"))
     write_seg_highdicom(lits["datasets"], labels, study / "bone.dcm",
@@ -151,6 +155,18 @@ def test_every_label_object_has_an_origin_and_one_outcome(lits, tmp_path):
     assert (_stored(root, index)[1] == 255).any()  # the latest one's tumour, not the older's
     by_uid = index[index["image"] == ""].set_index("label_uid")
     assert by_uid.loc[uid["model"], "origin"] == "model"
+    # The correction's size, on the model's row: Dice and mL against the winning label.
+    truth = labels > 0
+    dice = 2 * (missed & truth).sum() / (missed.sum() + truth.sum())
+    ds = lits["datasets"][0]
+    step = abs(float(lits["datasets"][1].ImagePositionPatient[2]) - float(
+        ds.ImagePositionPatient[2]))
+    voxel_ml = float(ds.PixelSpacing[0]) * float(ds.PixelSpacing[1]) * step / 1000
+    model_row = by_uid.loc[uid["model"]]
+    assert 0.5 < dice < 1 and float(model_row["correction_dice"]) == pytest.approx(dice, abs=1e-5)
+    assert float(model_row["correction_ml"]) == pytest.approx(
+        (truth.sum() - missed.sum()) * voxel_ml, rel=1e-3)
+    assert model_row["corrected_by"] == uid["latest"]
     assert by_uid.loc[uid["vendor"], "origin"] == "model"
     assert by_uid.loc[uid["older"], "label_status"] == "superseded"
     assert not by_uid.loc[uid["bone"], "label_mapped"]

@@ -39,9 +39,11 @@ INDEX_NAME = RAW_INDEX  # the index of data/raw (liverseg.artifacts owns the nam
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
 # Where a label came from (the dicom source; empty for file sources, whose label is the
 # `source_mask` file): the archive objects, its kind, creator, origin (human, corrected,
-# model, unknown) and status (superseded by a later label of the same series).
+# model, unknown) and status (superseded by a later label of the same series); on a model's
+# label that a clinician corrected, how much they changed it (Dice, mL) and by which label.
 LABEL_COLUMNS = ["study_uid", "series_uid", "label_uid", "label_kind", "origin",
-                 "label_creator", "label_status", "label_readable", "label_mapped"]
+                 "label_creator", "label_status", "label_readable", "label_mapped",
+                 "correction_dice", "correction_ml", "corrected_by"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
                 "paired", "image_decodable", "mask_decodable", "mask_values_allowed",

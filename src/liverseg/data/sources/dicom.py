@@ -215,10 +215,10 @@ def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter)
     spec: SeriesSpec = task.spec
     s = dicom.Series(spec.series_uid, [Path(f) for f in spec.files], study_uid=spec.study_uid)
     first = f"{task.case_id}_label"
-    for k, label in enumerate(spec.others):
-        writer.rows.append(_label_row(f"{first}-{k}", spec.patient, s, label,
-                                      label_mapped=label.mapped,
-                                      ingest_detail=_not_used(label, data)))
+    unused = [_label_row(f"{first}-{k}", spec.patient, s, label, label_mapped=label.mapped,
+                         ingest_detail=_not_used(label, data))
+              for k, label in enumerate(spec.others)]
+    writer.rows += unused
     try:
         images, datasets = dicom.load_series(s)
     except dicom.DicomError as exc:
@@ -245,8 +245,37 @@ def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter)
                                           ingest_detail=f"label readable on its series: {exc}"))
     if winner is None:
         return {"unusable_series": 1}
+    for row, label in zip(unused, spec.others, strict=True):  # what the clinician changed
+        if label.origin == "model" and label.mapped:
+            row.update(correction(label, winner, voxels, datasets, images, data))
     _slices(task, data, seed, writer, s, images, voxels, winner, spec.patient)
     return {"series_with_slices": 1}
+
+
+def correction(model: Label, human: Label, voxels: np.ndarray, datasets: list, images,
+               data: DataParams) -> dict:
+    """How much the human label changed the model's on this series: the foreground Dice
+    between them and the volume difference (human - model, mL), on the model label's row
+    (its creator names the model version), for the monitoring's correction check."""
+    try:
+        predicted = labels.read_labels(labels.describe(Path(model.path), mapping(data)),
+                                       datasets, data.dicom.fractional_threshold)
+    except labels.LabelError as exc:
+        return {"ingest_detail": f"label origin allowed for training: model (its correction "
+                                 f"not measured: {exc})"}
+    a, b = predicted > 0, voxels > 0
+    total = int(a.sum() + b.sum())
+    dice = 2.0 * int((a & b).sum()) / total if total else 1.0
+    affine = (images if _is_volume(images) else images[0]).affine
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return {"correction_dice": round(dice, 6),
+            "correction_ml": round((int(b.sum()) - int(a.sum())) * voxel_ml, 3),
+            "corrected_by": human.sop_uid}
+
+
+def _is_volume(images) -> bool:
+    """load_series gives one image for a regular series, a list of slices otherwise."""
+    return not isinstance(images, list)
 
 
 def _slices(task, data: DataParams, seed: int, writer: CaseWriter, s: dicom.Series, images,
