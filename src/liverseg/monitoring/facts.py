@@ -26,9 +26,10 @@ Rules, stated once:
 - **Lesions**: connected components of the tumour class, `scipy.ndimage.label` with full
   connectivity (26-connected in 3D, 8-connected in 2D: voxels touching only at an edge or a
   corner are one lesion); a batch of 2D images is labelled per image. scipy is already a
-  dependency, well kept, and labelling only the tumour's bounding box keeps it fast
-  (connected-components-3d is faster on huge masks but would be a new dependency for a
-  mask that is mostly background).
+  dependency (BSD), well kept, and labelling only the tumour's bounding box keeps it fast:
+  about 20 ms for a liver-sized mask with lesions, 100x512x512. connected-components-3d is
+  4-6x faster on a mask that is tumour nearly everywhere (0.15 s against 0.97 s: a model
+  that has failed) but would add a compiled LGPL-3.0 dependency for that case only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 BODY_HU = -500.0
 BODY_GREY = 8
 HIST_BINS = 1000
+CHUNK = 1 << 18  # voxels per pass: a 512x512 slice, cache-sized temporaries
 SCHEMA = 1  # the row format; bump when a column changes meaning
 
 
@@ -132,24 +134,31 @@ def intensity_facts(grey: np.ndarray, hu: np.ndarray | None = None,
         hu = np.asarray(hu)
         if hu.shape != grey.shape:
             raise ValueError(f"hu {hu.shape} and grey {grey.shape} must be the same voxels")
-        body = hu.reshape(-1) > BODY_HU
+        h = hu.reshape(-1)
         out["body_rule"] = f"hu>{BODY_HU:g}"
-        # bincount of grey + 256 * body: both histograms in one pass, no boolean indexing
-        hist = np.bincount(flat + (body.view(np.uint8) * np.uint16(256)).astype(np.uint16),
-                           minlength=512)[256:512]
+        lo, hi = (float(window[0]), float(window[1])) if window is not None else (None, None)
+        hist = np.zeros(512, np.int64)
+        below = above = 0
+        # in chunks that stay in cache; grey + 256 * body: both histograms in one bincount
+        for i in range(0, flat.size, CHUNK):
+            x = h[i:i + CHUNK]
+            body = x > BODY_HU
+            hist += np.bincount(flat[i:i + CHUNK] + body.view(np.uint8) * np.uint16(256),
+                                minlength=512)
+            if lo is not None:
+                below += np.count_nonzero(body & (x < lo))
+                above += np.count_nonzero(body & (x > hi))
+        hist = hist[256:]
         n_body = int(hist.sum())
-        if window is not None and n_body:
-            lo, hi = float(window[0]), float(window[1])
-            h = hu.reshape(-1)
-            out["hu_below_window"] = float(np.count_nonzero(body & (h < lo)) / n_body)
-            out["hu_above_window"] = float(np.count_nonzero(h > hi) / n_body) if hi > BODY_HU \
-                else float(np.count_nonzero(body & (h > hi)) / n_body)
-        else:
-            out["hu_below_window"] = out["hu_above_window"] = None
+        fractions = lo is not None and n_body
+        out["hu_below_window"] = below / n_body if fractions else None
+        out["hu_above_window"] = above / n_body if fractions else None
     else:
         out["body_rule"] = f"grey>{BODY_GREY}"
         out["hu_below_window"] = out["hu_above_window"] = None
-        hist = np.bincount(flat, minlength=256)
+        hist = np.zeros(256, np.int64)
+        for i in range(0, flat.size, CHUNK):
+            hist += np.bincount(flat[i:i + CHUNK], minlength=256)
         hist[:BODY_GREY + 1] = 0
         n_body = int(hist.sum())
     out.update(_percentiles(hist))
@@ -225,11 +234,9 @@ def output_facts(mask: np.ndarray, classes: tuple[str, ...], voxel_mm3: float | 
     `mask` holds class indices ([N, H, W] or [H, W]), not the 0/255 PNG values."""
     mask = np.asarray(mask)
     index = _class_indices(classes)
-    counts = np.bincount(mask.reshape(-1).astype(np.intp, copy=False),
-                         minlength=max(index.values(), default=0) + 1)
     out: dict[str, Any] = {}
     for name, k in index.items():
-        n = int(counts[k])
+        n = int(np.count_nonzero(mask == k))
         if voxel_mm3:
             out[f"{name}_ml"] = n * float(voxel_mm3) / 1000.0
         else:
