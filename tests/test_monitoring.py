@@ -54,6 +54,10 @@ def test_intensity_facts_window_fractions_and_percentiles():
     assert out["hu_above_window"] == pytest.approx(2 / 8)
     assert out["body_fraction"] == pytest.approx(8 / 10)
     assert out["body_rule"] == "hu>-500"
+    # grey inside the body only: 0 (x30: -400, -200, -150), 85, 127, 170 (x10), 255 (x20)
+    assert (out["grey_p25"], out["grey_p50"], out["grey_p75"], out["grey_p99"]) == \
+        (0, 85, 170, 255)
+    assert out["grey_mean"] == pytest.approx(111.5)
     # grey percentiles on a known array (grey-only input; body = grey > 8): values 10..109
     grey = np.arange(10, 110, dtype=np.uint8).reshape(1, 10, 10)
     out = facts.intensity_facts(np.concatenate([grey, np.zeros_like(grey)]))
