@@ -340,3 +340,18 @@ def test_a_study_added_to_the_archive_is_ingested_and_trained_on_and_nothing_els
     assert stages_run(sh(["dvc", "repro"], root, env)) == ["source"]
     assert _lock(root) == now
     assert dvc_status(root, env) == UP_TO_DATE
+
+
+def test_the_study_date_filter_chooses_what_is_mirrored(orthanc, studies, tmp_path,  # noqa: F811
+                                                         monkeypatch):
+    """data.dicom.study_date is a QIDO-RS range: a range without the study mirrors nothing
+    (an empty listing; ingest then says there is no DICOM file), one with it everything."""
+    url = f"{orthanc.url}/dicom-web"
+    stow(url, studies["A"])  # StudyDate 20260101
+    monkeypatch.chdir(tmp_path)
+    source.run(_params(dicom={"url": url, "study_date": "20250101-20251231"}))
+    assert _listed(tmp_path) == {}
+    with pytest.raises(Exception, match="no DICOM files"):
+        ingest.run(_params(dicom={"url": url, "study_date": "20250101-20251231"}))
+    source.run(_params(dicom={"url": url, "study_date": "20251231-"}))
+    assert set(_listed(tmp_path)) == studies["A"].mirrored()

@@ -179,6 +179,7 @@ def mirror(url: str, folder: Path, study_date: str | None = None,
     holds now. Returns counts of what it fetched, kept and removed."""
     limits, folder = limits or Limits(), Path(folder)
     client = connect(url)
+    folder.mkdir(parents=True, exist_ok=True)  # an archive with nothing matching: empty
     filters = {"ModalitiesInStudy": "CT"} | (
         {"StudyDate": study_date} if study_date else {}) | (
         {"StudyDescription": study_description} if study_description else {})
