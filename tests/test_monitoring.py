@@ -58,9 +58,10 @@ def test_intensity_facts_window_fractions_and_percentiles():
     assert (out["grey_p25"], out["grey_p50"], out["grey_p75"], out["grey_p99"]) == \
         (0, 85, 170, 255)
     assert out["grey_mean"] == pytest.approx(111.5)
-    # grey percentiles on a known array (grey-only input; body = grey > 8): values 10..109
+    # grey percentiles on a known array (grey-only input; body = grey > 8): values 10..109,
+    # and an image of 8s outside the body
     grey = np.arange(10, 110, dtype=np.uint8).reshape(1, 10, 10)
-    out = facts.intensity_facts(np.concatenate([grey, np.zeros_like(grey)]))
+    out = facts.intensity_facts(np.concatenate([grey, np.full_like(grey, 8)]))
     expected = np.percentile(np.arange(10, 110), facts.PERCENTILES, method="inverted_cdf")
     assert [out[f"grey_p{q}"] for q in facts.PERCENTILES] == list(expected)
     assert out["grey_p50"] == 59 and out["grey_p1"] == 10 and out["grey_p99"] == 108

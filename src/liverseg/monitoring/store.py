@@ -9,9 +9,10 @@ writing process per UTC day. Why this format:
   containers with the same name and pid apart.
 - **A row is one `write()`** of one complete line on a descriptor opened with O_APPEND: a
   killed process leaves whole rows (a write to a regular file is not split by a signal), and
-  the reader drops a last line without its newline or that does not parse (only a power loss
-  mid-write can leave one), so no torn row is ever read. Rows are not fsynced one by one:
-  a power loss may lose the last rows, never corrupt earlier ones.
+  the reader drops a line that does not parse (only a power loss mid-write can leave one, as
+  the last line of a file no later process appends to), so no torn row is ever read. Rows
+  are not fsynced one by one: a power loss may lose the last rows, never corrupt earlier
+  ones.
 - **Appending costs the same on the millionth row as on the first.** Parquet would have to
   rewrite a day's file per row (or buffer rows a crash loses); SQLite serialises writers on a
   lock and is unsafe on network file systems, which a shared monitoring folder often is.
@@ -107,11 +108,11 @@ class ServedCaseStore:
         rows = []
         with open(path, "rb") as fh:
             for line in fh:
-                if not line.endswith(b"\n"):
-                    break  # the torn last line of a write cut by a power loss
                 try:
                     row = json.loads(line)
                 except ValueError:
+                    # a torn line: only the last line of a file whose process died in a power
+                    # loss mid-write (a later process writes a file of its own)
                     continue
                 if isinstance(row, dict):
                     rows.append(row)
