@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from liverseg.fanout.dvc_graph import Stage, load_stages
+from liverseg.stages.register import TRIGGER_ENV
 from pipeline.metadata import stage_metadata
 from pipeline.resources import REPO_ROOT, DvcResource, MlflowResource
 
@@ -24,6 +25,17 @@ def asset_key(stage_name: str) -> dg.AssetKey:
     return dg.AssetKey(stage_name.replace("@", "_"))
 
 
+def trigger(tags: dict) -> str:
+    """What started the run (a sensor's tags, the schedule, or a person), for register to
+    record with the version."""
+    if tags.get("liverseg/trigger"):
+        evidence = tags.get("liverseg/evidence")
+        return tags["liverseg/trigger"] + (f": {evidence}" if evidence else "")
+    if tags.get("dagster/schedule_name"):
+        return f"schedule {tags['dagster/schedule_name']}"
+    return "manual"
+
+
 def build_asset(stage: Stage) -> dg.AssetsDefinition:
     @dg.asset(
         key=asset_key(stage.name),
@@ -36,7 +48,8 @@ def build_asset(stage: Stage) -> dg.AssetsDefinition:
     )
     def _stage(context: dg.AssetExecutionContext, dvc: DvcResource,
                mlflow: MlflowResource) -> dg.MaterializeResult:
-        env = mlflow.env() | {"LIVERSEG_DAGSTER_RUN_ID": context.run.run_id}
+        env = mlflow.env() | {"LIVERSEG_DAGSTER_RUN_ID": context.run.run_id,
+                              TRIGGER_ENV: trigger(context.run.tags)}
         dvc.repro(stage.name, env, context.log)
         # Read back what the stage wrote (and dvc.lock recorded); nothing is recomputed.
         return dg.MaterializeResult(

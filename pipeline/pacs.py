@@ -23,7 +23,7 @@ from liverseg.boundary import safe_name
 from liverseg.dicom import web as dicomweb
 from liverseg.redact import redact
 from pipeline.metadata import csv_rows
-from pipeline.resources import MlflowResource, PacsResource
+from pipeline.resources import MlflowResource, MonitoringResource, PacsResource
 
 POLL_SECONDS = int(os.environ.get("LIVERSEG_PACS_POLL_SECONDS", "60"))
 ct_studies = dg.DynamicPartitionsDefinition(name="ct_studies")
@@ -31,12 +31,13 @@ ct_studies = dg.DynamicPartitionsDefinition(name="ct_studies")
 
 @dg.op(description="liverseg predict --dicomweb on one study: SEGs stored back into it.")
 def segment_one_study(context: dg.OpExecutionContext, pacs: PacsResource,
-                  mlflow: MlflowResource) -> dict:
+                      mlflow: MlflowResource, monitoring: MonitoringResource) -> dict:
     study = context.partition_key
     out = Path(pacs.out_dir) / safe_name(study)
     cli = Path(sys.executable).parent / "liverseg"
     proc = runner.run([str(cli), "predict", "--model", pacs.model, "--dicomweb", pacs.url,
-                       "--study", study, "--out", str(out)], env=os.environ | mlflow.env(),
+                       "--study", study, "--out", str(out)],
+                      env=os.environ | mlflow.env() | monitoring.env(),
                       timeout=None)
     if proc.returncode not in (0, 2):  # 2: a series refused, the others done (its rows say)
         raise dg.Failure(description=redact(proc.stderr.strip().splitlines()[-1]

@@ -23,6 +23,7 @@ ENV = {
             "remote": "LIVERSEG_DVC_REMOTE"},
     "mlflow": {"tracking_uri": "MLFLOW_TRACKING_URI", "ui_url": "LIVERSEG_MLFLOW_UI_URL"},
     "pacs": {"url": "LIVERSEG_DICOMWEB_URL", "out_dir": "LIVERSEG_PACS_OUT"},
+    "monitoring": {"directory": "LIVERSEG_MONITORING_DIR"},
 }
 
 
@@ -90,6 +91,19 @@ class PacsResource(dg.ConfigurableResource):
     model: str = "models:/liverseg@champion"  # resolved when each run starts
 
 
+class MonitoringResource(dg.ConfigurableResource):
+    """The served-case store every predict, PACS and REST process appends to (the same
+    directory must be their LIVERSEG_MONITORING_DIR), the window the drift checks read and
+    the model whose reference they compare with."""
+
+    directory: str = str(REPO_ROOT / "monitoring")
+    last_cases: int = 200  # the drift window: the most recent served cases
+    model: str = "models:/liverseg@champion"
+
+    def env(self) -> dict[str, str]:
+        return {"LIVERSEG_MONITORING_DIR": self.directory}
+
+
 def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
     """The resources, with dg.EnvVar for each variable that is set (the UI shows its name).
 
@@ -100,4 +114,5 @@ def resources_from_env(environ: dict[str, str] | None = None) -> dict[str, dg.Co
     fields = {key: {f: dg.EnvVar(var) for f, var in spec.items() if environ.get(var)}
               for key, spec in ENV.items()}
     return {"dvc": DvcResource(**fields["dvc"]), "mlflow": MlflowResource(**fields["mlflow"]),
-            "pacs": PacsResource(**fields["pacs"])}
+            "pacs": PacsResource(**fields["pacs"]),
+            "monitoring": MonitoringResource(**fields["monitoring"])}

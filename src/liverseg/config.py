@@ -314,8 +314,11 @@ class RegisterParams(Strict):
     challenger_alias: str = "challenger"
     min_fg_iou: float = Field(0.5, ge=0, le=1)
     min_dice: float = Field(0.0, ge=0, le=1)
-    # The candidate must beat the current champion by this much (same validation split).
+    # The candidate must beat the current champion by this much on the candidate's validation
+    # split (a champion validated on another split is scored anew on it).
     min_improvement: float = Field(0.0, ge=0)
+    # ... and lose at most this much fg_iou against it on the frozen test split, if any.
+    max_test_regression: float = Field(0.02, ge=0)
 
 
 class ScheduleParams(Strict):

@@ -43,6 +43,12 @@ class LiversegModel(PythonModel):
         from liverseg.boundary import Limits
 
         self.limits = Limits.from_env()  # read once when the server loads, not per request
+        from liverseg.monitoring.store import default_store
+
+        # One monitoring row per request (no case identity reaches REST: image facts only).
+        self.store = default_store()
+        self.identity = {"model_ref": "pyfunc", "model_name": self.config.get("model", ""),
+                         "model_run": self.config.get("run_id", "")}
 
     # np.ndarray: a hint MLflow accepts without converting or validating the input (the
     # boundary's checks below do that), and without its "Add type hints" warning.
@@ -55,7 +61,21 @@ class LiversegModel(PythonModel):
         except (Refused, ValueError, TypeError) as exc:  # TypeError: ragged or non-numbers
             raise MlflowException(f"liverseg: {exc}", INVALID_PARAMETER_VALUE) from None
         with self.torch.no_grad():
-            return self.net(self.torch.from_numpy(x)).numpy()
+            probs = self.net(self.torch.from_numpy(x))
+        if self.store is not None:
+            self._record(x, probs)
+        return probs.numpy()
+
+    def _record(self, x: np.ndarray, probs) -> None:
+        from liverseg.labels import to_classes
+        from liverseg.serving.watch import Watch, record
+
+        prep, watch = self.net.prep, Watch()
+        watch.saw(x[:, x.shape[1] // 2].astype(np.uint8))  # the slice itself (2.5D: centre)
+        watch.confidence.update(probs)
+        watch.answered(to_classes(probs, prep.threshold).numpy(), prep.classes, None,
+                       volume=False)
+        record(self.store, self.identity, "rest", watch)
 
 
 mlflow.models.set_model(LiversegModel())

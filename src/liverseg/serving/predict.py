@@ -43,6 +43,7 @@ from liverseg.boundary import Limits, Refused, check_hu, nonfinite
 from liverseg.dicom import seg_writer
 from liverseg.dicom import series as dicom
 from liverseg.io import atomic_path
+from liverseg.monitoring.store import ServedCaseStore, default_store
 from liverseg.preprocess import (
     Preprocessing,
     Served,
@@ -52,6 +53,7 @@ from liverseg.preprocess import (
     volume_slices,
 )
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
+from liverseg.serving.watch import Watch, record
 
 CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
 SUMMARY = "predictions.csv"
@@ -123,6 +125,9 @@ class Predictor:
     config: dict
     batch_size: int = 32  # CPU inference: larger batches amortise per-call overhead
     seg_description: str | None = None  # a SEG's SeriesDescription: the model and version
+    identity: dict = field(default_factory=dict)  # model_identity: every row names the model
+    store: ServedCaseStore | None = None  # where each served case's monitoring row goes
+    watch: Watch | None = None  # the facts of the case being served
 
     def __post_init__(self):
         self.prep = Preprocessing.from_config(self.config)
@@ -136,7 +141,11 @@ class Predictor:
         for i in range(0, len(slices), self.batch_size):
             batch = np.arange(i, min(i + self.batch_size, len(slices)))
             x = context_stack(slices, k, batch) if k else slices[batch]
-            out.append(self.net.classes_of(x).numpy())
+            with torch.no_grad():
+                probs = self.net(self.net.grey_batch(x))
+            if self.watch is not None:
+                self.watch.confidence.update(probs)
+            out.append(labels.to_classes(probs, self.prep.threshold).numpy())
         return np.concatenate(out).astype(np.uint8)
 
     @property
@@ -209,8 +218,10 @@ class Screen:
 
     def __init__(self, what: str, policy: Policy):
         self.what, self.policy, self.invalid, self.count = what, policy, None, 0
+        self.hu = None  # the voxels as checked, for the monitoring row's intensity facts
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
+        self.hu = hu
         self.count = nonfinite(hu)
         if self.count:
             if not self.policy.allow_nonfinite:
@@ -231,6 +242,9 @@ def predict_image(predictor: Predictor, path: Path, out: Path) -> dict:
                       "not a single 2D image")
     gray = read_image(path, predictor.prep)
     mask, classes = predictor.masks(gray[None])[0], predictor.classes
+    if predictor.watch is not None:
+        predictor.watch.saw(gray[None])
+        predictor.watch.answered(mask[None], classes, None, volume=False)
     _save_png(out.with_name(f"{out.name}_mask.png"), labels.encode(mask, len(classes)))
     _save_png(out.with_name(f"{out.name}_overlay.png"), overlay(gray, mask, classes))
     return {"kind": "image", "shape": "x".join(map(str, gray.shape)),
@@ -262,6 +276,9 @@ def segment_volume(predictor: Predictor, img, what: str, out: Path, policy: Poli
     with atomic_path(out.with_name(f"{out.name}_mask.nii.gz")) as tmp:
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
     voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
+    if predictor.watch is not None:
+        predictor.watch.saw(slices, screen.hu, prep.hu_window)
+        predictor.watch.answered(canonical_mask, predictor.classes, voxel_mm3, volume=True)
     return mask, {"kind": "volume", "shape": "x".join(map(str, mask.shape)),
                   **class_sizes(mask, predictor.classes, voxel_mm3),
                   "mask": f"{out.name}_mask.nii.gz", "nonfinite_voxels": screen.count,
@@ -281,10 +298,14 @@ def segment_slices(predictor: Predictor, images: list, what: str, policy: Policy
     policy_each = Policy(policy.limits, allow_nonfinite=False, hu_check=False)
     grey, ornts = zip(*(volume_slices(img, predictor.prep, Screen(what, policy_each))
                         for img in images), strict=True)
+    hu = np.stack([np.asarray(i.dataobj) for i in images])
     if policy.hu_check:  # on the whole series: one slice of air alone is not a CT volume
-        check_hu(what, np.stack([np.asarray(i.dataobj) for i in images]))
+        check_hu(what, hu)
     slices = np.concatenate(grey)
     masks = predictor.masks(slices)
+    if predictor.watch is not None:  # no grid: components per slice, sizes in pixels
+        predictor.watch.saw(slices, hu, predictor.prep.hu_window)
+        predictor.watch.answered(masks, predictor.classes, None, volume=False)
     own = [to_input_orientation(masks[i:i + 1], ornt, img.shape)[0]  # [1, rows, cols]
            for i, (ornt, img) in enumerate(zip(ornts, images, strict=True))]
     return slices, masks, np.stack(own)
@@ -303,6 +324,8 @@ def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy
     else slice by slice; either way a DICOM SEG on the source images."""
     images, datasets = dicom.load_series(series)
     what = f"series {series.uid} ({series.files[0].parent})"
+    if predictor.watch is not None:
+        predictor.watch.study_uid, predictor.watch.series_uid = series.study_uid, series.uid
     if series.irregular is None:
         mask, row = segment_volume(predictor, images, what, out, policy)
     else:
@@ -311,6 +334,8 @@ def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy
                **class_sizes(mask, predictor.classes), "mask": "",
                "reason": f"no NIfTI mask or ml: {series.irregular}; SEG on the source frames",
                **_overlay_row(predictor, slices, masks, out)}
+    if predictor.watch is not None:
+        predictor.watch.scanned(datasets[0], len(datasets))
     with atomic_path(out.with_name(f"{out.name}_seg.dcm")) as tmp:
         seg_writer.write_seg(tmp, datasets, mask, predictor.classes, predictor.config["model"],
                         predictor.seg_description)
@@ -324,6 +349,7 @@ def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy
     out.parent.mkdir(parents=True, exist_ok=True)
     kind = ("dicom" if isinstance(item.source, dicom.Series)
             else "volume" if is_nifti(item.source) else "image")
+    predictor.watch = Watch() if predictor.store is not None else None
     try:
         if kind == "dicom":
             row = predict_series(predictor, item.source, out, policy)
@@ -335,6 +361,9 @@ def predict_item(predictor: Predictor, item: Item, out_dir: Path, policy: Policy
         reason = str(exc) if isinstance(exc, ValueError | OSError) else \
             f"{item.label}: {type(exc).__name__}: {exc}"
         return outcome(item.label, "refused", reason, kind) | {"name": item.name}
+    finally:
+        watch, predictor.watch = predictor.watch, None
+    record(predictor.store, predictor.identity, kind, watch)  # only a case served
     folder = str(Path(item.name).parent)
     for key in ("mask", "overlay", "seg"):  # paths relative to --out
         if row.get(key) and folder != ".":
@@ -348,7 +377,8 @@ def start(model_ref: str, out_dir: str | Path) -> tuple[Predictor, Outcomes]:
     identity = model_identity(model_ref, config)
     version = identity["model_version"] or identity["model_run"][:8]
     predictor = Predictor(model, config,
-                          seg_description=seg_writer.seg_description(config["model"], version))
+                          seg_description=seg_writer.seg_description(config["model"], version),
+                          identity=identity, store=default_store())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return predictor, Outcomes(out_dir, identity)

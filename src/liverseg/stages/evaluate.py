@@ -27,7 +27,7 @@ import torch
 
 from liverseg import checkpoint, labels, tracking
 from liverseg.artifacts import RUN, Artifacts
-from liverseg.config import Params
+from liverseg.config import VOLUME_SOURCES, Params
 from liverseg.data.dataset import SliceDataset
 from liverseg.io import MaskWriter, read_json
 from liverseg.metrics import (
@@ -40,7 +40,9 @@ from liverseg.metrics import (
     nan_to_none,
     per_image_metrics,
 )
+from liverseg.monitoring import drift
 from liverseg.preprocess import Preprocessing, Served
+from liverseg.serving.watch import CaseWatches
 
 PER_IMAGE_KEYS = ("fg_iou", "dice", "precision", "recall", "hd95")
 
@@ -61,17 +63,20 @@ def stored_batches(dataset: SliceDataset, batch_size: int):
 
 @torch.no_grad()
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
-                  classes: tuple[str, ...], masks: MaskWriter):
+                  classes: tuple[str, ...], masks: MaskWriter,
+                  watches: CaseWatches | None = None, case_of: dict | None = None):
     """Serve every slice of `dataset`, each predicted class mask going to `masks` as it is
     made (memory stays at one batch); returns pooled meter, per-image rows, per-image class
-    counts [N, C, 4] and seconds.
+    counts [N, C, 4] and seconds. With `watches`, each slice also feeds the monitoring row
+    of its case (`case_of`: slice id -> case), the model's drift reference.
 
     The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
     counts themselves for a binary model."""
     meter, rows, counts, seconds = ConfusionMeter(classes), [], [], 0.0
     for images, truth, ids in stored_batches(dataset, batch_size):
         start = time.perf_counter()
-        pred = served.classes_of(images)
+        probs = served(served.grey_batch(images))
+        pred = labels.to_classes(probs, served.prep.threshold)
         seconds += time.perf_counter() - start
         stats = meter.add(class_confusion(pred, torch.from_numpy(truth), len(classes)))
         pred, fg_truth = pred.numpy().astype(np.uint8), truth > 0  # any foreground class
@@ -83,6 +88,9 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth[i].sum())})
             masks.add(str(sid), pred[i])
+            if watches is not None:  # a 2.5D stack's own slice is its centre channel
+                grey = images[i][len(images[i]) // 2] if images.ndim == 4 else images[i]
+                watches.add(case_of[str(sid)], grey, probs[i:i + 1], pred[i])
         counts.append(stats.numpy())
     return meter, rows, np.concatenate(counts), seconds
 
@@ -134,9 +142,16 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
         prep = replace(prep, threshold=params.evaluate.threshold)
     dataset = SliceDataset(splits_dir / "val.csv", art.raw, prep.image_size, prep.mean,
                            prep.std, num_classes=len(classes))
+    # The drift reference: a monitoring row per validation case (a volume source's case,
+    # else each image, as predict and REST serve them), saved in the metrics file.
+    watches = CaseWatches(classes, {"model_name": model_name})
+    volumes = params.data.source in VOLUME_SOURCES
+    case_of = {str(r["slice_id"]): str(r["case"] if volumes else r["slice_id"])
+               for r in dataset.rows}
     with MaskWriter(art.predictions(model_name)) as masks:
         meter, rows, counts, seconds = predict_split(
-            Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes, masks)
+            Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes, masks,
+            watches, case_of)
 
     per_image = pd.DataFrame(rows)
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
@@ -156,6 +171,7 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
         # Stated in the file itself (full definitions: liverseg.metrics and the README).
         "aggregation": ("global=pooled pixels (CIs: bootstrap over images); per_image=mean, "
                         "0/0 excluded; per_volume=pooled per patient, then mean; hd95 in pixels"),
+        "monitoring_reference": drift.reference(pd.DataFrame(watches.finish())),
     }
     metrics = {"model": model_name} | nan_to_none(metrics)
     art.write_metrics(model_name, metrics)

@@ -1,11 +1,12 @@
 """register: the best model becomes a version of the MLflow registered model.
 
 Quality gate (params `register`): the candidate's global fg_iou >= `min_fg_iou`, dice >=
-`min_dice` and, when a champion exists and was validated on the same split (same
-`data_splits_md5`), fg_iou >= champion's fg_iou + `min_improvement`. Passing moves the
-`champion` alias to it; failing moves the `challenger` alias to it and tags `gate_reason`.
-A champion validated on another split is not comparable: the improvement check is then
-skipped, and the gate text says so.
+`min_dice` and, when a champion exists, fg_iou >= champion's fg_iou + `min_improvement` on
+the same validation split: a champion validated on another split (the data grew) is served
+anew on this one (`rescore_champion`); on the frozen test split, when there is one, the
+candidate loses at most `max_test_regression` against it. Passing moves the `champion`
+alias to it; failing moves the `challenger` alias to it and tags `gate_reason`. The version
+records both scores and what started the run (`retrain_trigger`).
 
 Every version carries its lineage as tags (see `liverseg.provenance.lineage`). The registry keeps no
 alias history (mlflow#2169), so every alias move (who, when, from and to which version,
@@ -67,7 +68,9 @@ def version_tags(params: Params, best: str, metrics: dict, validation: dict,
     return tags
 
 
+TRIGGER_ENV = "LIVERSEG_RETRAIN_TRIGGER"  # set by the Dagster asset from the run's tags
 TRAINING_LABELS = "lineage/training_labels.json"  # an artifact of the model's run
+MONITORING_REFERENCE = "monitoring/reference.json"  # evaluate's rows of validation cases
 
 
 def training_labels(split_stats: dict) -> dict | None:
@@ -86,6 +89,61 @@ def training_labels(split_stats: dict) -> dict | None:
                                                         "artifact": TRAINING_LABELS}}
 
 
+class _Discard:
+    """A mask sink for scoring only."""
+
+    def add(self, *_) -> None:
+        pass
+
+
+def score(model_ref: str, split_csv: Path, art: Artifacts, params: Params) -> float | None:
+    """fg_iou of a model (a registry URI or models/<m>) on a split of this workspace, served
+    as evaluate serves it (None: the split is empty)."""
+    from dataclasses import replace
+
+    from liverseg.data.dataset import SliceDataset
+    from liverseg.preprocess import Preprocessing, Served
+    from liverseg.serving.predict import load
+    from liverseg.stages.evaluate import predict_split
+
+    model, config = load(model_ref)
+    prep = replace(Preprocessing.from_config(config), threshold=params.evaluate.threshold)
+    dataset = SliceDataset(split_csv, art.raw, prep.image_size, prep.mean, prep.std,
+                           num_classes=len(prep.classes))
+    if not dataset.rows:
+        return None
+    meter, *_ = predict_split(Served(model, prep).eval(), dataset, params.evaluate.batch_size,
+                              prep.classes, _Discard())
+    return meter.compute()["fg_iou"]
+
+
+def rescore_champion(champion: dict | None, split_hash: str, art: Artifacts, params: Params
+                     ) -> dict | None:
+    """The champion judged on the candidate's data: validated on another split, it is scored
+    anew on this one (the recorded figure kept beside it), so every retraining, however the
+    data grew, is compared with the champion on the same cases."""
+    if champion is None or champion["split"] == split_hash or champion["fg_iou"] is None:
+        return champion
+    ref = f"models:/{params.register_.model_name}/{champion['version']}"
+    try:
+        fg = score(ref, art.splits / "val.csv", art, params)
+    except Exception as exc:  # its artifacts gone, a model that no longer loads: say so
+        return champion | {"rescore_error": f"{type(exc).__name__}: {exc}"[:200]}
+    return champion | {"fg_iou": fg, "split": split_hash, "rescored": True,
+                       "recorded_fg_iou": champion["fg_iou"], "recorded_split": champion["split"]}
+
+
+def test_scores(best: str, champion: dict | None, art: Artifacts, params: Params) -> dict | None:
+    """Both models on the frozen test split (`split.test_fraction`; no retraining ever trains
+    on it), when there is one and a champion."""
+    test_csv = art.splits / "test.csv"
+    if champion is None or not test_csv.is_file() or test_csv.stat().st_size == 0:
+        return None
+    ref = f"models:/{params.register_.model_name}/{champion['version']}"
+    return {"candidate": score(str(art.model_dir(best)), test_csv, art, params),
+            "champion": score(ref, test_csv, art, params)}
+
+
 def champion_info(client, cfg: RegisterParams, number: int | None = None) -> dict | None:
     """The current champion's (or version `number`'s) version, recorded fg_iou and split
     hash (None if none)."""
@@ -100,8 +158,9 @@ def champion_info(client, cfg: RegisterParams, number: int | None = None) -> dic
 
 
 def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
-                 champion: dict | None) -> tuple[bool, str]:
-    """(passed, one line stating every check and its numbers)."""
+                 champion: dict | None, test: dict | None = None) -> tuple[bool, str]:
+    """(passed, one line stating every check and its numbers). `test`: both models' fg_iou
+    on the frozen test split ({"candidate": x, "champion": y}), when there is one."""
     fg, dice = metrics.get("fg_iou"), metrics.get("dice")
     checks, failures = [], []
 
@@ -121,14 +180,26 @@ def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
     if champion is not None and fg is not None:
         v = champion["version"]
         if champion["split"] != split_hash:
+            why = champion.get("rescore_error")
             checks.append(f"champion v{v} validated on another split ({champion['split']} vs "
-                          f"{split_hash}): improvement check not applicable")
+                          f"{split_hash}): improvement check not applicable"
+                          + (f" (re-scoring it failed: {why})" if why else ""))
         elif champion["fg_iou"] is None:
             checks.append(f"champion v{v} has no recorded fg_iou: improvement check skipped")
         else:
             need = champion["fg_iou"] + cfg.min_improvement
+            scored = " (re-scored on this split)" if champion.get("rescored") else ""
             judge(fg >= need, f"fg_iou {fg:.4f} {'>=' if fg >= need else '<'} champion v{v} "
-                  f"{champion['fg_iou']:.4f} + min_improvement {cfg.min_improvement}")
+                  f"{champion['fg_iou']:.4f}{scored} + min_improvement {cfg.min_improvement}")
+    if test and test.get("champion") is not None and champion is not None:
+        ours, theirs = test["candidate"], test["champion"]
+        floor = theirs - cfg.max_test_regression
+        if ours is None:
+            failures.append("test fg_iou undefined")
+        else:
+            judge(ours >= floor, f"test fg_iou {ours:.4f} {'>=' if ours >= floor else '<'} "
+                  f"champion v{champion['version']} {theirs:.4f} - max_test_regression "
+                  f"{cfg.max_test_regression}")
     passed = not failures
     return passed, ("passed: " if passed else "failed: ") + "; ".join(failures + checks)
 
@@ -222,12 +293,24 @@ def run(params: Params, root: str | Path = ".") -> dict:
         # champion it replaced, never against itself.
         replaced = json.loads(existing.tags.get("alias_event", "{}")).get("from_version")
         champion = champion_info(client, cfg, replaced) if replaced else None
-    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion)
+    champion = rescore_champion(champion, tags["data_splits_md5"], art, params)
+    test = test_scores(best, champion, art, params)
+    if champion and champion.get("rescored"):
+        tags["gate_champion_rescored"] = json.dumps(
+            {k: champion[k] for k in ("version", "fg_iou", "recorded_fg_iou", "recorded_split")})
+    if test:
+        tags["gate_test_fg_iou"] = json.dumps(test)
+    if os.environ.get(TRIGGER_ENV):  # which evidence started this run (Dagster's tags)
+        tags["retrain_trigger"] = lineage.truncate(os.environ[TRIGGER_ENV])
+    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion, test)
     version = existing.version if existing is not None else \
         mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
     if labelled:  # the full list of archive objects, beside the run's model
         client.log_dict(run["run_id"], labelled, TRAINING_LABELS)
+    reference = read_json(art.metrics(best)).get("monitoring_reference")
+    if reference:  # what served cases are compared with (pipeline.monitoring's drift checks)
+        client.log_dict(run["run_id"], reference, MONITORING_REFERENCE)
     if not passed:
         client.set_model_version_tag(cfg.model_name, version, "gate_reason", gate)
     elif existing is not None and "gate_reason" in existing.tags:  # it failed an earlier run

@@ -1,0 +1,107 @@
+"""A monitoring row for every served case (DESIGN rule 12), the serving side of
+`liverseg.monitoring`: what one input showed the model and what the model answered.
+
+`Watch` collects, while an input is served: the input facts (DICOM header facts; the grey
+values the model sees inside the body, and for HU inputs how much of the body lies below and
+above the training window, which the windowed slices no longer show), the output facts
+(class volumes in mL where spacing is known, else pixels; the tumour's connected
+components) and the confidence (the probabilities, batch by batch: memory stays flat).
+`record` appends the row to the served-case store named by `LIVERSEG_MONITORING_DIR`
+(`liverseg.monitoring.store`); unset, nothing is recorded. Rows carry the model's identity
+and hashed study/series UIDs, never a patient's name or id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from liverseg.monitoring import facts as mfacts
+from liverseg.monitoring.store import ServedCaseStore
+
+
+@dataclass
+class Watch:
+    """The facts of one served case."""
+
+    confidence: mfacts.Confidence = field(default_factory=mfacts.Confidence)
+    inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    study_uid: str = ""
+    series_uid: str = ""
+
+    def saw(self, grey: np.ndarray, hu: np.ndarray | None = None,
+            window: tuple[float, float] | None = None) -> None:
+        """The input as the model saw it (grey [N, H, W]) and, for volumes, its HU voxels.
+        The grey percentiles always use the grey body rule, as evaluate's reference does
+        (it has the windowed slices only); the HU voxels add the fractions of the body below
+        and above the window."""
+        self.inputs |= mfacts.intensity_facts(grey)
+        if hu is not None:
+            with_hu = mfacts.intensity_facts(grey, hu, window)
+            self.inputs |= {k: with_hu[k] for k in ("hu_below_window", "hu_above_window")}
+
+    def scanned(self, header, slices: int) -> None:
+        """A DICOM series' scanner facts (its first instance's header)."""
+        self.inputs |= mfacts.header_facts(header, slices)
+
+    def answered(self, mask: np.ndarray, classes: tuple[str, ...], voxel_mm3: float | None,
+                 volume: bool) -> None:
+        self.outputs |= mfacts.output_facts(mask, classes, voxel_mm3, volume)
+        if voxel_mm3:  # pixel counts too: evaluate's reference knows no spacing
+            self.outputs |= {f"{name}_pixels": int((mask == k).sum())
+                             for k, name in enumerate(classes) if k}
+
+    def row(self, identity: dict, kind: str) -> dict:
+        return mfacts.served_row(identity, kind, self.inputs,
+                                 self.outputs | self.confidence.facts(), self.study_uid,
+                                 self.series_uid)
+
+
+def record(store: ServedCaseStore | None, identity: dict, kind: str, watch: Watch | None
+           ) -> None:
+    """Append the case's row; monitoring never fails the answer (a full disk is warned of)."""
+    if store is None or watch is None:
+        return
+    import warnings
+
+    try:
+        store.append(watch.row(identity, kind))
+    except OSError as exc:
+        warnings.warn(f"monitoring row not recorded in {store}: {exc}", stacklevel=2)
+
+
+class CaseWatches:
+    """Evaluate's side: the same rows for each validation case, against which served cases
+    are compared (the model's reference, saved with its registered version). Slices arrive
+    one at a time; the slices of a case are consecutive in a split, so one case is held at
+    a time (memory follows the largest case, not the number of cases)."""
+
+    def __init__(self, classes: tuple[str, ...], identity: dict):
+        self.classes, self.identity, self.rows = classes, identity, []
+        self.case, self.grey, self.masks, self.watch = None, [], [], None
+
+    def add(self, case: str, grey: np.ndarray, probs, mask: np.ndarray) -> None:
+        """One slice [H, W] with its probabilities [1, K, H, W] and predicted classes."""
+        if case != self.case:
+            self._close()
+            self.case, self.watch = case, Watch()
+        self.grey.append(grey)
+        self.masks.append(mask)
+        self.watch.confidence.update(probs)
+
+    def _close(self) -> None:
+        if self.watch is None:
+            return
+        volume = len(self.grey) > 1 and len({g.shape for g in self.grey}) == 1
+        grey = np.stack(self.grey) if volume else self.grey[0][None]
+        masks = np.stack(self.masks) if volume else self.masks[0][None]
+        self.watch.saw(grey)
+        self.watch.answered(masks, self.classes, None, volume=volume)
+        self.rows.append(self.watch.row(self.identity, "volume" if volume else "image"))
+        self.grey, self.masks, self.watch = [], [], None
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.rows
