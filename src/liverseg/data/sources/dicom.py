@@ -107,7 +107,7 @@ def origins(objects: list[labels.LabelObject]) -> dict[str, str]:
 
 def _label(o: labels.LabelObject, origin: str) -> Label:
     return Label(str(o.path), o.sop_uid, o.kind, origin, o.time,
-                 json.dumps(o.facts, sort_keys=True, default=str),
+                 json.dumps(o.facts | {"time": o.time}, sort_keys=True, default=str),
                  any(seg.target for seg in o.segments))
 
 
