@@ -142,6 +142,18 @@ def canonical(img) -> tuple[np.ndarray, np.ndarray]:
     return to_canonical(data, ornt), ornt
 
 
+def slice_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing in mm of `to_slices(to_canonical(volume, orientation(affine)))`:
+    (between slices, between rows, between columns)."""
+    import nibabel as nib
+
+    zooms, ornt = nib.affines.voxel_sizes(affine), orientation(affine)
+    canonical = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        canonical[int(target)] = float(zooms[axis])
+    return canonical[2], canonical[1], canonical[0]
+
+
 def to_slices(canonical_volume: np.ndarray) -> np.ndarray:
     """[X, Y, Z] canonical -> [Z, Y, X]: slice k is `volume[:, :, k].T`."""
     return np.ascontiguousarray(np.transpose(canonical_volume, (2, 1, 0)))

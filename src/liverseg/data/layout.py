@@ -45,9 +45,11 @@ LABEL_COLUMNS = ["study_uid", "series_uid", "label_uid", "label_kind", "origin",
                  "label_creator", "label_status", "label_readable", "label_mapped",
                  "correction_dice", "correction_ml", "corrected_by"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
+# `spacing`: a volume's voxel size in mm, "slice,row,column" in the stored slices' axes
+# (`preprocess.slice_spacing`), for per-case 3D metrics; empty where slices form no grid.
 FACT_COLUMNS = ["source_image", "source_mask", "channels", "dtype", "source_mask_values",
                 "paired", "image_decodable", "mask_decodable", "mask_values_allowed",
-                "ingest_detail", "context", "case", "sampled", *LABEL_COLUMNS]
+                "ingest_detail", "context", "case", "sampled", "spacing", *LABEL_COLUMNS]
 ROW_DEFAULTS = {"paired": True, "image_decodable": True, "mask_decodable": True,
                 "mask_values_allowed": True, "ingest_detail": "", "context": "", "case": "",
                 "sampled": True, "label_readable": True, "label_mapped": True}

@@ -27,6 +27,7 @@ import torch
 
 from liverseg import checkpoint, labels, tracking
 from liverseg.artifacts import RUN, Artifacts
+from liverseg.case_metrics import case_row, summary
 from liverseg.config import VOLUME_SOURCES, Params
 from liverseg.data.dataset import SliceDataset
 from liverseg.io import MaskWriter, read_json
@@ -64,11 +65,13 @@ def stored_batches(dataset: SliceDataset, batch_size: int):
 @torch.no_grad()
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                   classes: tuple[str, ...], masks: MaskWriter,
-                  watches: CaseWatches | None = None, case_of: dict | None = None):
+                  watches: CaseWatches | None = None, case_of: dict | None = None,
+                  volumes: CaseVolumes | None = None):
     """Serve every slice of `dataset`, each predicted class mask going to `masks` as it is
     made (memory stays at one batch); returns pooled meter, per-image rows, per-image class
     counts [N, C, 4] and seconds. With `watches`, each slice also feeds the monitoring row
-    of its case (`case_of`: slice id -> case), the model's drift reference.
+    of its case (`case_of`: slice id -> case), the model's drift reference; with `volumes`,
+    the case's 3D metrics.
 
     The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
     counts themselves for a binary model."""
@@ -91,8 +94,50 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
             if watches is not None:  # a 2.5D stack's own slice is its centre channel
                 grey = images[i][len(images[i]) // 2] if images.ndim == 4 else images[i]
                 watches.add(case_of[str(sid)], grey, probs[i:i + 1], pred[i])
+            if volumes is not None:
+                volumes.add(str(sid), pred[i], truth[i])
         counts.append(stats.numpy())
     return meter, rows, np.concatenate(counts), seconds
+
+
+class CaseVolumes:
+    """Each validation case of a volume source put back together, slice by slice, for the
+    LiTS challenge's 3D metrics (`liverseg.case_metrics`) at its spacing. Slices of a case
+    are consecutive in a split: one case is held at a time. Cases without a grid (no
+    `spacing`: 2D sources, the phantom, tilted or irregular series) keep per-slice figures."""
+
+    def __init__(self, rows: list[dict], classes: tuple[str, ...]):
+        self.classes, self.rows = classes, []
+        self.where = {str(r["slice_id"]): (str(r["case"]), int(r["slice_index"]), str(r["spacing"]))
+                      for r in rows if str(r.get("spacing") or "") not in ("", "nan")}
+        self.case, self.slices = None, []
+
+    def add(self, sid: str, pred: np.ndarray, truth: np.ndarray) -> None:
+        if sid not in self.where:
+            return
+        case, index, spacing = self.where[sid]
+        if case != self.case:
+            self._close()
+            self.case, self.spacing = case, spacing
+        self.slices.append((index, pred, truth))
+
+    def _close(self) -> None:
+        if self.case is None or len({p.shape for _, p, _ in self.slices}) != 1:
+            self.slices = []
+            return
+        self.slices.sort(key=lambda s: s[0])
+        pred = np.stack([p for _, p, _ in self.slices])
+        truth = np.stack([t for _, _, t in self.slices])
+        spacing = [float(v) for v in self.spacing.split(",")]
+        self.rows.append({"case": self.case, "slices": len(self.slices), "spacing_mm": spacing}
+                         | case_row(pred, truth, self.classes, spacing))
+        self.case, self.slices = None, []
+
+    def finish(self) -> dict | None:
+        self._close()
+        if not self.rows:
+            return None
+        return {"summary": summary(self.rows, self.classes), "cases": self.rows}
 
 
 def flops_per_image(model: torch.nn.Module, in_channels: int, image_size: int) -> int:
@@ -148,10 +193,11 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
     volumes = params.data.source in VOLUME_SOURCES
     case_of = {str(r["slice_id"]): str(r["case"] if volumes else r["slice_id"])
                for r in dataset.rows}
+    volumes = CaseVolumes(dataset.rows, classes)
     with MaskWriter(art.predictions(model_name)) as masks:
         meter, rows, counts, seconds = predict_split(
             Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes, masks,
-            watches, case_of)
+            watches, case_of, volumes)
 
     per_image = pd.DataFrame(rows)
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
@@ -172,6 +218,8 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
         "aggregation": ("global=pooled pixels (CIs: bootstrap over images); per_image=mean, "
                         "0/0 excluded; per_volume=pooled per patient, then mean; hd95 in pixels"),
         "monitoring_reference": drift.reference(pd.DataFrame(watches.finish())),
+        # The LiTS challenge's per-case 3D metrics (volume sources with a grid; else None).
+        "per_case_3d": volumes.finish(),
     }
     metrics = {"model": model_name} | nan_to_none(metrics)
     art.write_metrics(model_name, metrics)

@@ -32,7 +32,7 @@ from liverseg.io import atomic_dir, write_json
 SPLITS = ("train", "val", "test")
 # Each slice with where its label came from (the dicom source's archive objects).
 COLUMNS = ["slice_id", "patient_id", "slice_index", "image", "mask", "fg_fraction", "id",
-           "image_sha256", "height", "width", "context", "case", "sampled",
+           "image_sha256", "height", "width", "context", "case", "sampled", "spacing",
            "study_uid", "series_uid", "label_uid", "origin"]
 
 

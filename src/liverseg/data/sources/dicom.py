@@ -287,15 +287,17 @@ def _slices(task, data: DataParams, seed: int, writer: CaseWriter, s: dicom.Seri
         grey = preprocess.window(preprocess.to_slices(hu), window)
         lab = preprocess.to_slices(preprocess.to_canonical(voxels, ornt))
         frames = _frame_of_slice(ornt, len(voxels))
+        spacing = ",".join(f"{v:g}" for v in preprocess.slice_spacing(images.affine))
     else:  # each slice in its own geometry
         grey = np.concatenate([preprocess.window(preprocess.to_slices(
             preprocess.canonical(img)[0]), window) for img in images])
         lab = np.concatenate([preprocess.to_slices(preprocess.to_canonical(
             voxels[i:i + 1], preprocess.orientation(img.affine))) for i, img in enumerate(images)])
-        frames = list(range(len(images)))
+        frames, spacing = list(range(len(images))), ""  # no grid: per-slice figures only
     sampled = set(select_slices(lab, data.nifti.slices, data.nifti.empty_fraction,
                                 case_rng(seed, task.case_id)))
-    facts = winner.facts() | {"study_uid": s.study_uid, "series_uid": s.uid}
+    facts = winner.facts() | {"study_uid": s.study_uid, "series_uid": s.uid,
+                              "spacing": spacing}
     for k in range(len(grey)):
         frame = frames[k] if frames else None
         writer.add(f"{task.case_id}_{k:04d}", patient, k, grey[k],

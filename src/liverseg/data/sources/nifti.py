@@ -265,11 +265,13 @@ def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter)
                      for a in (image, labels))
     sampled = set(select_slices(labels, cfg.slices, cfg.empty_fraction,
                                 case_rng(seed, task.case_id)))
+    spacing = ",".join(f"{s:g}" for s in preprocess.slice_spacing(affine))
     for k in range(len(image)):  # slice by slice: a float copy of one slice at a time
         writer.add(slice_id(task.case_id, k), pid, k, preprocess.window(image[k], cfg.window),
                    label_schema.from_volume_labels(labels[k], data.target), sampled=k in sampled,
                    source_image=f"{vol}#{k}", source_mask=f"{label}#{k}", channels=1,
-                   dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]))
+                   dtype=str(image.dtype), source_mask_values=imageio.compact_values(labels[k]),
+                   spacing=spacing)
     if data.context_slices:
         writer.link_context(data.context_slices)
     return {"volumes": 1}

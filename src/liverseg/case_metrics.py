@@ -1,0 +1,104 @@
+"""The LiTS challenge's per-case metrics for volume sources (Bilic et al., LiTS, 2023):
+computed in 3D on whole cases, with each case's voxel spacing in mm.
+
+Per case and foreground class (A the prediction, B the reference, |.| voxel counts):
+- `dice` = 2|A n B| / (|A| + |B|); `voe` (volume overlap error) = 1 - |A n B| / |A u B|;
+  `rvd` (relative volume difference) = (|A| - |B|) / |B|;
+- `assd` (average symmetric surface distance), `mssd` (maximum symmetric surface distance,
+  the Hausdorff distance) and `hd95` (95th percentile of the symmetric surface distances),
+  in mm, with MONAI's implementations (`monai.metrics`, Euclidean distance transform over
+  the voxel spacing; the maintained successor of the medpy metrics LiTS's own evaluation
+  used).
+Empty-mask rule: A and B both empty: dice 1, voe 0, rvd 0, distances 0; exactly one empty:
+dice 0, voe 1, rvd -1 (A empty) or undefined (B empty: None), distances undefined (None).
+`global_dice` (LiTS's "Dice global") pools every case's voxels: 2 sum|A n B| / sum(|A| + |B|).
+Lesions (the tumour class): connected components (26-connected, scipy.ndimage) of the
+reference; a reference lesion is detected when some predicted voxel overlaps it, and a
+predicted component is a false positive when it overlaps no reference lesion. Recall =
+detected / reference lesions, precision = (predicted - false positive) / predicted
+components.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
+
+
+def overlap(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """dice, voe and rvd of two boolean volumes (the empty-mask rule above)."""
+    a, b = int(pred.sum()), int(truth.sum())
+    both = int((pred & truth).sum())
+    union = a + b - both
+    if union == 0:
+        return {"dice": 1.0, "voe": 0.0, "rvd": 0.0}
+    return {"dice": 2 * both / (a + b), "voe": 1 - both / union,
+            "rvd": (a - b) / b if b else None}
+
+
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
+    """assd, mssd and hd95 in mm (MONAI); None when exactly one of the two is empty."""
+    if not pred.any() and not truth.any():
+        return {"assd": 0.0, "mssd": 0.0, "hd95": 0.0}
+    if not pred.any() or not truth.any():
+        return {"assd": None, "mssd": None, "hd95": None}
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    y_pred = np.stack([~pred, pred])[None].astype(np.float32)  # [1, 2, Z, Y, X] one-hot
+    y = np.stack([~truth, truth])[None].astype(np.float32)
+    spacing = [float(s) for s in spacing]
+    return {"assd": float(compute_average_surface_distance(y_pred, y, symmetric=True,
+                                                           spacing=spacing)[0, 0]),
+            "mssd": float(compute_hausdorff_distance(y_pred, y, spacing=spacing)[0, 0]),
+            "hd95": float(compute_hausdorff_distance(y_pred, y, percentile=95,
+                                                     spacing=spacing)[0, 0])}
+
+
+def lesions(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Reference lesions, detected ones, predicted components and false positives."""
+    truth_labels, n_truth = ndimage.label(truth, structure=FULL)
+    pred_labels, n_pred = ndimage.label(pred, structure=FULL)
+    detected = len(set(np.unique(truth_labels[pred])) - {0})
+    matched = len(set(np.unique(pred_labels[truth])) - {0})
+    return {"lesions": n_truth, "lesions_detected": detected, "predicted_lesions": n_pred,
+            "false_positive_lesions": n_pred - matched}
+
+
+def case_row(pred: np.ndarray, truth: np.ndarray, classes: tuple[str, ...], spacing) -> dict:
+    """Every metric of one case, per foreground class (`<class>_dice`, ...), from class-index
+    volumes [Z, Y, X]; a binary model's one class is its target's name. Voxel counts too,
+    for `global_dice`."""
+    row = {}
+    for k, name in enumerate(classes[1:], start=1):
+        # Three classes as LiTS scores them: the liver includes its tumours.
+        a, b = ((pred >= 1, truth >= 1) if name == "liver" and len(classes) == 3
+                else (pred == k, truth == k))
+        row |= {f"{name}_{key}": value
+                for key, value in (overlap(a, b) | surface_distances(a, b, spacing)).items()}
+        row |= {f"{name}_pred_voxels": int(a.sum()), f"{name}_truth_voxels": int(b.sum()),
+                f"{name}_both_voxels": int((a & b).sum())}
+        if name == "tumour":
+            row |= lesions(a, b)
+    return row
+
+
+def summary(rows: list[dict], classes: tuple[str, ...]) -> dict:
+    """Means over cases (None ignored), global Dice per class, and lesion recall and
+    precision over every case."""
+    out = {"cases": len(rows)}
+    for name in classes[1:]:
+        for key in ("dice", "voe", "rvd", "assd", "mssd", "hd95"):
+            values = [r[f"{name}_{key}"] for r in rows if r.get(f"{name}_{key}") is not None]
+            out[f"{name}_{key}_per_case"] = float(np.mean(values)) if values else None
+        both = sum(r[f"{name}_both_voxels"] for r in rows)
+        total = sum(r[f"{name}_pred_voxels"] + r[f"{name}_truth_voxels"] for r in rows)
+        out[f"{name}_global_dice"] = 2 * both / total if total else None
+    if "tumour" in classes:
+        found = sum(r["lesions"] for r in rows)
+        predicted = sum(r["predicted_lesions"] for r in rows)
+        out["lesion_recall"] = sum(r["lesions_detected"] for r in rows) / found if found else None
+        out["lesion_precision"] = ((predicted - sum(r["false_positive_lesions"] for r in rows))
+                                   / predicted if predicted else None)
+    return out
