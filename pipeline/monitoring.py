@@ -104,9 +104,10 @@ def served_cases(context: dg.AssetExecutionContext, monitoring: MonitoringResour
     os.environ.update(mlflow.env())
     version, reference = champion_reference(monitoring.model)
     model = f"{version.name} v{version.version}"
-    rows = ServedCaseStore(monitoring.directory).read(last=monitoring.last_cases)
-    if "model_version" in rows:  # the champion's own cases
+    rows = ServedCaseStore(monitoring.directory).read()
+    if "model_version" in rows:  # the champion's own cases, then the most recent of them
         rows = rows[rows["model_version"].astype(str) == str(version.version)]
+    rows = rows.tail(monitoring.last_cases)
     page = Path(monitoring.directory) / "page"
     yield dg.MaterializeResult(asset_key=KEY, metadata={
         "cases": len(rows), "model": model, "store": monitoring.directory,
@@ -158,9 +159,9 @@ def correction_result(raw_dir: Path, description: str, validation_dice: list[flo
 
     index = read_index(raw_dir) if (raw_dir / "slices.csv").is_file() else None
     rows = [] if index is None else [
-        (json.loads(r.label_creator), float(r.correction_dice))
+        (str(r.corrected_at), json.loads(r.label_creator), float(r.correction_dice))
         for r in index.itertuples() if str(r.correction_dice) not in ("", "nan")]
-    dice = [d for creator, d in sorted(rows, key=lambda cd: cd[0].get("time", ""))
+    dice = [d for _, creator, d in sorted(rows, key=lambda row: row[0])  # as they came
             if creator.get("SeriesDescription") == description]
     if not dice:
         return dg.AssetCheckResult(asset_key=KEY, check_name="corrections", passed=True,

@@ -5,7 +5,8 @@ Per case and foreground class (A the prediction, B the reference, |.| voxel coun
 - `dice` = 2|A n B| / (|A| + |B|); `voe` (volume overlap error) = 1 - |A n B| / |A u B|;
   `rvd` (relative volume difference) = (|A| - |B|) / |B|;
 - `assd` (average symmetric surface distance), `mssd` (maximum symmetric surface distance,
-  the Hausdorff distance) and `hd95` (95th percentile of the symmetric surface distances),
+  the Hausdorff distance) and `hd95` (the larger of the two directed 95th percentiles of
+  the surface distances, MONAI's definition),
   in mm, with MONAI's implementations (`monai.metrics`, Euclidean distance transform over
   the voxel spacing; the maintained successor of the medpy metrics LiTS's own evaluation
   used).

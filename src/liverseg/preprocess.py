@@ -235,6 +235,12 @@ class Served(torch.nn.Module):
         return x
 
     @torch.no_grad()
+    def answer(self, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 grey slices [N, H, W] or stacks [N, C, H, W] -> (probabilities
+        [N, K, H, W], class indices [N, H, W]) at the slices' own size."""
+        probs = self(self.grey_batch(slices))
+        return probs, labels.to_classes(probs, self.prep.threshold)
+
     def classes_of(self, slices: np.ndarray) -> torch.Tensor:
         """uint8 grey slices [N, H, W] or stacks [N, C, H, W] -> [N, H, W] class indices."""
-        return labels.to_classes(self(self.grey_batch(slices)), self.prep.threshold)
+        return self.answer(slices)[1]

@@ -43,7 +43,7 @@ INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "ma
 # label that a clinician corrected, how much they changed it (Dice, mL) and by which label.
 LABEL_COLUMNS = ["study_uid", "series_uid", "label_uid", "label_kind", "origin",
                  "label_creator", "label_status", "label_readable", "label_mapped",
-                 "correction_dice", "correction_ml", "corrected_by"]
+                 "correction_dice", "correction_ml", "corrected_by", "corrected_at"]
 # Facts about the source item, recorded at ingest (the only stage that sees the source).
 # `spacing`: a volume's voxel size in mm, "slice,row,column" in the stored slices' axes
 # (`preprocess.slice_spacing`), for per-case 3D metrics; empty where slices form no grid.

@@ -67,19 +67,24 @@ def source_path(params: Params, root: str | Path = ".") -> Path | None:
     return None
 
 
-def list_source(params: Params, root: str | Path = ".") -> dict:
-    """The source's listing: its kind, and its files (path sources) or handle (Kaggle)."""
+def list_source(params: Params, root: str | Path = ".", fetch: bool = True) -> dict:
+    """The source's listing: its kind, and its files (path sources) or handle (Kaggle).
+    A DICOMweb archive is mirrored first; with `fetch` False (the Dagster sensor, which
+    must not move files under a running ingest) it is only queried: its instances' UIDs."""
     data, root = params.data, Path(root)
     listing: dict = {"source": data.source}
     if data.source == "kaggle":
         listing["kaggle"] = {"slug": data.kaggle.slug, "version": data.kaggle.version}
     if data.source == "dicom" and data.dicom.url:
-        from liverseg.dicom.web import mirror
+        from liverseg.dicom.web import archive_instances, mirror
         from liverseg.redact import redact
 
         cfg = data.dicom
         listing["archive"] = {"url": redact(cfg.url), "study_date": cfg.study_date,
                               "study_description": cfg.study_description}
+        if not fetch:
+            return listing | {"instances": sorted(archive_instances(
+                cfg.url, cfg.study_date, cfg.study_description))}
         mirror(cfg.url, root / DICOMWEB_MIRROR, cfg.study_date, cfg.study_description)
     path = source_path(params, root)
     if path is not None:
@@ -97,8 +102,9 @@ def list_source(params: Params, root: str | Path = ".") -> dict:
 
 
 def fingerprint(params: Params, root: str | Path = ".") -> str:
-    """What ingest reads, hashed: `seed`, the `data` params and the source's listing."""
+    """What ingest reads, hashed: `seed`, the `data` params and the source's listing (for a
+    DICOMweb archive its instance UIDs, queried, not fetched)."""
     state = {"seed": params.seed, "data": params.data.model_dump(mode="json"),
-             "listing": list_source(params, root)}
+             "listing": list_source(params, root, fetch=False)}
     blob = json.dumps(state, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

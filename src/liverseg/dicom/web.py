@@ -169,24 +169,20 @@ MIRRORED = ("CT", "SEG", "RTSTRUCT")  # what the dicom source trains from
 SOP_UID = "00080018"
 
 
-def mirror(url: str, folder: Path, study_date: str | None = None,
-           study_description: str | None = None, limits: Limits | None = None) -> dict:
-    """The CT, SEG and RTSTRUCT series of the archive's CT studies (filtered by StudyDate and
-    StudyDescription, QIDO-RS matching) as one file per instance,
-    `folder/<study>/<series>/<sop>.dcm` (sanitised UIDs). An instance already there is not
-    fetched again (a SOP instance's content never changes under its UID); files of
-    instances the archive no longer holds are removed, so the folder is what the archive
-    holds now. Returns counts of what it fetched, kept and removed."""
-    limits, folder = limits or Limits(), Path(folder)
-    client = connect(url)
-    folder.mkdir(parents=True, exist_ok=True)  # an archive with nothing matching: empty
+def archive_instances(url: str, study_date: str | None = None,
+                      study_description: str | None = None, limits: Limits | None = None,
+                      client=None) -> dict[str, tuple[str, str, str]]:
+    """What the archive holds for the dicom source, queried only (QIDO-RS, nothing
+    fetched): `<study>/<series>/<sop>.dcm` (sanitised UIDs) -> (study, series, SOP
+    instance UID) of every instance of the CT, SEG and RTSTRUCT series of its CT studies
+    (filtered by StudyDate and StudyDescription, QIDO-RS matching)."""
+    limits, client = limits or Limits(), client or connect(url)
     filters = {"ModalitiesInStudy": "CT"} | (
         {"StudyDate": study_date} if study_date else {}) | (
         {"StudyDescription": study_description} if study_description else {})
     found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
                     search_filters=filters)
-    wanted: set[Path] = set()
-    fetched = 0
+    out = {}
     for study in sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)}):
         for series in series_of(client, url, study):
             if series.modality not in MIRRORED:
@@ -198,23 +194,38 @@ def mirror(url: str, folder: Path, study_date: str | None = None,
                 raise Refused(f"series {series.uid}: {len(instances)} instances, above the "
                               f"limit max_slices (raise it with "
                               f"{Limits.env_name('max_slices')})")
-            where = folder / safe_name(study) / safe_name(series.uid)
             for sop in sorted(_value(i, SOP_UID) for i in instances):
-                path = where / f"{safe_name(sop)}.dcm"
-                wanted.add(path)
-                if not path.is_file():
-                    _fetch_instance(client, url, study, series.uid, sop, path)
-                    fetched += 1
+                name = f"{safe_name(study)}/{safe_name(series.uid)}/{safe_name(sop)}.dcm"
+                out[name] = (study, series.uid, sop)
+    return out
+
+
+def mirror(url: str, folder: Path, study_date: str | None = None,
+           study_description: str | None = None, limits: Limits | None = None) -> dict:
+    """The archive's instances (`archive_instances`) as one file each under `folder`. An
+    instance already there is not fetched again (a SOP instance's content never changes
+    under its UID); every other file (an instance the archive no longer holds, a temporary
+    file a killed fetch left) is removed, so the folder is what the archive holds now.
+    Returns counts of what it fetched, kept and removed."""
+    folder = Path(folder)
+    client = connect(url)
+    folder.mkdir(parents=True, exist_ok=True)  # an archive with nothing matching: empty
+    wanted = archive_instances(url, study_date, study_description, limits, client)
+    fetched = 0
+    for name, (study, series, sop) in wanted.items():
+        path = folder / name
+        if not path.is_file():
+            _fetch_instance(client, url, study, series, sop, path)
+            fetched += 1
     removed = 0
-    for path in sorted(folder.rglob("*.dcm")) if folder.is_dir() else []:
-        if path not in wanted:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.relative_to(folder).as_posix() not in wanted:
             path.unlink()
             removed += 1
     for where in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         if not any(where.iterdir()):  # a deleted series' or study's folder
             where.rmdir()
-    return {"studies": len(found), "instances": len(wanted), "fetched": fetched,
-            "removed": removed}
+    return {"instances": len(wanted), "fetched": fetched, "removed": removed}
 
 
 def _fetch_instance(client, url: str, study: str, series: str, sop: str, path: Path) -> None:

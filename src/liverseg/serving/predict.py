@@ -50,6 +50,7 @@ from liverseg.preprocess import (
     context_stack,
     read_image,
     to_input_orientation,
+    to_slices,
     volume_slices,
 )
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
@@ -141,11 +142,10 @@ class Predictor:
         for i in range(0, len(slices), self.batch_size):
             batch = np.arange(i, min(i + self.batch_size, len(slices)))
             x = context_stack(slices, k, batch) if k else slices[batch]
-            with torch.no_grad():
-                probs = self.net(self.net.grey_batch(x))
+            probs, classes = self.net.answer(x)
             if self.watch is not None:
                 self.watch.confidence.update(probs)
-            out.append(labels.to_classes(probs, self.prep.threshold).numpy())
+            out.append(classes.numpy())
         return np.concatenate(out).astype(np.uint8)
 
     @property
@@ -277,7 +277,8 @@ def segment_volume(predictor: Predictor, img, what: str, out: Path, policy: Poli
         tmp.write_bytes(gzip.compress(nib.Nifti1Image(mask, img.affine, header).to_bytes()))
     voxel_mm3 = float(np.prod([float(z) for z in header.get_zooms()[:3]]))
     if predictor.watch is not None:
-        predictor.watch.saw(slices, screen.hu, prep.hu_window)
+        # the HU voxels as the grey slices hold them: canonical [X, Y, Z] -> [Z, Y, X]
+        predictor.watch.saw(slices, to_slices(screen.hu), prep.hu_window)
         predictor.watch.answered(canonical_mask, predictor.classes, voxel_mm3, volume=True)
     return mask, {"kind": "volume", "shape": "x".join(map(str, mask.shape)),
                   **class_sizes(mask, predictor.classes, voxel_mm3),
@@ -296,15 +297,17 @@ def segment_slices(predictor: Predictor, images: list, what: str, policy: Policy
     for img in images:
         policy.limits.check_volume(what, img.shape, img.get_data_dtype().itemsize)
     policy_each = Policy(policy.limits, allow_nonfinite=False, hu_check=False)
-    grey, ornts = zip(*(volume_slices(img, predictor.prep, Screen(what, policy_each))
-                        for img in images), strict=True)
+    screens = [Screen(what, policy_each) for _ in images]
+    grey, ornts = zip(*(volume_slices(img, predictor.prep, screen)
+                        for img, screen in zip(images, screens, strict=True)), strict=True)
     hu = np.stack([np.asarray(i.dataobj) for i in images])
     if policy.hu_check:  # on the whole series: one slice of air alone is not a CT volume
         check_hu(what, hu)
     slices = np.concatenate(grey)
     masks = predictor.masks(slices)
     if predictor.watch is not None:  # no grid: components per slice, sizes in pixels
-        predictor.watch.saw(slices, hu, predictor.prep.hu_window)
+        predictor.watch.saw(slices, np.concatenate([to_slices(s.hu) for s in screens]),
+                            predictor.prep.hu_window)  # each slice's HU as its grey holds it
         predictor.watch.answered(masks, predictor.classes, None, volume=False)
     own = [to_input_orientation(masks[i:i + 1], ornt, img.shape)[0]  # [1, rows, cols]
            for i, (ornt, img) in enumerate(zip(ornts, images, strict=True))]

@@ -78,8 +78,7 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
     meter, rows, counts, seconds = ConfusionMeter(classes), [], [], 0.0
     for images, truth, ids in stored_batches(dataset, batch_size):
         start = time.perf_counter()
-        probs = served(served.grey_batch(images))
-        pred = labels.to_classes(probs, served.prep.threshold)
+        probs, pred = served.answer(images)
         seconds += time.perf_counter() - start
         stats = meter.add(class_confusion(pred, torch.from_numpy(truth), len(classes)))
         pred, fg_truth = pred.numpy().astype(np.uint8), truth > 0  # any foreground class
@@ -122,10 +121,13 @@ class CaseVolumes:
         self.slices.append((index, pred, truth))
 
     def _close(self) -> None:
-        if self.case is None or len({p.shape for _, p, _ in self.slices}) != 1:
-            self.slices = []
-            return
         self.slices.sort(key=lambda s: s[0])
+        indices = [i for i, _, _ in self.slices]
+        whole = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
+        if self.case is None or not whole or len({p.shape for _, p, _ in self.slices}) != 1:
+            # a slice quarantined inside the case (or slices of two sizes): no 3D grid
+            self.case, self.slices = None, []
+            return
         pred = np.stack([p for _, p, _ in self.slices])
         truth = np.stack([t for _, _, t in self.slices])
         spacing = [float(v) for v in self.spacing.split(",")]

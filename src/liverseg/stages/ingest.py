@@ -34,7 +34,8 @@ from liverseg.io import atomic_dir, atomic_path
 WORKERS_ENV = "LIVERSEG_INGEST_WORKERS"
 STAMPS = "stamps.json"  # in the store: each file's (size, mtime) as ingest left it
 # The code that decides a case file's bytes: a change in it makes every case new.
-CODE = ("data", "dicom", "preprocess.py", "labels.py", "imageio.py", "casestore.py")
+CODE = ("data", "dicom", "preprocess.py", "labels.py", "imageio.py", "casestore.py",
+        "boundary.py")
 
 
 def code_version() -> str:

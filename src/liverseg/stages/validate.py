@@ -388,7 +388,7 @@ def run(params: Params, root: str | Path = ".") -> dict:
         raise ValidationFailed(f"{raw_dir}: {quarantined} of {n} items broke the suite "
                                f"(validate.policy=fail); see {report_path}\n  {listing}")
     limit = cfg.max_quarantine_fraction
-    if n == n_superseded or quarantined > limit * n:
+    if n == n_superseded or quarantined > limit * (n - n_superseded):
         raise ValidationFailed(
             f"{raw_dir}: {quarantined} of {n} items broke the suite (limit "
             f"validate.max_quarantine_fraction={limit}); see {report_path}\n  {listing}")

@@ -38,7 +38,15 @@ from liverseg import labels as label_schema
 from liverseg import preprocess
 from liverseg.artifacts import DICOMWEB_MIRROR
 from liverseg.config import DataParams
-from liverseg.data.layout import CaseTask, CaseWriter, Plan, file_facts, problem_row, safe_stem
+from liverseg.data.layout import (
+    CaseTask,
+    CaseWriter,
+    Plan,
+    file_facts,
+    problem_row,
+    safe_stem,
+    unique,
+)
 from liverseg.data.sources.folder import SourceError
 from liverseg.data.sources.nifti import case_rng, select_slices
 from liverseg.dicom import labels
@@ -94,7 +102,7 @@ def mapping(data: DataParams) -> labels.ClassMapping:
 def origins(objects: list[labels.LabelObject]) -> dict[str, str]:
     """SOPInstanceUID -> origin for the label objects of one series: a human label after a
     model label on the same series is a correction of it."""
-    model_times = [o.time for o in objects if o.algorithm == "model"]
+    model_times = [o.time for o in objects if o.algorithm == "model" and o.time]
     out = {}
     for o in objects:
         if o.algorithm == "human":
@@ -147,7 +155,7 @@ def plan(data: DataParams, seed: int, workdir) -> Plan:
     files = _files(root)
     if not files:
         raise SourceError(f"{root}: no DICOM files under it (data.source=dicom)")
-    objects, images, out = [], [], Plan()
+    objects, images, out, taken = [], [], Plan(), set()
     class_mapping = mapping(data)
     for path in files:
         ds = _read_header(path)
@@ -157,7 +165,8 @@ def plan(data: DataParams, seed: int, workdir) -> Plan:
         try:
             objects.append(labels.describe(path, class_mapping))
         except labels.LabelError as exc:
-            out.rows.append(problem_row(f"label-{safe_stem(path.name)}", "", -1, SOURCE,
+            out.rows.append(problem_row(unique(f"label-{safe_stem(path.name)}", taken), "", -1,
+                                        SOURCE,
                                         source_mask=str(path), label_readable=False,
                                         ingest_detail=f"label readable on its series: {exc}"))
     found = dicom.find_series(images)
@@ -182,8 +191,9 @@ def plan(data: DataParams, seed: int, workdir) -> Plan:
         paths = [Path(f) for f in s.files] + [o.path for o in objs]
         out.tasks.append(CaseTask(case_id(spec.patient, uid), file_facts(*paths), spec,
                                   _memory(s)))
-    out.rows += [problem_row(f"dicom-{safe_stem(p.name)}", "", -1, SOURCE, source_image=str(p),
-                             image_decodable=False, ingest_detail=f"image decodable: {why}")
+    out.rows += [problem_row(unique(f"dicom-{safe_stem(p.name)}", taken), "", -1, SOURCE,
+                             source_image=str(p), image_decodable=False,
+                             ingest_detail=f"image decodable: {why}")
                  for p, why in found.refused]
     out.facts = {"series": len(found.series), "labelled_series": len(referencing),
                  "unlabelled_series": len(found.series) - len(referencing),
@@ -226,6 +236,10 @@ def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter)
                                        source_image=str(s.files[0]), image_decodable=False,
                                        study_uid=s.study_uid, series_uid=s.uid,
                                        ingest_detail=f"image decodable: {exc}"))
+        for k, label in enumerate(spec.candidates):  # each label still one outcome
+            writer.rows.append(_label_row(
+                f"{first}-q{k}", spec.patient, s, label, label_readable=False,
+                ingest_detail=f"label readable on its series: its series cannot be read ({exc})"))
         return {"refused": 1}
     winner, voxels = None, None
     for k, label in enumerate(spec.candidates):
@@ -246,8 +260,16 @@ def ingest_case(task: CaseTask, data: DataParams, seed: int, writer: CaseWriter)
     if winner is None:
         return {"unusable_series": 1}
     for row, label in zip(unused, spec.others, strict=True):  # what the clinician changed
-        if label.origin == "model" and label.mapped:
+        if (label.origin == "model" and label.mapped and winner.origin == "corrected"
+                and label.time and label.time <= winner.time):
             row.update(correction(label, winner, voxels, datasets, images, data))
+    if data.context_slices and s.irregular is not None:
+        writer.rows.append(problem_row(
+            f"{task.case_id}_series", spec.patient, -1, SOURCE, source_image=str(s.files[0]),
+            image_decodable=False, study_uid=s.study_uid, series_uid=s.uid,
+            ingest_detail=f"image decodable: data.context_slices needs regularly spaced "
+                          f"slices; series {s.uid} is not ({s.irregular})", **winner.facts()))
+        return {"refused": 1}
     _slices(task, data, seed, writer, s, images, voxels, winner, spec.patient)
     return {"series_with_slices": 1}
 
@@ -270,7 +292,7 @@ def correction(model: Label, human: Label, voxels: np.ndarray, datasets: list, i
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     return {"correction_dice": round(dice, 6),
             "correction_ml": round((int(b.sum()) - int(a.sum())) * voxel_ml, 3),
-            "corrected_by": human.sop_uid}
+            "corrected_by": human.sop_uid, "corrected_at": human.time}
 
 
 def _is_volume(images) -> bool:
@@ -307,9 +329,6 @@ def _slices(task, data: DataParams, seed: int, writer: CaseWriter, s: dicom.Seri
                               "source_mask": f"{winner.path}#{frame if frame is not None else k}",
                               "channels": 1})
     if data.context_slices:
-        if s.irregular is not None:
-            raise SourceError(f"series {s.uid}: data.context_slices needs regularly spaced "
-                              f"slices; this one is not ({s.irregular})")
         writer.link_context(data.context_slices)
 
 
