@@ -3,6 +3,7 @@
     python bench/scale.py --cases 8 32 --workers 1 2 --increment --sharing "nothing else"
     python bench/scale.py --cases 131 --workers 1 2 --name lits131    # LiTS-sized
     python bench/scale.py --cases 2 3 --size 96 --slices 24 --increment --name smoke  # minutes
+    python bench/scale.py --cases 8 32 --workers 1 2 --increment --data-only --name data
 
 Generates synthetic LiTS-shaped cases (bench/synthetic_lits.py: 512x512x448 int16 HU NIfTI
 by default, cached under bench/.work/scale-data keyed by cases, size, slices and seed), then
@@ -290,12 +291,12 @@ def data_stages(workdir: Path) -> list[str]:
 
 
 def full_run(workdir: Path, params: dict, head: str, workers: int,
-             cache_type: str | None = None) -> dict:
+             cache_type: str | None = None, model_stages: list[str] = MODEL_STAGES) -> dict:
     """Every stage of one (cases, workers) row, one at a time; the row's figures."""
     input_bytes = du_bytes(params["data"]["path"])
     fresh_workdir(workdir, params, head, cache_type)
     stages, disk, data = {}, {}, data_stages(workdir)
-    for stage in data + MODEL_STAGES:
+    for stage in data + model_stages:
         env = stage_env(workdir, workers if stage == "ingest" else None)
         figures = run_stage(workdir, stage, env)
         stages |= {f"{short(stage)}_{key}": value for key, value in figures.items()}
@@ -439,6 +440,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--name", help="results file stem scale-<name>; default s<size>-z<slices>")
     parser.add_argument("--cache-type", help="DVC cache.type for the work repositories, e.g. "
                         "hardlink (default: DVC's own, reflink,copy)")
+    parser.add_argument("--data-only", action="store_true",
+                        help="the data stages only (no train and evaluate rows)")
     parser.add_argument("--sharing", default="nothing else",
                         help="what else ran on the machine meanwhile (recorded in the JSON)")
     return parser.parse_args()
@@ -457,7 +460,8 @@ def main() -> None:
             dirs[workers] = WORK / f"scale-{name}-n{cases}-w{workers}"
             rows.append({"cases": cases, "workers": workers,
                          "cache_type": args.cache_type or "reflink,copy",
-                         **full_run(dirs[workers], params, head, workers, args.cache_type)})
+                         **full_run(dirs[workers], params, head, workers, args.cache_type,
+                                    [] if args.data_only else MODEL_STAGES)})
         if len(dirs) > 1:
             identities.append(identity(cases, dirs))
         if args.increment:
