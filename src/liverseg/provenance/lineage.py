@@ -150,11 +150,26 @@ def trail(client, version) -> dict:
         "metrics": json.loads(tags["metrics"]) if "metrics" in tags else
         {k.removeprefix("metric_"): float(v) for k, v in tags.items() if k.startswith("metric_")},
         "quality_gate": tags.get("quality_gate"),
+        # what started the run, and the gate's evidence beyond its text (register's tags)
+        "retrain_trigger": tags.get("retrain_trigger"),
+        "gate_reason": tags.get("gate_reason"),
+        "gate_champion_rescored": _json_tag(tags, "gate_champion_rescored"),
+        "gate_test_fg_iou": _json_tag(tags, "gate_test_fg_iou"),
         "dagster_run_id": tags.get("dagster_run_id"),
         "weights_sha256": tags.get("weights_sha256"),
         "model_card": tags.get("model_card"),
         "audit": audit_record(tags),
     }
+
+
+def _json_tag(tags: dict, key: str):
+    """A tag register wrote as JSON, parsed (None when absent; the text if truncated)."""
+    if key not in tags:
+        return None
+    try:
+        return json.loads(tags[key])
+    except json.JSONDecodeError:
+        return tags[key]
 
 
 AUDIT_TAGS = ("at", "by", "result", "mode", "seconds", "differences")
