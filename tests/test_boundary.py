@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from liverseg import tracking
-from liverseg.serving import predict
 from liverseg.boundary import Limits, Refused, check_grey_batch, check_hu, safe_name
+from liverseg.serving import predict
 from tests.helpers import copy_workspace, free_port, record_failure, wait_for_http
 
 CHAMPION = "models:/liverseg@champion"
@@ -354,3 +354,25 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_max_bytes_refuses_a_volume_by_its_declared_pixel_bytes(model_dir, tmp_path,
+                                                                monkeypatch):
+    """LIVERSEG_MAX_BYTES bounds voxels x bytes per voxel, read from the header: with a
+    limit of 20,000 bytes a 48x40x3 float32 volume (23,040 bytes) is refused naming the
+    rule and the variable, the same voxels as int16 (11,520 bytes) are predicted."""
+    from typer.testing import CliRunner
+
+    from liverseg.cli import app
+
+    wide = _volume(tmp_path, "float32.nii.gz", _ct())
+    narrow = _volume(tmp_path, "int16.nii.gz", _ct().round().astype(np.int16))
+    monkeypatch.setenv("LIVERSEG_MAX_BYTES", "20000")
+    result = CliRunner().invoke(app, ["predict", "--model", model_dir, str(wide), str(narrow),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    rows = pd.read_csv(tmp_path / "out/predictions.csv").set_index("status")
+    assert rows.loc["refused", "input"] == str(wide)
+    assert "above the limit max_bytes=20,000" in rows.loc["refused", "reason"]
+    assert "LIVERSEG_MAX_BYTES" in rows.loc["refused", "reason"]
+    assert rows.loc["done", "input"] == str(narrow)

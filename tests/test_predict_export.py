@@ -142,3 +142,67 @@ def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
     with torch.no_grad():
         expected = net(torch.as_tensor(image, dtype=torch.float32)).numpy()
     assert np.abs(probs - expected).max() < 1e-5
+
+
+def test_predict_exits_1_when_nothing_can_start(registry, tmp_path):
+    """No model, or no inputs: exit code 1, one line naming why, no predictions.csv (exit 2
+    is for refused inputs, 0 for none refused)."""
+    image = next((registry / "slices").glob("*.png"))
+    missing = tmp_path / "models/no_such_model"
+    no_model = CliRunner().invoke(app, ["predict", str(image), "--model", str(missing),
+                                        "--out", str(tmp_path / "a")])
+    assert no_model.exit_code == 1, no_model.output
+    assert "no_such_model" in no_model.output and "Traceback" not in no_model.output
+    no_inputs = CliRunner().invoke(app, ["predict", "--model", CHAMPION,
+                                         "--out", str(tmp_path / "b")])
+    assert no_inputs.exit_code == 1 and "give INPUTS" in no_inputs.output, no_inputs.output
+    assert not list(tmp_path.rglob("predictions.csv"))
+
+
+# A `predict.run` that stops (for the parent's SIGKILL) as it starts its third image.
+KILLED_PREDICT = r"""
+import os, sys, time
+from pathlib import Path
+from liverseg.serving import predict
+
+model, out, paused, *images = sys.argv[1:]
+real, started = predict.predict_image, []
+
+def pausing(predictor, path, dest):
+    started.append(path)
+    if len(started) == 3:
+        Path(paused).write_text(str(os.getpid()))
+        time.sleep(600)  # the parent kills us here
+    return real(predictor, path, dest)
+
+predict.predict_image = pausing
+predict.run(model, images, out)
+"""
+
+
+def test_a_killed_predict_batch_keeps_the_rows_it_finished(registry, tmp_path):
+    """SIGKILL while the third of four images is predicted: predictions.csv is whole and
+    holds the first two rows, done, with their masks written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = sorted((registry / "slices").glob("*.png"))[:4]
+    out, paused = tmp_path / "out", tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREDICT,
+                             str(registry / "models/enhanced_pan"), str(out), str(paused),
+                             *map(str, images)], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not paused.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the third image was never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    rows = pd.read_csv(out / "predictions.csv")
+    assert list(rows["input"]) == [str(p) for p in images[:2]]
+    assert list(rows["status"]) == ["done", "done"]
+    assert all((out / mask).is_file() for mask in rows["mask"])
