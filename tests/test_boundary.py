@@ -341,16 +341,21 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
             assert all(b == answers[i][1] for _, b in answers[i::4])
 
         grey = np.full((1, 1, 32, 32), 100.0)
-        bad = {"nan": json.dumps({"inputs": np.where(grey > 0, np.nan, grey).tolist()}),
-               "raw HU": json.dumps({"inputs": (grey * 20 - 1000).tolist()}),
-               "1x1": json.dumps({"inputs": [[[[100.0]]]]}),
-               "4096x4096": json.dumps({"inputs": np.zeros((1, 1, 4096, 4096), np.uint8)
-                                        .tolist()}),
-               "3 channels": json.dumps({"inputs": np.zeros((1, 3, 32, 32)).tolist()}),
-               "malformed": "{not json"}
-        for name, body in bad.items():
-            status, text = post(body.encode())
-            assert status == 400, (name, status, text[:300])
+        # each bad request, and the rule its 400 must name (SERVING's boundary table)
+        bad = {"NaN or infinite": np.where(grey > 0, np.nan, grey).tolist(),
+               "outside 0..255": (grey * 20 - 1000).tolist(),
+               "height and width must be 16..2048": [[[[100.0]]]],
+               "16..2048": np.zeros((1, 1, 4096, 4096), np.uint8).tolist(),
+               "takes 1 per image": np.zeros((1, 3, 32, 32)).tolist(),
+               "1..64 per request": np.full((65, 1, 16, 16), 100.0).tolist(),
+               "expected [N, C, H, W]": np.full((16, 16), 100.0).tolist()}
+        for rule, inputs in bad.items():
+            status, text = post(json.dumps({"inputs": inputs}).encode())
+            assert status == 400, (rule, status, text[:300])
+            message = json.loads(text)["message"]
+            assert message.startswith("liverseg: ") and rule in message, (rule, message)
+        status, text = post(b"{not json")  # refused by MLflow's parser, before the pyfunc
+        assert status == 400 and json.loads(text)["error_code"] == "BAD_REQUEST", text[:300]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

@@ -119,29 +119,44 @@ def test_registered_model_carries_the_preprocessing(registry):
 
 
 def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
-    """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, at a
-    size other than the trained one: the same probabilities as predict's (JSON round trip:
-    1e-5)."""
+    """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc: the
+    mask `liverseg predict` wrote for a stored slice with the most foreground, pixel for
+    pixel (at least one pixel foreground), and the probabilities of predict's own
+    Predictor to 1e-5 (JSON round trip) on a slice at a size other than the trained one."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    image = np.random.default_rng(0).uniform(0, 255, (1, 1, 40, 56)).round()
-    (tmp_path / "input.json").write_text(json.dumps({"inputs": image.tolist()}))
+    predict.run(CHAMPION, sorted((registry / "slices").glob("*.png")), tmp_path / "pred")
+    table = pd.read_csv(tmp_path / "pred/predictions.csv")
+    pixels = [c for c in table.columns if c.endswith("_pixels")]
+    best = table.loc[table[pixels[0]].idxmax()]
+    mask = np.asarray(Image.open(tmp_path / "pred" / best["mask"])) > 127
+    assert mask.any()
+    slice_ = np.asarray(Image.open(best["input"]), np.float32)[None, None]
+    noise = np.random.default_rng(0).uniform(0, 255, (1, 1, 40, 56)).round()
     mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.run(
-        [str(mlflow), "models", "predict", "-m", CHAMPION, "-i", str(tmp_path / "input.json"),
-         "-t", "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
-        cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
-        text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    probs = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
-    assert probs.shape == (1, 1, 40, 56)
-    net, _ = _served_champion()  # what `liverseg predict` computes on the same slice
+    served = {}
+    for name, image in (("slice", slice_), ("noise", noise)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"inputs": image.tolist()}))
+        proc = subprocess.run(
+            [str(mlflow), "models", "predict", "-m", CHAMPION, "-i",
+             str(tmp_path / f"{name}.json"), "-t", "json", "-o", str(tmp_path / f"{name}.out"),
+             "--env-manager", "local"],
+            cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+            text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        served[name] = np.asarray(json.loads((tmp_path / f"{name}.out").read_text())
+                                  ["predictions"])
+    _, config = _served_champion()
+    threshold = config["preprocessing"]["threshold"]
+    np.testing.assert_array_equal(served["slice"][0, 0] > threshold, mask)
+    assert served["noise"].shape == (1, 1, 40, 56)
+    predictor, _ = predict.start(CHAMPION, tmp_path / "unused")  # what predict runs
     with torch.no_grad():
-        expected = net(torch.as_tensor(image, dtype=torch.float32)).numpy()
-    assert np.abs(probs - expected).max() < 1e-5
+        expected = predictor.net(torch.as_tensor(noise, dtype=torch.float32)).numpy()
+    assert np.abs(served["noise"] - expected).max() < 1e-5
 
 
 def test_predict_exits_1_when_nothing_can_start(registry, tmp_path):

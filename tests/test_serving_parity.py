@@ -85,6 +85,31 @@ def _assert_2d_parity(val: pd.DataFrame, tmp: Path, source_of) -> None:
         truth = labels.decode(casestore.read("data/raw", ref, "mask"), 2)
         pooled += _counts(pred, truth)
     np.testing.assert_array_equal(pooled, _evaluated_counts())
+    assert pooled[0] > 0, "no true-positive pixel: parity of two empty predictions proves little"
+
+
+def test_predict_reproduces_evaluate_on_the_registered_phantom(registered_template, tmp_path):
+    """Fast (make test): the session's registered template already holds evaluate's
+    per-image counts of both models; `liverseg predict` (predict.run on each model folder)
+    on the validation slices' PNG files gives each slice's confusion counts exactly, and
+    the best model finds at least one true-positive pixel."""
+    root = registered_template
+    val = pd.read_csv(root / "data/splits/val.csv")
+    best = json.loads((root / "reports/comparison.json").read_text())["best_model"]
+    images = [root / "slices" / f"{sid}.png" for sid in val.slice_id]
+    for model in sorted(p.name for p in (root / "models").iterdir()):
+        predict.run(str(root / "models" / model), images, tmp_path / model)
+        rows = pd.read_csv(tmp_path / model / "predictions.csv")
+        assert list(rows["status"]) == ["done"] * len(val)
+        evaluated = pd.read_csv(root / f"reports/per_image/{model}.csv",
+                                dtype={"slice_id": str}).set_index("slice_id")
+        for sid, ref, mask_file in zip(val.slice_id, val["mask"], rows["mask"], strict=True):
+            pred = labels.decode(np.asarray(Image.open(tmp_path / model / mask_file)), 2)
+            truth = labels.decode(casestore.read(root / "data/raw", ref, "mask"), 2)
+            expected = evaluated.loc[str(sid), ["tp", "fp", "fn", "tn"]].to_numpy()
+            np.testing.assert_array_equal(_counts(pred, truth), expected, err_msg=str(sid))
+        if model == best:
+            assert evaluated["tp"].sum() > 0, f"{model} predicts no true-positive pixel"
 
 
 @pytest.mark.slow
@@ -153,4 +178,5 @@ def test_nifti_predict_reproduces_evaluate_also_reoriented(workdir, shared_data,
     np.testing.assert_array_equal(masks["volume-117"], masks["reoriented-117"])
     pooled = _counts(masks["volume-117"][:, :, k], truth[:, :, k] >= 1)
     np.testing.assert_array_equal(pooled, _evaluated_counts())
+    assert pooled[0] > 0, "no true-positive voxel: both masks empty would also be equal"
     assert abs(pooled[0] / pooled[:3].sum() - metrics["fg_iou"]) < 1e-9
