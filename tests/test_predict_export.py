@@ -120,7 +120,7 @@ def test_registered_model_carries_the_preprocessing(registry):
 
 def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
     """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, on a
-    stored slice and on noise at a size other than the trained one: the probabilities of
+    40x56 crop of a stored slice (a size other than the trained one): the probabilities of
     predict's own Predictor (loaded by `liverseg predict`'s path, not the pyfunc's) to 1e-5
     (JSON round trip), and at the served threshold the mask `liverseg predict` wrote."""
     import os
@@ -128,31 +128,29 @@ def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
     import sys
     from pathlib import Path
 
-    image = sorted((registry / "slices").glob("*.png"))[0]
-    predict.run(CHAMPION, [image], tmp_path / "pred")
+    source = sorted((registry / "slices").glob("*.png"))[0]
+    crop = np.asarray(Image.open(source))[:40, :56]
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    predict.run(CHAMPION, [tmp_path / "crop.png"], tmp_path / "pred")
     written = pd.read_csv(tmp_path / "pred/predictions.csv").iloc[0]
     mask = np.asarray(Image.open(tmp_path / "pred" / written["mask"])) > 127
-    inputs = {"slice": np.asarray(Image.open(image), np.float32)[None, None],
-              "noise": np.random.default_rng(0).uniform(0, 255, (1, 1, 40, 56)).round()}
+    x = crop.astype(np.float32)[None, None]
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": x.tolist()}))
     mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.run(
+        [str(mlflow), "models", "predict", "-m", CHAMPION, "-i", str(tmp_path / "input.json"),
+         "-t", "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
+        cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
+    assert served.shape == (1, 1, 40, 56)
     predictor, _ = predict.start(CHAMPION, tmp_path / "unused")  # what predict runs
-    for name, x in inputs.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps({"inputs": x.tolist()}))
-        proc = subprocess.run(
-            [str(mlflow), "models", "predict", "-m", CHAMPION, "-i",
-             str(tmp_path / f"{name}.json"), "-t", "json", "-o", str(tmp_path / f"{name}.out"),
-             "--env-manager", "local"],
-            cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
-            text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        served = np.asarray(json.loads((tmp_path / f"{name}.out").read_text())["predictions"])
-        assert served.shape == x.shape
-        with torch.no_grad():
-            expected = predictor.net(torch.as_tensor(x, dtype=torch.float32)).numpy()
-        assert np.ptp(expected) > 1e-3  # not a constant that any model would match
-        assert np.abs(served - expected).max() < 1e-5, name
-        if name == "slice":
-            np.testing.assert_array_equal(served[0, 0] > predictor.prep.threshold, mask)
+    with torch.no_grad():
+        expected = predictor.net(torch.as_tensor(x)).numpy()
+    assert np.ptp(expected) > 1e-3  # not a constant that any model would match
+    assert np.abs(served - expected).max() < 1e-5
+    np.testing.assert_array_equal(served[0, 0] > predictor.prep.threshold, mask)
 
 
 def test_predict_exits_1_when_nothing_can_start(registry, tmp_path):
