@@ -19,9 +19,9 @@ from pathlib import Path
 import dagster as dg
 
 from liverseg import runner
-from liverseg.redact import redact
-from liverseg.dicom import web as dicomweb
 from liverseg.boundary import safe_name
+from liverseg.dicom import web as dicomweb
+from liverseg.redact import redact
 from pipeline.metadata import csv_rows
 from pipeline.resources import MlflowResource, PacsResource
 

@@ -8,8 +8,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg.dicom import series as dicom
 from liverseg.boundary import Limits, safe_name
+from liverseg.dicom import series as dicom
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -39,6 +39,9 @@ import pandas as pd
 import torch
 
 from liverseg import checkpoint, labels
+from liverseg.boundary import Limits, Refused, check_hu, nonfinite
+from liverseg.dicom import seg_writer
+from liverseg.dicom import series as dicom
 from liverseg.io import atomic_path
 from liverseg.preprocess import (
     Preprocessing,
@@ -48,9 +51,6 @@ from liverseg.preprocess import (
     to_input_orientation,
     volume_slices,
 )
-from liverseg.dicom import seg_writer
-from liverseg.dicom import series as dicom
-from liverseg.boundary import Limits, Refused, check_hu, nonfinite
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
 
 CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
