@@ -341,16 +341,46 @@ def test_rest_server_answers_a_bounded_load_and_refuses_the_bad_corpus(registry,
             assert all(b == answers[i][1] for _, b in answers[i::4])
 
         grey = np.full((1, 1, 32, 32), 100.0)
-        bad = {"nan": json.dumps({"inputs": np.where(grey > 0, np.nan, grey).tolist()}),
-               "raw HU": json.dumps({"inputs": (grey * 20 - 1000).tolist()}),
-               "1x1": json.dumps({"inputs": [[[[100.0]]]]}),
-               "4096x4096": json.dumps({"inputs": np.zeros((1, 1, 4096, 4096), np.uint8)
-                                        .tolist()}),
-               "3 channels": json.dumps({"inputs": np.zeros((1, 3, 32, 32)).tolist()}),
-               "malformed": "{not json"}
-        for name, body in bad.items():
-            status, text = post(body.encode())
-            assert status == 400, (name, status, text[:300])
+        # each bad request, and the rule its 400 must name (SERVING's boundary table): the
+        # pyfunc's own check ("liverseg: ...") or, for a shape the logged signature already
+        # excludes, MLflow's schema enforcement, which names the expected shape
+        schema = "does not match expected shape (-1, 1, -1, -1)"
+        bad = [(np.where(grey > 0, np.nan, grey), ("liverseg: 1024 NaN or infinite",)),
+               (grey * 20 - 1000, ("liverseg: ", "outside 0..255")),
+               ([[[[100.0]]]], ("liverseg: ", "height and width must be 16..2048")),
+               (np.zeros((1, 1, 4096, 4096), np.uint8), ("liverseg: ", "16..2048")),
+               (np.full((65, 1, 16, 16), 100.0), ("liverseg: ", "1..64 per request")),
+               (np.zeros((1, 3, 32, 32)), (schema,)),
+               (np.full((16, 16), 100.0), ("Shape of input (16, 16)",))]
+        for inputs, rule in bad:
+            status, text = post(json.dumps({"inputs": np.asarray(inputs).tolist()}).encode())
+            assert status == 400, (rule, status, text[:300])
+            message = json.loads(text)["message"]
+            assert all(part in message for part in rule), (rule, message[-300:])
+        status, text = post(b"{not json")  # refused by MLflow's parser, before the pyfunc
+        assert status == 400 and json.loads(text)["error_code"] == "BAD_REQUEST", text[:300]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_max_bytes_refuses_a_volume_by_its_declared_pixel_bytes(model_dir, tmp_path,
+                                                                monkeypatch):
+    """LIVERSEG_MAX_BYTES bounds voxels x bytes per voxel, read from the header: with a
+    limit of 20,000 bytes a 48x40x3 float32 volume (23,040 bytes) is refused naming the
+    rule and the variable, the same voxels as int16 (11,520 bytes) are predicted."""
+    from typer.testing import CliRunner
+
+    from liverseg.cli import app
+
+    wide = _volume(tmp_path, "float32.nii.gz", _ct())
+    narrow = _volume(tmp_path, "int16.nii.gz", _ct().round().astype(np.int16))
+    monkeypatch.setenv("LIVERSEG_MAX_BYTES", "20000")
+    result = CliRunner().invoke(app, ["predict", "--model", model_dir, str(wide), str(narrow),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    rows = pd.read_csv(tmp_path / "out/predictions.csv").set_index("status")
+    assert rows.loc["refused", "input"] == str(wide)
+    assert "above the limit max_bytes=20,000" in rows.loc["refused", "reason"]
+    assert "LIVERSEG_MAX_BYTES" in rows.loc["refused", "reason"]
+    assert rows.loc["done", "input"] == str(narrow)

@@ -109,6 +109,7 @@ def test_context_model_predicts_what_evaluate_measured(workdir, shared_data, tmp
         (~pred & truth[:, :, k]).sum()
     per_image = pd.read_csv(f"reports/per_image/{MODEL}.csv")
     assert [tp, fp, fn] == per_image[["tp", "fp", "fn"]].sum().tolist()
+    assert tp > 0, "no true-positive voxel: two empty masks would also agree"
     assert abs(tp / (tp + fp + fn) - metrics["fg_iou"]) < 1e-9
 
     png = slice_pngs(Path("data/raw"), tmp_path / "png", 1)

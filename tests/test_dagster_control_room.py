@@ -6,7 +6,6 @@ seconds. The real `dvc repro` through Dagster is tested end to end in test_end_t
 """
 
 import json
-import os
 import shutil
 import stat
 
@@ -271,8 +270,13 @@ def test_dvc_resource_pulls_runs_and_pushes_with_a_remote(tmp_path):
         "push -r store train@pan",
     ]
     with pytest.raises(dg.Failure, match="exit code 3"):
-        DvcResource(repo_root=str(tmp_path), executable=str(fake)).repro("broken", {}, log)
-    assert os.path.exists(tmp_path / "calls")
+        DvcResource(repo_root=str(tmp_path), executable=str(fake),
+                    remote="store").repro("broken", {}, log)
+    # The failed stage was run, and nothing after it: its outputs are never pushed.
+    assert (tmp_path / "calls").read_text().splitlines()[4:] == [
+        "pull --allow-missing -r store broken",
+        "repro --single-item broken",
+    ]
 
 
 def test_schedule_evaluates_to_a_run_of_the_whole_pipeline():

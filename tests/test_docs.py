@@ -251,3 +251,21 @@ def test_every_command_has_a_one_line_summary_and_an_example(name):
     result = CliRunner().invoke(cli.app, [name, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert re.search(rf"Example: liverseg {name}\b", result.output), result.output
+
+
+def test_every_test_a_promise_names_exists():
+    """RELIABILITY.md and SERVING.md name, for each promise, the test that proves it: each
+    named test function (`test_...`, optionally with its file) is defined in that file, or
+    somewhere in tests/ when no file is given."""
+    sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
+    named = 0
+    missing = []
+    for page in (DOCS / "RELIABILITY.md", DOCS / "SERVING.md"):
+        for match in re.finditer(r"(?:(test_\w+\.py)::)?\b(test_\w+)(?!\.py)\b",
+                                 page.read_text()):
+            file, name = match.groups()
+            named += 1
+            where = [sources.get(file, "")] if file else sources.values()
+            if not any(re.search(rf"^def {name}\(", text, re.M) for text in where):
+                missing.append(f"{page.name}: {match.group(0)}")
+    assert named >= 30 and not missing, missing

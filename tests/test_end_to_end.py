@@ -60,12 +60,26 @@ def test_second_repro_is_a_no_op_and_dvc_reads_metrics_and_plots(repo_copy):
     assert (root / "dvc_plots/index.html").is_file()
 
 
-def test_dagster_materialize_all_runs_the_dvc_stages(repo_copy):
-    root, env = repo_copy
+def test_dagster_materialize_all_runs_the_dvc_stages(repo_clone):
+    """On a private copy whose `evaluate.threshold` changed (so evaluate, compare, register
+    and report are out of date and train is not): materialising every asset runs the
+    changed stages through `dvc repro`, so dvc.lock records the new value and DVC finds
+    nothing left to run."""
+    root, env = repo_clone
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["threshold"] = 0.4
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    stale = set(dvc_status(root, env))
+    assert {f"evaluate@{m}" for m in MODELS} <= stale and not any(
+        name.startswith("train@") for name in stale)
     out = sh(["dagster", "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"],
-             root, env)
+             root, env | {"DAGSTER_HOME": str(root / ".dagster_home")})
     assert "RUN_SUCCESS" in out
     assert dvc_status(root, env) == UP_TO_DATE
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for model in MODELS:
+        assert lock[f"evaluate@{model}"]["params"]["params.yaml"]["evaluate"]["threshold"] \
+            == 0.4
 
 
 def test_dvc_exp_run_with_a_param_override(repo_copy):

@@ -162,11 +162,43 @@ def test_sensor_and_job_segment_a_study_from_orthanc_and_store_the_seg(
     ours, theirs = hd.seg.segread(tmp_path / "local" / local["seg"]), hd.seg.segread(
         tmp_path / "stored_seg.dcm")
     sources = [pydicom.dcmread(f).SOPInstanceUID for f in (root / "ct").iterdir()]
+    stored_frames = theirs.get_pixels_by_source_instance(sources, combine_segments=True)
     np.testing.assert_array_equal(
-        theirs.get_pixels_by_source_instance(sources, combine_segments=True),
-        ours.get_pixels_by_source_instance(sources, combine_segments=True))
+        stored_frames, ours.get_pixels_by_source_instance(sources, combine_segments=True))
+    assert stored_frames.any(), "no segmented pixel: two empty SEGs would also agree"
     check = subprocess.run(["dciodvfy", "-new", str(tmp_path / "stored_seg.dcm")],
                            capture_output=True, text=True)
     assert not [line for line in (check.stdout + check.stderr).splitlines()
                 if line.startswith("Error")]
     print(f"one study end to end (fetch, predict, store): {seconds:.1f} s")
+
+
+def test_a_study_segmented_once_is_not_segmented_again(monkeypatch):
+    """A new champion does not re-segment old studies: the sensor requests a run for each
+    study without a successful (or ongoing) run of `segment_study`, whatever model did it;
+    the model is resolved by the job when it runs, never by the sensor. Fast: the archive's
+    study listing is stubbed (the round trip against Orthanc is the test above)."""
+    from pipeline import pacs
+
+    archive = ["1.2.826.0.1.1"]
+    monkeypatch.setattr(pacs.dicomweb, "connect", lambda url: object())
+    monkeypatch.setattr(pacs.dicomweb, "ct_studies", lambda client, url: list(archive))
+    resources = {"pacs": PacsResource(url="http://archive.invalid/dicom-web")}
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                              resources=resources)
+            return new_ct_studies(context)
+
+        first = tick(None)
+        assert [r.partition_key for r in first.run_requests] == archive
+        instance.add_dynamic_partitions("ct_studies", archive)
+        instance.create_run_for_job(  # the study's run succeeded, with version 1
+            segment_study_job, status=dg.DagsterRunStatus.SUCCESS,
+            tags={"dagster/partition": archive[0], "liverseg/study": archive[0]})
+        # A new champion is registered and a new study arrives: only the new study is asked.
+        archive.append("1.2.826.0.1.2")
+        second = tick(first.cursor)
+        assert [r.partition_key for r in second.run_requests] == ["1.2.826.0.1.2"]
+        third = tick(second.cursor)  # until its run exists, it is asked for again
+        assert [r.partition_key for r in third.run_requests] == ["1.2.826.0.1.2"]

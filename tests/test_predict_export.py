@@ -119,16 +119,23 @@ def test_registered_model_carries_the_preprocessing(registry):
 
 
 def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
-    """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, at a
-    size other than the trained one: the same probabilities as predict's (JSON round trip:
-    1e-5)."""
+    """MLflow's own CLI (no liverseg code path in the call) on the registered pyfunc, on a
+    40x56 crop of a stored slice (a size other than the trained one): the probabilities of
+    predict's own Predictor (loaded by `liverseg predict`'s path, not the pyfunc's) to 1e-5
+    (JSON round trip), and at the served threshold the mask `liverseg predict` wrote."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    image = np.random.default_rng(0).uniform(0, 255, (1, 1, 40, 56)).round()
-    (tmp_path / "input.json").write_text(json.dumps({"inputs": image.tolist()}))
+    source = sorted((registry / "slices").glob("*.png"))[0]
+    crop = np.asarray(Image.open(source))[:40, :56]
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    predict.run(CHAMPION, [tmp_path / "crop.png"], tmp_path / "pred")
+    written = pd.read_csv(tmp_path / "pred/predictions.csv").iloc[0]
+    mask = np.asarray(Image.open(tmp_path / "pred" / written["mask"])) > 127
+    x = crop.astype(np.float32)[None, None]
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": x.tolist()}))
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.run(
         [str(mlflow), "models", "predict", "-m", CHAMPION, "-i", str(tmp_path / "input.json"),
@@ -136,9 +143,75 @@ def test_mlflow_models_predict_cli_serves_the_champion(registry, tmp_path):
         cwd=registry, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
         text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    probs = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
-    assert probs.shape == (1, 1, 40, 56)
-    net, _ = _served_champion()  # what `liverseg predict` computes on the same slice
+    served = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"])
+    assert served.shape == (1, 1, 40, 56)
+    predictor, _ = predict.start(CHAMPION, tmp_path / "unused")  # what predict runs
     with torch.no_grad():
-        expected = net(torch.as_tensor(image, dtype=torch.float32)).numpy()
-    assert np.abs(probs - expected).max() < 1e-5
+        expected = predictor.net(torch.as_tensor(x)).numpy()
+    assert np.ptp(expected) > 1e-3  # not a constant that any model would match
+    assert np.abs(served - expected).max() < 1e-5
+    np.testing.assert_array_equal(served[0, 0] > predictor.prep.threshold, mask)
+
+
+def test_predict_exits_1_when_nothing_can_start(registry, tmp_path):
+    """No model, or no inputs: exit code 1, one line naming why, no predictions.csv (exit 2
+    is for refused inputs, 0 for none refused)."""
+    image = next((registry / "slices").glob("*.png"))
+    missing = tmp_path / "models/no_such_model"
+    no_model = CliRunner().invoke(app, ["predict", str(image), "--model", str(missing),
+                                        "--out", str(tmp_path / "a")])
+    assert no_model.exit_code == 1, no_model.output
+    assert "no_such_model" in no_model.output and "Traceback" not in no_model.output
+    no_inputs = CliRunner().invoke(app, ["predict", "--model", CHAMPION,
+                                         "--out", str(tmp_path / "b")])
+    assert no_inputs.exit_code == 1 and "give INPUTS" in no_inputs.output, no_inputs.output
+    assert not list(tmp_path.rglob("predictions.csv"))
+
+
+# A `predict.run` that stops (for the parent's SIGKILL) as it starts its third image.
+KILLED_PREDICT = r"""
+import os, sys, time
+from pathlib import Path
+from liverseg.serving import predict
+
+model, out, paused, *images = sys.argv[1:]
+real, started = predict.predict_image, []
+
+def pausing(predictor, path, dest):
+    started.append(path)
+    if len(started) == 3:
+        Path(paused).write_text(str(os.getpid()))
+        time.sleep(600)  # the parent kills us here
+    return real(predictor, path, dest)
+
+predict.predict_image = pausing
+predict.run(model, images, out)
+"""
+
+
+def test_a_killed_predict_batch_keeps_the_rows_it_finished(registry, tmp_path):
+    """SIGKILL while the third of four images is predicted: predictions.csv is whole and
+    holds the first two rows, done, with their masks written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = sorted((registry / "slices").glob("*.png"))[:4]
+    out, paused = tmp_path / "out", tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREDICT,
+                             str(registry / "models/enhanced_pan"), str(out), str(paused),
+                             *map(str, images)], env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not paused.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the third image was never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    rows = pd.read_csv(out / "predictions.csv")
+    assert list(rows["input"]) == [str(p) for p in images[:2]]
+    assert list(rows["status"]) == ["done", "done"]
+    assert all((out / mask).is_file() for mask in rows["mask"])

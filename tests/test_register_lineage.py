@@ -13,7 +13,7 @@ from liverseg.cli import app
 from liverseg.config import RegisterParams, load_params, parse_params
 from liverseg.provenance import lineage
 from liverseg.stages import register
-from tests.helpers import sh, tiny_raw_params
+from tests.helpers import sh
 
 # ----------------------------------------------------------------------------- the gate
 
@@ -206,7 +206,12 @@ def test_lineage_resolves_aliases_and_run_ids(repo_clone, monkeypatch):
     assert bad.exit_code == 1 and "expected models:/" in bad.output
 
 
-def test_params_hash_matches_a_fresh_parse_of_params_yaml(tmp_path):
-    raw = tiny_raw_params()
-    assert lineage.params_hash(parse_params(raw).dump()) == lineage.params_hash(
-        parse_params(yaml.safe_load(yaml.safe_dump(raw))).dump())
+def test_params_hash_matches_a_fresh_parse_of_params_yaml(registry):
+    """The champion's recorded params_hash is the hash of params.yaml as it lies on disk,
+    parsed afresh; a one-value change of that file changes the hash."""
+    version = tracking.mlflow().MlflowClient().get_model_version_by_alias("liverseg",
+                                                                         "champion")
+    raw = yaml.safe_load((registry / "params.yaml").read_text())
+    assert version.tags["params_hash"] == lineage.params_hash(parse_params(raw).dump())
+    raw["train"]["lr"] = raw["train"]["lr"] * 2
+    assert version.tags["params_hash"] != lineage.params_hash(parse_params(raw).dump())

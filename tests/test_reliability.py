@@ -19,7 +19,7 @@ import yaml
 
 from liverseg import artifacts, checkpoint, redact, tracking
 from liverseg.stages import train
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port, stop_process_group, wait_for_http
 
 pytestmark = pytest.mark.fault
 
@@ -134,28 +134,64 @@ def test_killed_training_resumes_to_the_uninterrupted_result(split_data, tiny_pa
     assert steps_logged == {1, 2}
 
 
-def test_changed_config_or_data_never_resumes_a_stale_checkpoint(tmp_path, tiny_params):
-    splits, raw = tmp_path / "splits", tmp_path / "raw"
-    for path in (splits / "train.csv", splits / "val.csv", splits / "stats.json",
-                 raw / "slices.csv"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(path.name)
-    key = checkpoint.run_key(tiny_params, "enhanced_pan", splits, raw)
-    assert key == checkpoint.run_key(tiny_params, "enhanced_pan", splits, raw)
-    assert key != checkpoint.run_key(with_epochs(tiny_params, 5), "enhanced_pan", splits, raw)
-    assert key != checkpoint.run_key(tiny_params, "unet_cbam", splits, raw)
-    (splits / "val.csv").write_text("another split")
-    new_key = checkpoint.run_key(tiny_params, "enhanced_pan", splits, raw)
-    assert new_key != key
+REAL_RUN_EPOCH = train.run_epoch
 
-    stale = checkpoint.TrainingCheckpoint(tmp_path / "ckpt", "enhanced_pan", key)
-    stale.save({"epoch": 3})
-    (stale.dir / ".leftover.pt.123.tmp").write_bytes(b"half")
-    current = checkpoint.TrainingCheckpoint(tmp_path / "ckpt", "enhanced_pan", new_key)
-    assert current.load() is None  # starts afresh ...
-    assert list(current.dir.iterdir()) == []  # ... and the stale files are gone
-    current.save({"epoch": 2})
-    assert current.load()["epoch"] == 2
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised by the patched run_epoch at a chosen call."""
+
+
+def interrupted_training(params, monkeypatch, stop_at_epoch: int | None) -> list[int]:
+    """Run train.run through the real path; `stop_at_epoch`: raise as that epoch starts
+    (after the previous epoch's checkpoint). Returns the epochs train.run started."""
+    real, started = REAL_RUN_EPOCH, []
+
+    def counting(model, loader, loss_fn, rt, optimizer=None, scheduler=None, desc="",
+                 **kwargs):
+        if optimizer is not None:  # a training pass: desc is "<model> epoch N/M"
+            started.append(int(desc.split("epoch ")[1].split("/")[0]))
+            if started[-1] == stop_at_epoch:
+                raise Interrupted(desc)
+        return real(model, loader, loss_fn, rt, optimizer, scheduler, desc, **kwargs)
+
+    monkeypatch.setattr(train, "run_epoch", counting)
+    if stop_at_epoch is None:
+        train.run(params, "enhanced_pan")
+    else:
+        with pytest.raises(Interrupted):
+            train.run(params, "enhanced_pan")
+    return started
+
+
+def test_changed_config_or_data_never_resumes_a_stale_checkpoint(split_data, tiny_params,
+                                                                 monkeypatch):
+    """Through train.run: a run stopped after epoch 1 leaves a checkpoint; a changed config,
+    then changed data, each start at epoch 1 and delete the stale checkpoint; the same
+    config and data resume at epoch 2 (the control: resuming does happen)."""
+    monkeypatch.setenv("LIVERSEG_TRACKING", "off")  # the key holds no tracking state
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"epochs": 2, "image_size": 32})})
+    ckpt_dir = split_data / artifacts.CHECKPOINTS / "enhanced_pan"
+
+    def checkpoints() -> list[str]:
+        return sorted(p.name for p in ckpt_dir.iterdir())
+
+    assert interrupted_training(params, monkeypatch, stop_at_epoch=2) == [1, 2]
+    (first,) = checkpoints()
+    changed = params.model_copy(update={"train": params.train.model_copy(update={"lr": 1e-4})})
+    assert interrupted_training(changed, monkeypatch, stop_at_epoch=2) == [1, 2]  # afresh
+    (second,) = checkpoints()  # the stale one is gone
+    assert second != first
+
+    train_csv = split_data / "data/splits/train.csv"
+    rows = train_csv.read_text().splitlines()
+    train_csv.write_text("\n".join(rows[:-1]) + "\n")  # one training slice less
+    assert interrupted_training(changed, monkeypatch, stop_at_epoch=2) == [1, 2]  # afresh
+    (third,) = checkpoints()
+    assert third not in (first, second)
+
+    assert interrupted_training(changed, monkeypatch, stop_at_epoch=None) == [2]  # resumed
+    assert not ckpt_dir.exists()
 
 
 class RunsCode:
@@ -215,45 +251,73 @@ def planted_secrets(monkeypatch):
     return (PASSWORD, KAGGLE_KEY, TOKEN)
 
 
+def start_tracking_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder."""
+    store.mkdir(exist_ok=True)
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "-h", "127.0.0.1",
+         "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_http(f"http://127.0.0.1:{port}/health", server, 180)
+    return server
+
+
 def test_secrets_never_reach_outputs_logs_or_errors(split_data, tiny_params, planted_secrets,
                                                     monkeypatch, capfd):
-    """Train with a password in the tracking URI and a Kaggle key in the environment, then
-    grep every file written (models, reports, MLflow db and artifacts) and all output."""
-    import mlflow
-
+    """Train against a real tracking server whose URI carries a password, with a Kaggle key
+    and a token in the environment. The server goes away during epoch 2: train.run fails
+    with MLflow's own error (which quotes the URL) masked, and the checkpoint of epoch 1
+    remains; with the server back, the rerun resumes in the same MLflow run. Then every file
+    written (models, reports, checkpoints, the server's store) and all output are grepped."""
     workdir = split_data
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{PASSWORD}@tracking.invalid")
-    # The server is stood in for by the local SQLite store: liverseg still sees (and must
-    # not record) the URI with the password; only MLflow's connection is redirected.
-    local = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
-    real_set_uri = mlflow.set_tracking_uri
+    port = free_port()
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's retries: seconds
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"epochs": 2, "image_size": 32})})
+    servers = [start_tracking_server(workdir / "server", port)]
 
-    def connect_locally(uri):
-        real_set_uri(local)
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # mlflow exports the URI it was given
+    def server_goes_away(model, loader, loss_fn, rt, optimizer=None, scheduler=None, desc="",
+                         **kwargs):
+        if optimizer is not None and desc.endswith("epoch 2/2") and servers:
+            stop_process_group(servers.pop(), timeout=30)
+        return REAL_RUN_EPOCH(model, loader, loss_fn, rt, optimizer, scheduler, desc, **kwargs)
 
-    monkeypatch.setattr(mlflow, "set_tracking_uri", connect_locally)
-    monkeypatch.setattr(tracking, "check_reachable", lambda uri: None)
-    (workdir / "mlruns").mkdir()
-    train.run(tiny_params, "enhanced_pan")
+    monkeypatch.setattr(train, "run_epoch", server_goes_away)
+    try:
+        with pytest.raises(Exception) as raised:
+            train.run(params, "enhanced_pan")
+        error = str(raised.value)
+        assert not servers and f"alice:***@127.0.0.1:{port}" in error, error
+        epoch, run_id = saved_epoch(workdir / artifacts.CHECKPOINTS / "enhanced_pan")
+        assert epoch == 1 and not (workdir / "models/enhanced_pan/run.json").exists()
 
-    run_json = json.loads((workdir / "models/enhanced_pan/run.json").read_text())
-    assert run_json["tracking_uri"] == "https://alice:***@tracking.invalid"
-    import logging
-
-    logging.getLogger("mlflow.tracking").warning("View run at https://alice:%s@h/#/1", PASSWORD)
-    with pytest.raises(ConnectionError) as raised, redact.redacted_errors():
-        raise ConnectionError(f"KAGGLE_KEY={KAGGLE_KEY} rejected by https://u:{PASSWORD}@h")
+        servers.append(start_tracking_server(workdir / "server", port))
+        monkeypatch.setattr(train, "run_epoch", REAL_RUN_EPOCH)
+        train.run(params, "enhanced_pan")
+        run_json = json.loads((workdir / "models/enhanced_pan/run.json").read_text())
+        assert run_json["tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
+        assert run_json["run_id"] == run_id  # resumed in the run the server lost mid-way
+        client = tracking.mlflow().MlflowClient()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["resumed_after_epoch"] == "1"
+        assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {1, 2}
+    finally:
+        for server in servers:
+            stop_process_group(server, timeout=30)
     out, err = capfd.readouterr()
-    texts = {"stdout+stderr": out + err, "error": str(raised.value)}
+    texts = {"stdout+stderr": out + err, "error": error}
     for path in workdir.rglob("*"):
         if path.is_file() and "data" not in path.relative_to(workdir).parts:
             texts[str(path.relative_to(workdir))] = path.read_bytes().decode("latin-1")
-    assert any(p.startswith("mlruns") for p in texts) and "MLmodel" in " ".join(texts)
+    assert any(p.startswith("server/artifacts") for p in texts) and "MLmodel" in " ".join(texts)
     leaks = [(where, secret) for where, text in texts.items() for secret in planted_secrets
              if secret in text]
     assert leaks == []
-    assert "***" in texts["error"] and "***" in texts["stdout+stderr"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 from PIL import Image
 
 from liverseg import casestore, labels
@@ -85,6 +87,47 @@ def _assert_2d_parity(val: pd.DataFrame, tmp: Path, source_of) -> None:
         truth = labels.decode(casestore.read("data/raw", ref, "mask"), 2)
         pooled += _counts(pred, truth)
     np.testing.assert_array_equal(pooled, _evaluated_counts())
+    assert pooled[0] > 0, "no true-positive pixel: parity of two empty predictions proves little"
+
+
+def test_predict_reproduces_evaluate_on_the_registered_phantom(registered, tmp_path):
+    """Fast (make test), on a copy of the session's registered phantom. Its one-epoch
+    models find no liver at threshold 0.5 (two empty predictions would agree trivially), so
+    the best model is served at the threshold that makes its predicted area on the
+    validation slices the true liver area, as if trained with that `evaluate.threshold`
+    (the threshold is recorded with the model and does not change training). Then evaluate
+    scores it, and `liverseg predict` (predict.run) on the validation slices' PNG files
+    gives each slice's confusion counts exactly, with true-positive pixels."""
+    root = registered
+    model = json.loads((root / "reports/comparison.json").read_text())["best_model"]
+    val = pd.read_csv(root / "data/splits/val.csv")
+    images = [root / "slices" / f"{sid}.png" for sid in val.slice_id]
+    truth = {sid: labels.decode(casestore.read(root / "data/raw", ref, "mask"), 2)
+             for sid, ref in zip(val.slice_id, val["mask"], strict=True)}
+    config_path = root / "models" / model / "config.json"
+    config = json.loads(config_path.read_text())
+    net = predict.Predictor(*predict.load(str(root / "models" / model))).net
+    grey = np.stack([np.asarray(Image.open(p)) for p in images])
+    with torch.no_grad():
+        probs = net(net.grey_batch(grey))[:, 0].numpy()
+    liver = np.mean([t > 0 for t in truth.values()])
+    threshold = float(np.quantile(probs, 1 - liver))
+    config["preprocessing"]["threshold"] = threshold
+    config_path.write_text(json.dumps(config))
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"]["threshold"] = threshold
+    evaluate.run(parse_params(raw), model)
+
+    predict.run(str(root / "models" / model), images, tmp_path / "pred")
+    rows = pd.read_csv(tmp_path / "pred/predictions.csv")
+    assert list(rows["status"]) == ["done"] * len(val)
+    evaluated = pd.read_csv(root / f"reports/per_image/{model}.csv",
+                            dtype={"slice_id": str}).set_index("slice_id")
+    for sid, mask_file in zip(val.slice_id, rows["mask"], strict=True):
+        pred = labels.decode(np.asarray(Image.open(tmp_path / "pred" / mask_file)), 2)
+        expected = evaluated.loc[str(sid), ["tp", "fp", "fn", "tn"]].to_numpy()
+        np.testing.assert_array_equal(_counts(pred, truth[sid]), expected, err_msg=str(sid))
+    assert evaluated["tp"].sum() > 0, "no true-positive pixel"
 
 
 @pytest.mark.slow
@@ -153,4 +196,5 @@ def test_nifti_predict_reproduces_evaluate_also_reoriented(workdir, shared_data,
     np.testing.assert_array_equal(masks["volume-117"], masks["reoriented-117"])
     pooled = _counts(masks["volume-117"][:, :, k], truth[:, :, k] >= 1)
     np.testing.assert_array_equal(pooled, _evaluated_counts())
+    assert pooled[0] > 0, "no true-positive voxel: both masks empty would also be equal"
     assert abs(pooled[0] / pooled[:3].sum() - metrics["fg_iou"]) < 1e-9

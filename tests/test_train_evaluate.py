@@ -51,12 +51,23 @@ def test_train_writes_model_config_curves_and_mlflow_run(trained, tiny_params):
     assert "val_loss" in run.data.metrics
 
 
-def test_training_is_reproducible_for_a_seed(trained, tiny_params):
-    workdir, _ = trained
-    first = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
-    train.run(tiny_params, "enhanced_pan")
-    second = pd.read_csv(workdir / "reports/training/enhanced_pan.csv")
-    pd.testing.assert_frame_equal(first, second)
+def test_training_is_reproducible_for_a_seed(split_data, tiny_params, monkeypatch):
+    """Two plain runs of two epochs, in one process one after the other (the second starts
+    from whatever random state the first left): curves equal exactly, weights byte-equal."""
+    monkeypatch.setenv("LIVERSEG_TRACKING", "off")
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"epochs": 2, "image_size": 32})})
+    for root in ("first", "second"):
+        (split_data / root).mkdir()
+        (split_data / root / "data").symlink_to(split_data / "data")
+        train.run(params, "enhanced_pan", root=root)
+    first, second = (pd.read_csv(split_data / root / "reports/training/enhanced_pan.csv")
+                     for root in ("first", "second"))
+    assert list(first.epoch) == [1, 2]
+    pd.testing.assert_frame_equal(first, second, check_exact=True)
+    weights = [(split_data / root / "models/enhanced_pan/model.safetensors").read_bytes()
+               for root in ("first", "second")]
+    assert weights[0] == weights[1]
 
 
 def test_a_config_from_before_the_preprocessing_block_still_loads(trained):

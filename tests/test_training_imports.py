@@ -79,10 +79,18 @@ def test_tracking_switch_rejects_unknown_values(monkeypatch):
         tracking.enabled()
 
 
-def test_missing_mlflow_with_tracking_on_says_how_to_proceed(workdir, monkeypatch):
+def test_missing_mlflow_with_tracking_on_says_how_to_proceed(split_data, tiny_params,
+                                                           monkeypatch):
+    """train.run, with tracking on and `import mlflow` failing, stops before any work: no
+    split read, no model built, no checkpoint, no output."""
     from liverseg import tracking
+    from liverseg.stages import train
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now fails
     monkeypatch.delenv("LIVERSEG_TRACKING", raising=False)
+    for work in ("read_json", "make_loaders", "build_model"):
+        monkeypatch.setattr(train, work, lambda *a, _w=work, **k: pytest.fail(f"{_w} ran"))
+    before = sorted(split_data.rglob("*"))
     with pytest.raises(tracking.TrackingUnavailable, match="set LIVERSEG_TRACKING=off"):
-        tracking.mlflow()
+        train.run(tiny_params, "enhanced_pan")
+    assert sorted(split_data.rglob("*")) == before  # nothing written
