@@ -36,7 +36,7 @@ from liverseg.io import atomic_dir, atomic_path
 from liverseg.monitoring import drift
 from liverseg.monitoring.store import ServedCaseStore
 from liverseg.stages.register import MONITORING_REFERENCE
-from pipeline.resources import REPO_ROOT, MlflowResource, MonitoringResource
+from pipeline.resources import DvcResource, MlflowResource, MonitoringResource
 
 KEY = dg.AssetKey("served_cases")
 STATUS = "status.json"  # in the store's directory: each check's last status
@@ -57,11 +57,11 @@ def champion_reference(model_ref: str):
         return version, json.loads(Path(path).read_text())
 
 
-def validation_dice(model: str) -> list[float]:
-    """The model's per-image validation Dice in this workspace (evaluate's CSV)."""
+def validation_dice(root: Path, model: str) -> list[float]:
+    """The model's per-image validation Dice in the workspace `root` (evaluate's CSV)."""
     import pandas as pd
 
-    path = Artifacts(REPO_ROOT).per_image(model)
+    path = Artifacts(root).per_image(model)
     return pd.read_csv(path)["dice"].dropna().tolist() if path.is_file() else []
 
 
@@ -98,7 +98,7 @@ def write_page(results: dict, reference: dict, current, model: str, out: Path) -
                                      "its control limit")],
 )
 def served_cases(context: dg.AssetExecutionContext, monitoring: MonitoringResource,
-                 mlflow: MlflowResource):
+                 mlflow: MlflowResource, dvc: DvcResource):
     import os
 
     os.environ.update(mlflow.env())
@@ -113,9 +113,9 @@ def served_cases(context: dg.AssetExecutionContext, monitoring: MonitoringResour
         "cases": len(rows), "model": model, "store": monitoring.directory,
         "page": dg.MetadataValue.path(str(page / "index.html"))})
     name = version.tags.get("model", "")
-    corrections = correction_result(REPO_ROOT / "data" / "raw",
+    corrections = correction_result(Artifacts(dvc.root).raw,  # the DVC workspace's data
                                     seg_description(name, str(version.version)),
-                                    validation_dice(name))
+                                    validation_dice(dvc.root, name))
     status = {"model": model, "time": time.time(),
               "corrections": "OK" if corrections.passed else "ERROR"}
     yield corrections

@@ -217,9 +217,8 @@ def test_served_corrected_and_retrained_on_the_evidence_with_the_gate_on_record(
     # 6. the monitoring asset's corrections check: the correction measured against v1
     from pipeline.monitoring import served_cases
 
-    monkeypatch.setattr("pipeline.monitoring.REPO_ROOT", root)
     checked = dg.materialize([served_cases], instance=instance, resources={
-        "mlflow": MlflowResource(tracking_uri=uri),
+        "mlflow": MlflowResource(tracking_uri=uri), "dvc": DvcResource(repo_root=str(root)),
         "monitoring": MonitoringResource(directory=str(store_dir), model="models:/liverseg/1")})
     (check,) = [e for e in checked.get_asset_check_evaluations() if e.check_name == "corrections"]
     assert check.metadata["corrections"].value == 1

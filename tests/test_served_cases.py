@@ -64,11 +64,11 @@ def _champion_reference(root, n: int = 40) -> pd.DataFrame:
 
 def _materialise(root, store, monkeypatch):
     from pipeline.monitoring import served_cases
-    from pipeline.resources import MlflowResource, MonitoringResource
+    from pipeline.resources import DvcResource, MlflowResource, MonitoringResource
 
-    monkeypatch.setattr("pipeline.monitoring.REPO_ROOT", root)
     result = dg.materialize([served_cases], resources={
         "monitoring": MonitoringResource(directory=str(store)),
+        "dvc": DvcResource(repo_root=str(root)),
         "mlflow": MlflowResource(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])})
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
@@ -133,3 +133,20 @@ def test_the_correction_check_holds_a_version_to_its_control_limit(tmp_path, dic
     result = correction_result(raw, "liverseg enhanced_pan 3", validation_dice=[0.9, 0.8])
     assert result.passed is passes
     assert result.metadata["corrections"].value == len(dice)
+
+
+def test_a_monitoring_failure_never_refuses_the_answer(registered, tmp_path, monkeypatch):
+    """A fact that cannot be computed: the image is still served, its row is not written
+    (no partial row), and a warning says why."""
+    from liverseg.monitoring import facts
+
+    def broken(*_, **__):
+        raise RuntimeError("a monitoring bug")
+
+    monkeypatch.setenv("LIVERSEG_MONITORING_DIR", str(tmp_path / "monitoring"))
+    monkeypatch.setattr(facts, "intensity_facts", broken)
+    images = sorted((registered / "slices").glob("*.png"))[:1]
+    with pytest.warns(UserWarning, match="a monitoring bug"):
+        summary = predict.run(CHAMPION, images, tmp_path / "out")
+    assert summary["done"] == 1 and summary["refused"] == 0
+    assert ServedCaseStore(tmp_path / "monitoring").read().empty

@@ -72,7 +72,7 @@ class LiversegModel(PythonModel):
 
         prep, watch = self.net.prep, Watch()
         watch.saw(x[:, x.shape[1] // 2].astype(np.uint8))  # the slice itself (2.5D: centre)
-        watch.confidence.update(probs)
+        watch.guard(watch.confidence.update, probs)
         watch.answered(to_classes(probs, prep.threshold).numpy(), prep.classes, None,
                        volume=False)
         record(self.store, self.identity, "rest", watch)

@@ -144,7 +144,7 @@ class Predictor:
             x = context_stack(slices, k, batch) if k else slices[batch]
             probs, classes = self.net.answer(x)
             if self.watch is not None:
-                self.watch.confidence.update(probs)
+                self.watch.guard(self.watch.confidence.update, probs)
             out.append(classes.numpy())
         return np.concatenate(out).astype(np.uint8)
 

@@ -7,7 +7,9 @@ above the training window, which the windowed slices no longer show), the output
 (class volumes in mL where spacing is known, else pixels; the tumour's connected
 components) and the confidence (the probabilities, batch by batch: memory stays flat).
 `record` appends the row to the served-case store named by `LIVERSEG_MONITORING_DIR`
-(`liverseg.monitoring.store`); unset, nothing is recorded. Rows carry the model's identity
+(`liverseg.monitoring.store`); unset, nothing is recorded. Monitoring never fails an answer:
+an error while collecting a fact is kept on the watch, and `record` warns instead of
+appending a partial row. Rows carry the model's identity
 and hashed study/series UIDs, never a patient's name or id.
 """
 
@@ -30,6 +32,14 @@ class Watch:
     outputs: dict = field(default_factory=dict)
     study_uid: str = ""
     series_uid: str = ""
+    error: str = ""  # why a fact could not be collected: the row is not recorded
+
+    def guard(self, collect, *args) -> None:
+        """collect(*args), an error kept (the first) rather than raised."""
+        try:
+            collect(*args)
+        except Exception as exc:  # a monitoring bug must not refuse the clinician's answer
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
 
     def saw(self, grey: np.ndarray, hu: np.ndarray | None = None,
             window: tuple[float, float] | None = None) -> None:
@@ -37,21 +47,25 @@ class Watch:
         The grey percentiles always use the grey body rule, as evaluate's reference does
         (it has the windowed slices only); the HU voxels add the fractions of the body below
         and above the window."""
-        self.inputs |= mfacts.intensity_facts(grey)
-        if hu is not None:
-            with_hu = mfacts.intensity_facts(grey, hu, window)
-            self.inputs |= {k: with_hu[k] for k in ("hu_below_window", "hu_above_window")}
+        def collect():
+            self.inputs |= mfacts.intensity_facts(grey)
+            if hu is not None:
+                with_hu = mfacts.intensity_facts(grey, hu, window)
+                self.inputs |= {k: with_hu[k] for k in ("hu_below_window", "hu_above_window")}
+        self.guard(collect)
 
     def scanned(self, header, slices: int) -> None:
         """A DICOM series' scanner facts (its first instance's header)."""
-        self.inputs |= mfacts.header_facts(header, slices)
+        self.guard(lambda: self.inputs.update(mfacts.header_facts(header, slices)))
 
     def answered(self, mask: np.ndarray, classes: tuple[str, ...], voxel_mm3: float | None,
                  volume: bool) -> None:
-        self.outputs |= mfacts.output_facts(mask, classes, voxel_mm3, volume)
-        if voxel_mm3:  # pixel counts too: evaluate's reference knows no spacing
-            self.outputs |= {f"{name}_pixels": int((mask == k).sum())
-                             for k, name in enumerate(classes) if k}
+        def collect():
+            self.outputs |= mfacts.output_facts(mask, classes, voxel_mm3, volume)
+            if voxel_mm3:  # pixel counts too: evaluate's reference knows no spacing
+                self.outputs |= {f"{name}_pixels": int((mask == k).sum())
+                                 for k, name in enumerate(classes) if k}
+        self.guard(collect)
 
     def row(self, identity: dict, kind: str) -> dict:
         return mfacts.served_row(identity, kind, self.inputs,
@@ -67,9 +81,12 @@ def record(store: ServedCaseStore | None, identity: dict, kind: str, watch: Watc
     import warnings
 
     try:
+        if watch.error:
+            raise ValueError(watch.error)
         store.append(watch.row(identity, kind))
-    except OSError as exc:
-        warnings.warn(f"monitoring row not recorded in {store}: {exc}", stacklevel=2)
+    except Exception as exc:  # a full disk, a fact that failed: the answer stands
+        warnings.warn(f"monitoring row not recorded in {store.directory}: {exc}",
+                      stacklevel=2)
 
 
 class CaseWatches:
