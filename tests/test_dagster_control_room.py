@@ -16,6 +16,7 @@ import yaml
 from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import POOL, asset_key, build_assets
 from pipeline.checks import build_checks
+from pipeline.monitoring import KEY as MONITORING_KEY
 from pipeline.resources import DvcResource, MlflowResource, resources_from_env
 from pipeline.sensors import data_source_sensor, source_fingerprint
 from tests.helpers import REPO, record_failure
@@ -66,9 +67,15 @@ def test_definitions_validate_with_checks_sensors_and_pool():
     assert {(asset_key(n), "quality_gate") for n in evaluates} <= check_keys
     blocking = {k.name for k in graph.asset_check_keys if graph.get_check_spec(k).blocking}
     assert blocking == {"gx_validation", "no_patient_leakage"}
-    for key in graph.get_all_asset_keys():  # DVC's repo lock: one stage at a time
+    stage_keys = {asset_key(n) for n in stages}
+    for key in stage_keys:  # DVC's repo lock: one stage at a time
         assert graph.get(key).pools == {POOL}, key
-    for name in ("data_source_changed", "record_run_failure", "new_ct_studies"):
+    # The one asset that is no DVC stage (live served cases): no DVC slot, not retrained.
+    assert set(graph.get_all_asset_keys()) - stage_keys == {MONITORING_KEY}
+    assert not graph.get(MONITORING_KEY).pools
+    assert MONITORING_KEY not in defs.resolve_job_def("retrain").asset_layer.executable_asset_keys
+    for name in ("data_source_changed", "record_run_failure", "new_ct_studies",
+                 "retrain_on_evidence"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.STOPPED
     cron = yaml.safe_load((REPO / "params.yaml").read_text())["schedule"]["cron"]
     assert defs.resolve_schedule_def("weekly_retrain").cron_schedule == cron

@@ -125,6 +125,7 @@ def _liverseg_seg(lits: dict, path: Path, when: str, mask: np.ndarray | None = N
     ds.save_as(path)
 
 
+@pytest.mark.slow  # ingest and validate (GX)
 def test_every_label_object_has_an_origin_and_one_outcome(lits, tmp_path):
     """On one series: liverseg's SEG (model, not a target), another vendor's AUTOMATIC SEG
     (model), a segment named Bone (no class), an older human SEG (after the model's, so a
@@ -203,6 +204,7 @@ def test_a_series_labelled_only_by_the_model_trains_nothing_until_a_human_label_
     assert len(used) == len(lits["labels"]) and set(used["origin"]) == {"corrected"}
 
 
+@pytest.mark.slow  # every data stage
 def test_the_split_names_the_studies_and_label_instances_each_side_used(lits, tmp_path):
     """Two patients' series, each with a human SEG: every series of a patient lands on one
     side, and the split's stats (which register tags and logs for lineage) name exactly the

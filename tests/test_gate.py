@@ -32,6 +32,7 @@ def _hashes(split: str):
     return lambda *_: {"data_raw_md5": "r", "data_manifest_md5": "m", "data_splits_md5": split}
 
 
+@pytest.mark.slow  # register twice, evaluate once
 def test_a_champion_validated_on_another_split_is_scored_anew_on_this_one(registered,
                                                                           monkeypatch):
     """Champion v1 registered on split "old"; the data changed (split "new", half the

@@ -7,7 +7,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_raw_params
 from PIL import Image
 
 from liverseg import casestore, labels, tracking
@@ -17,7 +16,7 @@ from liverseg.data.layout import read_index
 from liverseg.io import load_masks
 from liverseg.serving import export, predict
 from liverseg.stages import compare, evaluate, ingest, register, report, split, train, validate
-from tests.helpers import rewrite_slot, slice_pngs
+from tests.helpers import rewrite_slot, slice_pngs, tiny_raw_params
 
 THREE = ("background", "liver", "tumour")
 

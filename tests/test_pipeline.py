@@ -8,6 +8,7 @@ import pytest
 
 from liverseg.fanout.dvc_graph import load_stages
 from pipeline.assets import asset_key
+from pipeline.monitoring import KEY as MONITORING_KEY
 from tests.helpers import REPO
 
 
@@ -34,7 +35,8 @@ def test_definitions_load_with_one_asset_per_stage_and_a_stopped_schedule():
 
     stages = load_stages(REPO)
     graph = defs.resolve_asset_graph()
-    assert set(graph.get_all_asset_keys()) == {asset_key(n) for n in stages}
+    # every DVC stage, and the one live asset that is none (pipeline.monitoring)
+    assert set(graph.get_all_asset_keys()) == {asset_key(n) for n in stages} | {MONITORING_KEY}
     for name, stage in stages.items():
         parents = graph.get(asset_key(name)).parent_keys
         assert parents == {asset_key(u) for u in stage.upstream}, name

@@ -163,6 +163,7 @@ def interrupted_training(params, monkeypatch, stop_at_epoch: int | None) -> list
     return started
 
 
+@pytest.mark.slow  # four train.run calls
 def test_changed_config_or_data_never_resumes_a_stale_checkpoint(split_data, tiny_params,
                                                                  monkeypatch):
     """Through train.run: a run stopped after epoch 1 leaves a checkpoint; a changed config,
@@ -264,6 +265,7 @@ def start_tracking_server(store: Path, port: int) -> subprocess.Popen:
     return server
 
 
+@pytest.mark.slow  # a real mlflow server, twice
 def test_secrets_never_reach_outputs_logs_or_errors(split_data, tiny_params, planted_secrets,
                                                     monkeypatch, capfd):
     """Train against a real tracking server whose URI carries a password, with a Kaggle key
