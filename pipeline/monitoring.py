@@ -36,6 +36,7 @@ from liverseg.io import atomic_dir, atomic_path
 from liverseg.monitoring import drift
 from liverseg.monitoring.store import ServedCaseStore
 from liverseg.stages.register import MONITORING_REFERENCE
+from pipeline.assets import GROUP
 from pipeline.resources import DvcResource, MlflowResource, MonitoringResource
 
 KEY = dg.AssetKey("served_cases")
@@ -87,7 +88,8 @@ def write_page(results: dict, reference: dict, current, model: str, out: Path) -
 
 
 @dg.multi_asset(
-    specs=[dg.AssetSpec(KEY, group_name="monitoring", kinds={"monitoring"},
+    # The stages' group: the UI draws one group open (several start collapsed).
+    specs=[dg.AssetSpec(KEY, group_name=GROUP, kinds={"monitoring"},
                         description="The most recent served cases (live, not a DVC stage)")],
     check_specs=[dg.AssetCheckSpec(f"{group}_drift", asset=KEY,
                                    description=f"{group} facts of served cases against the "

@@ -11,7 +11,7 @@ from pipeline.resources import REPO_ROOT
 
 # Every DVC stage; not the served-case monitoring, which reads live data (pipeline.monitoring).
 retrain_job = dg.define_asset_job("retrain", selection=dg.AssetSelection.all()
-                                  - dg.AssetSelection.groups("monitoring"),
+                                  - dg.AssetSelection.assets("served_cases"),
                                   description="The whole DVC pipeline, stage by stage.")
 
 

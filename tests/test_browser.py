@@ -121,5 +121,6 @@ def test_report_in_a_browser(chromium, repo_copy, tmp_path):
     for name, page in {"report-top.png": report, "report-visual.png": visual_only}.items():
         shot = SCREENSHOT.parent / name
         shot.unlink(missing_ok=True)
+        shot.parent.mkdir(parents=True, exist_ok=True)
         _chromium(f"--screenshot={shot}", page.as_uri())
         assert shot.stat().st_size > 20_000, name  # rendered content, not a blank page
