@@ -23,8 +23,9 @@ import pandas as pd
 import pydicom
 import pytest
 
+from liverseg.monitoring.store import ServedCaseStore
 from pipeline.pacs import new_ct_studies, segment_study_job
-from pipeline.resources import MlflowResource, PacsResource
+from pipeline.resources import MlflowResource, MonitoringResource, PacsResource
 from tests.dicom_series import write_series
 from tests.helpers import wait_for_http
 
@@ -117,7 +118,8 @@ def test_sensor_and_job_segment_a_study_from_orthanc_and_store_the_seg(
         orthanc.upload(path)
     pacs = PacsResource(url=f"{orthanc.url}/dicom-web", out_dir=str(tmp_path / "pacs"))
     resources = {"pacs": pacs, "mlflow": MlflowResource(
-        tracking_uri=repo_copy[1]["MLFLOW_TRACKING_URI"])}
+        tracking_uri=repo_copy[1]["MLFLOW_TRACKING_URI"]),
+        "monitoring": MonitoringResource(directory=str(tmp_path / "monitoring"))}
     instance = dg.DagsterInstance.ephemeral()
 
     first = _tick(instance, pacs)
@@ -142,6 +144,8 @@ def test_sensor_and_job_segment_a_study_from_orthanc_and_store_the_seg(
     seconds = time.time() - started
     meta = done.output_for_node("segment_one_study")
     assert meta["study"] == study and len(meta["seg_sop_instance_uids"]) == 1
+    rows = ServedCaseStore(tmp_path / "monitoring").read()  # the served case's monitoring row
+    assert list(rows["kind"]) == ["dicom"] and rows["series_uid_hash"].str.len().iloc[0] == 16
     assert any("localiser" in o and o.startswith("skipped") for o in meta["outcomes"])
     assert any("modality 'MR'" in o and o.startswith("skipped") for o in meta["outcomes"])
     again = _tick(instance, pacs, retry.cursor)
