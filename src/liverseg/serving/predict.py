@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from liverseg import checkpoint, labels
@@ -54,10 +53,9 @@ from liverseg.preprocess import (
     volume_slices,
 )
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
+from liverseg.serving.outputs import Outcomes, class_sizes, overlay, overlay_row, save_png
 from liverseg.serving.watch import Watch, record
 
-CLASS_RGB = {"tumour": (255, 40, 40), "liver": (40, 200, 90)}
-SUMMARY = "predictions.csv"
 PAD_HU = -1024.0  # what a NaN/inf voxel becomes under allow_nonfinite (then masked out)
 
 
@@ -153,63 +151,6 @@ class Predictor:
         return self.prep.classes
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-class Outcomes:
-    """predictions.csv, rewritten atomically after every input (a killed batch leaves the
-    rows of the inputs it finished), each row with the model's identity."""
-
-    def __init__(self, out_dir: Path, identity: dict):
-        self.path, self.identity, self.rows = out_dir / SUMMARY, identity, []
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row | self.identity)
-        with atomic_path(self.path) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
-
-    def count(self, status: str) -> int:
-        return sum(r["status"] == status for r in self.rows)
-
-
-def overlay(gray: np.ndarray, mask: np.ndarray, classes: tuple[str, ...] = labels.BINARY
-            ) -> np.ndarray:
-    """RGB uint8: the slice in gray, each predicted class tinted (tumour red, liver green)."""
-    rgb = np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
-    for k, name in enumerate(classes[1:], start=1):
-        sel = mask == k
-        rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.array(CLASS_RGB[name], np.float32)
-    return rgb.clip(0, 255).astype(np.uint8)
-
-
-def class_sizes(mask: np.ndarray, classes: tuple[str, ...],
-                voxel_mm3: float | None = None) -> dict:
-    """`<class>_pixels` per foreground class, and `<class>_volume_ml` for a volume."""
-    out = {}
-    for k, name in enumerate(classes[1:], start=1):
-        n = int((mask == k).sum())
-        out[f"{name}_pixels"] = n
-        out[f"{name}_volume_ml"] = None if voxel_mm3 is None else n * voxel_mm3 / 1000.0
-    return out
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def _overlay_row(predictor: Predictor, slices: np.ndarray, masks: np.ndarray, out: Path
-                 ) -> dict:
-    """The overlay of the slice with the largest predicted foreground."""
-    areas = (masks > 0).sum(axis=(1, 2))
-    best = int(areas.argmax()) if areas.any() else len(slices) // 2
-    _save_png(out.with_name(f"{out.name}_overlay.png"),
-              overlay(slices[best], masks[best], predictor.classes))
-    return {"overlay": f"{out.name}_overlay.png", "overlay_slice": best}
-
-
 # ----------------------------------------------------------------------------- one input
 
 
@@ -245,8 +186,8 @@ def predict_image(predictor: Predictor, path: Path, out: Path) -> dict:
     if predictor.watch is not None:
         predictor.watch.saw(gray[None])
         predictor.watch.answered(mask[None], classes, None, volume=False)
-    _save_png(out.with_name(f"{out.name}_mask.png"), labels.encode(mask, len(classes)))
-    _save_png(out.with_name(f"{out.name}_overlay.png"), overlay(gray, mask, classes))
+    save_png(out.with_name(f"{out.name}_mask.png"), labels.encode(mask, len(classes)))
+    save_png(out.with_name(f"{out.name}_overlay.png"), overlay(gray, mask, classes))
     return {"kind": "image", "shape": "x".join(map(str, gray.shape)),
             **class_sizes(mask, classes), "mask": f"{out.name}_mask.png",
             "overlay": f"{out.name}_overlay.png"}
@@ -283,7 +224,7 @@ def segment_volume(predictor: Predictor, img, what: str, out: Path, policy: Poli
     return mask, {"kind": "volume", "shape": "x".join(map(str, mask.shape)),
                   **class_sizes(mask, predictor.classes, voxel_mm3),
                   "mask": f"{out.name}_mask.nii.gz", "nonfinite_voxels": screen.count,
-                  **_overlay_row(predictor, slices, canonical_mask, out)}
+                  **overlay_row(predictor.classes, slices, canonical_mask, out)}
 
 
 def segment_slices(predictor: Predictor, images: list, what: str, policy: Policy
@@ -336,7 +277,7 @@ def predict_series(predictor: Predictor, series: dicom.Series, out: Path, policy
         row = {"kind": "dicom", "shape": "x".join(map(str, mask.shape)),
                **class_sizes(mask, predictor.classes), "mask": "",
                "reason": f"no NIfTI mask or ml: {series.irregular}; SEG on the source frames",
-               **_overlay_row(predictor, slices, masks, out)}
+               **overlay_row(predictor.classes, slices, masks, out)}
     if predictor.watch is not None:
         predictor.watch.scanned(datasets[0], len(datasets))
     with atomic_path(out.with_name(f"{out.name}_seg.dcm")) as tmp:
