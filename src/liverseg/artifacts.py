@@ -29,6 +29,9 @@ REGISTRY = "reports/registry.json"
 MODEL_CARD = "reports/model_card"  # .md and .json
 REPORT, FIGURES = "reports/report", "reports/figures"  # .html and .md; the PNGs
 CONFIG, WEIGHTS, RUN = "config.json", "model.safetensors", "run.json"  # in a model folder
+# Beside a model folder (models/<m> is train's output): evaluate's choice of mirroring and
+# post-processing (`liverseg.postprocess`), which predict applies with the model.
+INFERENCE = ".inference.json"
 RAW_INDEX, SPLIT_STATS = "slices.csv", "stats.json"  # in data/raw; in data/splits
 CHECKPOINTS = ".checkpoints"  # training state while a model trains: no DVC output
 # Ingest's store of case files, keyed by what makes them (no DVC output: data/raw links to it)
@@ -65,6 +68,9 @@ class Artifacts:
     # ------------------------------------------------------------------ per model
     def model_dir(self, model: str) -> Path:
         return self.path(MODELS) / model
+
+    def inference(self, model: str) -> Path:
+        return inference_file(self.model_dir(model))
 
     def model_config(self, model: str) -> Path:
         """Written by train (checkpoint.save_config); read by checkpoint.read_config, which
@@ -130,6 +136,12 @@ class Artifacts:
         write_json(self.registry, record)
 
 
+def inference_file(model_dir: str | Path) -> Path:
+    """Evaluate's decision for the model in `model_dir`: models/<m>.inference.json."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + INFERENCE)
+
+
 def stage_io(stage: str, model: str) -> tuple[set[str], set[str]]:
     """(data deps, outs) of a stage, relative to the root: what dvc.yaml must list beside
     its code deps (`model` stands in for `${item.model}` of a per-model stage)."""
@@ -141,7 +153,8 @@ def stage_io(stage: str, model: str) -> tuple[set[str], set[str]]:
         "split": ([a.manifest, a.raw], [a.splits]),
         "train": ([a.raw, a.splits], [a.model_dir(model), a.curve(model)]),
         "evaluate": ([a.model_dir(model), a.raw, a.splits],
-                     [a.per_image(model), a.predictions(model), a.metrics(model)]),
+                     [a.per_image(model), a.predictions(model), a.metrics(model),
+                      a.inference(model)]),
         "compare": ([a.path(METRICS)], [a.comparison(s) for s in (".csv", ".md", ".json")]),
         "register": ([a.comparison(), a.validation, a.path(METRICS), a.splits, a.raw,
                       a.path(MODELS)],

@@ -302,6 +302,10 @@ class EvaluateParams(Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=0)  # resamples for 95% CIs over images; 0 = none
+    # nnU-Net's inference choices (liverseg.postprocess), made on validation: auto keeps
+    # mirroring if it raises compare.rank_by, a post-processing step if it does not lower it.
+    tta: Literal["auto", "none", "flip"] = "auto"
+    postprocessing: Literal["auto", "none"] = "auto"
 
 
 class CompareParams(Strict):

@@ -211,16 +211,33 @@ def normalise(x, prep: Preprocessing):
 
 class Served(torch.nn.Module):
     """Grey values 0..255 [N, C, H, W] (any H, W) in, probabilities [N, K, H, W] out: the
-    contract of predict, the pyfunc and the ONNX graph (K = 1 for a binary model)."""
+    contract of predict, the pyfunc and the ONNX graph (K = 1 for a binary model).
 
-    def __init__(self, model: torch.nn.Module, prep: Preprocessing):
+    `mirror` (test-time mirroring, nnU-Net's): the probabilities are the mean over the input
+    and its flips along W, H and both, each flipped back; evaluate decides it on validation
+    (`liverseg.postprocess`). The ONNX export is the network without it."""
+
+    FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity first: `mirrored` returns it apart
+
+    def __init__(self, model: torch.nn.Module, prep: Preprocessing, mirror: bool = False):
         super().__init__()
-        self.model, self.prep = model, prep
+        self.model, self.prep, self.mirror = model, prep, mirror
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.mirror:
+            return self.mirrored(raw)[1]
         size = self.prep.image_size
         x = normalise(resize(raw, (size, size)), self.prep)
         return resize(labels.probabilities(self.model(x)), raw.shape[-2:])
+
+    def mirrored(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain probabilities, their mean over the flips): both from one set of passes,
+        so evaluate scores with and without mirroring at the cost of mirroring alone."""
+        size = self.prep.image_size
+        x = normalise(resize(raw, (size, size)), self.prep)
+        each = [labels.probabilities(self.model(x.flip(d))).flip(d) for d in self.FLIPS]
+        mean = torch.stack(each).mean(0)
+        return resize(each[0], raw.shape[-2:]), resize(mean, raw.shape[-2:])
 
     def grey_batch(self, slices: np.ndarray) -> torch.Tensor:
         """uint8 grey slices [N, H, W] (or context stacks [N, C, H, W]) -> float input

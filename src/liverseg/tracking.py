@@ -120,34 +120,42 @@ def flatten(data: dict) -> dict[str, str]:
     return {key: str(value) for key, value in params_dict.flatten(data).items()}
 
 
-def log_model(mlf, model_dir: Path, example) -> str:
+def log_model(mlf, model_dir: Path, example=None, inference: Path | None = None,
+              name: str = "model") -> str:
     """Log the safetensors weights + config behind a pyfunc defined from code (no pickle).
 
     The signature leaves batch, height and width free (-1): unlike the `pt2` export format,
     the served model accepts any slice size (it resizes inside, `preprocess.Served`). The
-    model's preprocessing block is the MLflow model's metadata.
+    model's preprocessing block is the MLflow model's metadata. `inference`: evaluate's
+    choice of mirroring and post-processing, served with it (register's package).
     """
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
     from liverseg.labels import out_channels
+    from liverseg.postprocess import INFERENCE_KEY
 
-    channels = example.shape[1]
     config = json.loads((model_dir / CONFIG).read_text())
+    channels = example.shape[1] if example is not None else \
+        config["preprocessing"]["in_channels"]
     classes = out_channels(config["num_classes"])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes, -1, -1))]),
     )
+    artifacts = {"weights": str(model_dir / WEIGHTS), "config": str(model_dir / CONFIG)}
+    if inference is not None:
+        artifacts[INFERENCE_KEY] = str(inference)
     info = mlf.pyfunc.log_model(
-        name="model",
+        name=name,
         python_model=str(PYFUNC_CODE),
-        artifacts={"weights": str(model_dir / WEIGHTS), "config": str(model_dir / CONFIG)},
+        artifacts=artifacts,
         code_paths=[str(Path(__file__).parent)],
         signature=signature,
         # The serving contract travels with the registered model, readable without loading it.
-        metadata={"preprocessing": config["preprocessing"]},
+        metadata={"preprocessing": config["preprocessing"],
+                  **({"inference": json.loads(inference.read_text())} if inference else {})},
         pip_requirements=["torch", "segmentation-models-pytorch", "safetensors", "numpy"],
     )
     return info.model_uri

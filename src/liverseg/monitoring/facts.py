@@ -206,6 +206,13 @@ class Confidence:
         idx = np.minimum((top.reshape(-1) * HIST_BINS).astype(np.int64), HIST_BINS - 1)
         self.hist += np.bincount(idx, minlength=HIST_BINS)
 
+    def merge(self, other: Confidence) -> None:
+        """Add another stream's counts (a slice's, held until its case is post-processed)."""
+        self.n += other.n
+        self.sum_max += other.sum_max
+        self.sum_entropy += other.sum_entropy
+        self.hist += other.hist
+
     def facts(self) -> dict:
         """`mean_max_prob`, `p5_max_prob` (the lower edge of the histogram bin holding the 5th
         percentile, resolution 1/HIST_BINS), `mean_entropy` (nats); None before any update."""

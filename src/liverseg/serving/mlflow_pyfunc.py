@@ -8,7 +8,12 @@ Output: float32 probabilities at the input's H, W: the foreground's [N, 1, H, W]
 binary model, each class's [N, C, H, W] (softmax) for a multi-class one. The resize to the
 trained size, the normalisation and the resize back happen inside (`preprocess.Served`), the
 same code evaluate and `liverseg predict` run; the parameters are the model's
-`config.json` `preprocessing` block, also in the registered model's metadata.
+`config.json` `preprocessing` block, also in the registered model's metadata. A registered
+version also carries evaluate's choice of mirroring and post-processing (the `inference`
+artifact, logged by register: `liverseg.postprocess`): mirroring averages the
+flipped inputs' probabilities; where post-processing removes a pixel (2D components per
+image: a batch has no case identity), its probabilities become background's, so the
+caller's threshold or argmax gives the post-processed mask.
 
 This is the REST contract (`mlflow models serve`): an input outside it (NaN/inf, values
 outside 0..255, channels other than the model's, H or W outside 16..2048, more than 64
@@ -38,7 +43,15 @@ class LiversegModel(PythonModel):
         self.model = build_from_config(self.config)
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
-        self.net = Served(self.model, Preprocessing.from_config(self.config)).eval()
+        from liverseg.postprocess import INFERENCE_KEY, Inference
+
+        decision = context.artifacts.get(INFERENCE_KEY)
+        if decision:  # logged with the registered version (a training run's own: none)
+            with open(decision) as fh:
+                self.config["inference"] = json.load(fh)
+        self.inference = Inference.from_dict(self.config.get("inference"))
+        prep = self.inference.preprocessing(Preprocessing.from_config(self.config))
+        self.net = Served(self.model, prep, mirror=self.inference.mirror).eval()
         self.torch = torch
         from liverseg.boundary import Limits
 
@@ -62,6 +75,8 @@ class LiversegModel(PythonModel):
             raise MlflowException(f"liverseg: {exc}", INVALID_PARAMETER_VALUE) from None
         with self.torch.no_grad():
             probs = self.net(self.torch.from_numpy(x))
+        probs = self.inference.apply_to_probabilities(probs, self.net.prep.classes,
+                                                      self.net.prep.threshold)
         if self.store is not None:
             self._record(x, probs)
         return probs.numpy()

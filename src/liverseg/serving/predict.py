@@ -38,11 +38,13 @@ import numpy as np
 import torch
 
 from liverseg import checkpoint, labels
+from liverseg.artifacts import inference_file
 from liverseg.boundary import Limits, Refused, check_hu, nonfinite
 from liverseg.dicom import seg_writer
 from liverseg.dicom import series as dicom
-from liverseg.io import atomic_path
+from liverseg.io import atomic_path, read_json
 from liverseg.monitoring.store import ServedCaseStore, default_store
+from liverseg.postprocess import Inference
 from liverseg.preprocess import (
     Preprocessing,
     Served,
@@ -83,9 +85,14 @@ def model_uri(ref: str, registered_model: str = "liverseg") -> str:
 def load(ref: str) -> tuple[torch.nn.Module, dict]:
     """(eval-mode torch model, its config) from a model directory (models/<name>) or an
     MLflow URI (models:/liverseg@champion, models:/liverseg/3, runs:/ID/model, a version
-    number or a run id), loaded through the project's pyfunc (serving.mlflow_pyfunc)."""
+    number or a run id), loaded through the project's pyfunc (serving.mlflow_pyfunc).
+    The config's `inference` is evaluate's choice of mirroring and post-processing: beside
+    the folder (`artifacts.inference_file`), or logged with the registered version; absent
+    (a model evaluate has not scored, a training run's own model), the raw output serves."""
     if Path(ref).is_dir():
-        return checkpoint.load_model(ref)
+        model, config = checkpoint.load_model(ref)
+        decision = inference_file(ref)
+        return model, config | ({"inference": read_json(decision)} if decision.exists() else {})
     from liverseg import tracking
 
     served = tracking.mlflow().pyfunc.load_model(model_uri(ref))
@@ -96,10 +103,13 @@ def load(ref: str) -> tuple[torch.nn.Module, dict]:
 def model_identity(ref: str, config: dict) -> dict:
     """Which model made a row: the reference given, its registry version and run (when it
     has them) and a hash of the preprocessing it applies."""
-    prep = json.dumps(Preprocessing.from_config(config).to_dict(), sort_keys=True)
+    inference = Inference.from_dict(config.get("inference"))
+    prep = json.dumps(inference.preprocessing(Preprocessing.from_config(config)).to_dict(),
+                      sort_keys=True)
     out = {"model_ref": ref, "model_name": config.get("model", ""), "model_version": "",
            "model_run": "",
-           "preprocessing_sha256": hashlib.sha256(prep.encode()).hexdigest()[:16]}
+           "preprocessing_sha256": hashlib.sha256(prep.encode()).hexdigest()[:16],
+           "inference": inference.describe()}
     if Path(ref).is_dir():
         run = Path(ref) / "run.json"
         out["model_run"] = json.loads(run.read_text()).get("run_id") or "" if run.exists() else ""
@@ -129,8 +139,13 @@ class Predictor:
     watch: Watch | None = None  # the facts of the case being served
 
     def __post_init__(self):
-        self.prep = Preprocessing.from_config(self.config)
-        self.net = Served(self.model, self.prep).eval()
+        self.inference = Inference.from_dict(self.config.get("inference"))
+        self.prep = self.inference.preprocessing(Preprocessing.from_config(self.config))
+        self.net = Served(self.model, self.prep, mirror=self.inference.mirror).eval()
+
+    def post(self, mask: np.ndarray, grid: bool) -> np.ndarray:
+        """The post-processing evaluate chose: 3D components on a grid, else per slice."""
+        return self.inference.apply(mask, self.classes, grid)
 
     def masks(self, slices: np.ndarray) -> np.ndarray:
         """uint8 grey slices [N, H, W] -> class indices [N, H, W] (uint8), one batch at a
@@ -182,7 +197,7 @@ def predict_image(predictor: Predictor, path: Path, out: Path) -> dict:
                       "(data.context_slices); give it a volume (NIfTI or a DICOM series), "
                       "not a single 2D image")
     gray = read_image(path, predictor.prep)
-    mask, classes = predictor.masks(gray[None])[0], predictor.classes
+    mask, classes = predictor.post(predictor.masks(gray[None]), grid=False)[0], predictor.classes
     if predictor.watch is not None:
         predictor.watch.saw(gray[None])
         predictor.watch.answered(mask[None], classes, None, volume=False)
@@ -211,6 +226,7 @@ def segment_volume(predictor: Predictor, img, what: str, out: Path, policy: Poli
     canonical_mask = predictor.masks(slices)  # [Z, H, W], canonical
     if screen.invalid is not None:  # NaN/inf voxels are never foreground
         canonical_mask[np.transpose(np.atleast_3d(screen.invalid), (2, 1, 0))] = 0
+    canonical_mask = predictor.post(canonical_mask, grid=True)
     mask = to_input_orientation(canonical_mask, ornt, img.shape)
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
@@ -245,7 +261,7 @@ def segment_slices(predictor: Predictor, images: list, what: str, policy: Policy
     if policy.hu_check:  # on the whole series: one slice of air alone is not a CT volume
         check_hu(what, hu)
     slices = np.concatenate(grey)
-    masks = predictor.masks(slices)
+    masks = predictor.post(predictor.masks(slices), grid=False)
     if predictor.watch is not None:  # no grid: components per slice, sizes in pixels
         predictor.watch.saw(slices, np.concatenate([to_slices(s.hu) for s in screens]),
                             predictor.prep.hu_window)  # each slice's HU as its grey holds it

@@ -99,14 +99,15 @@ class CaseWatches:
         self.classes, self.identity, self.rows = classes, identity, []
         self.case, self.grey, self.masks, self.watch = None, [], [], None
 
-    def add(self, case: str, grey: np.ndarray, probs, mask: np.ndarray) -> None:
-        """One slice [H, W] with its probabilities [1, K, H, W] and predicted classes."""
+    def add(self, case: str, grey: np.ndarray, confidence: mfacts.Confidence,
+            mask: np.ndarray) -> None:
+        """One slice [H, W] with the confidence of its probabilities and its served classes."""
         if case != self.case:
             self._close()
             self.case, self.watch = case, Watch()
         self.grey.append(grey)
         self.masks.append(mask)
-        self.watch.confidence.update(probs)
+        self.watch.confidence.merge(confidence)
 
     def _close(self) -> None:
         if self.watch is None:

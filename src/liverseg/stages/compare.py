@@ -1,9 +1,13 @@
 """compare: one table over every model (the paper's Table 1, on our data).
 
 Metrics with their 95% bootstrap CIs (from evaluate), parameters, FLOPs per image (batch 1
-at the trained size) and measured images/s. CSV keeps each CI as `<metric>_ci_lo/_hi`
-columns; Markdown prints `value [lo, hi]`; JSON keeps `<metric>_ci: [lo, hi]`. A
-three-class model's own IoU and Dice per class (`iou_liver`, `iou_tumour`, ...) are columns too.
+at the trained size) and measured images/s. Every figure is the model as it serves:
+`inference` names the mirroring and post-processing evaluate chose on validation
+(`liverseg.postprocess`), with each one's gain in the ranked score and the cost of
+mirroring (images/s without and with it, measured on the same batches).
+CSV keeps each CI as `<metric>_ci_lo/_hi` columns; Markdown prints `value [lo, hi]`; JSON
+keeps `<metric>_ci: [lo, hi]`. A three-class model's own IoU and Dice per class
+(`iou_liver`, `iou_tumour`, ...) are columns too.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accu
            "n_parameters", "flops", "images_per_second", "best_epoch"]
 
 
+INFERENCE_COLUMNS = ["inference", "gain_mirror", "gain_postprocessing",
+                     "images_per_second_plain", "images_per_second_mirrored"]
+
+
 def _row(metrics: dict) -> dict:
     row = {k: metrics.get(k) for k in COLUMNS}
+    chosen = metrics.get("inference") or {}
+    row |= {k: chosen.get("describe" if k == "inference" else k) for k in INFERENCE_COLUMNS}
     classes = metrics.get("classes") or []
     for name in classes[1:] if len(classes) > 2 else []:  # binary: fg_iou is the class's
         row |= {f"iou_{name}": metrics[f"iou_{name}"], f"dice_{name}": metrics[f"dice_{name}"]}
@@ -57,7 +67,8 @@ def markdown(table: pd.DataFrame) -> str:
     per_class = [c for c in table.columns if c.startswith("iou_")]
     header = ["model", *(f"{k} [95% CI]" for k in CI_METRICS), *per_class, "precision", "recall",
               "pixel_accuracy", "per_image_fg_iou_mean", "per_image_hd95_mean (px)",
-              "params (M)", "GFLOPs", "images/s"]
+              "params (M)", "GFLOPs", "images/s", "served as (gain: mirror / post)",
+              "images/s plain / mirrored"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.to_dict(orient="records"):
         cells = [row["model"]]
@@ -68,7 +79,11 @@ def markdown(table: pd.DataFrame) -> str:
                                          "per_image_fg_iou_mean")]
         cells += [_fmt(row["per_image_hd95_mean"], ".2f"),
                   _fmt(row["n_parameters"] / 1e6 if row["n_parameters"] else None, ".2f"),
-                  _fmt(row["gflops"], ".3f"), _fmt(row["images_per_second"], ".1f")]
+                  _fmt(row["gflops"], ".3f"), _fmt(row["images_per_second"], ".1f"),
+                  f"{row['inference'] or 'n/a'} ({_fmt(row['gain_mirror'], '+.4f')} / "
+                  f"{_fmt(row['gain_postprocessing'], '+.4f')})",
+                  f"{_fmt(row['images_per_second_plain'], '.1f')} / "
+                  f"{_fmt(row['images_per_second_mirrored'], '.1f')}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

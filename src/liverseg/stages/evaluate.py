@@ -30,7 +30,8 @@ from liverseg.artifacts import RUN, Artifacts
 from liverseg.case_metrics import case_row, summary
 from liverseg.config import VOLUME_SOURCES, Params
 from liverseg.data.dataset import SliceDataset
-from liverseg.io import MaskWriter, read_json
+from liverseg.data.layout import read_index
+from liverseg.io import MaskWriter, read_json, write_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
@@ -42,61 +43,144 @@ from liverseg.metrics import (
     per_image_metrics,
 )
 from liverseg.monitoring import drift
+from liverseg.monitoring.facts import Confidence
+from liverseg.postprocess import Choice, Inference
 from liverseg.preprocess import Preprocessing, Served
 from liverseg.serving.watch import CaseWatches
 
+RAW = Inference()  # the network's thresholded output, nothing after it
 PER_IMAGE_KEYS = ("fg_iou", "dice", "precision", "recall", "hd95")
 
 
-def stored_batches(dataset: SliceDataset, batch_size: int):
-    """(grey uint8 [B, H, W], truth [B, H, W], slice ids) at the slices' stored size;
-    consecutive slices of one size share a batch."""
-    batch = []
+def grid_cases(rows: list[dict], raw_dir: Path) -> set[str]:
+    """Cases of a volume source scored, and post-processed, as volumes: with a spacing and
+    every slice ingest stored for the case in this split. Others (2D sources, the phantom,
+    tilted or irregular series, a slab of a case, a case with a slice quarantined) are
+    scored slice by slice, as predict serves slices without a grid."""
+    indices: dict[str, list[int]] = {}
+    for r in rows:
+        if str(r.get("spacing") or "") not in ("", "nan"):
+            indices.setdefault(str(r["case"]), []).append(int(r["slice_index"]))
+    if not indices:
+        return set()
+    stored = read_index(raw_dir).groupby("case").size()
+    return {case for case, idx in indices.items()
+            if sorted(idx) == list(range(stored.get(case, -1)))}
+
+
+def units(dataset: SliceDataset, batch_size: int, grid: set[str]):
+    """(is a volume, grey uint8 [N, H, W] or stacks, truth [N, H, W], slice ids, cases) at the
+    slices' stored size: each case of `grid` whole, in slice order (one case in memory), the
+    other slices in batches of one size. Every slice is read once."""
+    def unit(volume: bool, items: list):
+        images, masks, ids, cases, _ = zip(*sorted(items, key=lambda it: it[4]), strict=True)
+        return volume, np.stack(images), np.stack(masks), list(ids), list(cases)
+
+    items, key = [], None  # key: the case of a volume unit, None for a batch of slices
     for i, row in enumerate(dataset.rows):
         image, mask = dataset.stored(i)
-        if batch and (len(batch) == batch_size or batch[0][0].shape != image.shape):
-            yield tuple(map(np.stack, zip(*batch, strict=True)))
-            batch = []
-        batch.append((image, mask, row["slice_id"]))
-    if batch:
-        yield tuple(map(np.stack, zip(*batch, strict=True)))
+        case = str(row["case"])
+        new_key = case if case in grid else None
+        if items and (new_key != key or key is None and (
+                len(items) == batch_size or items[0][0].shape != image.shape)):
+            yield unit(key is not None, items)
+            items = []
+        key = new_key
+        items.append((image, mask, str(row["slice_id"]), case,
+                      int(row["slice_index"]) if key is not None else i))
+    if items:
+        yield unit(key is not None, items)
 
 
-@torch.no_grad()
+def serve_unit(served: Served, images: np.ndarray, batch_size: int, mirror_both: bool = False):
+    """The network over one unit in batches: ({mirror setting: class indices [N, H, W]
+    uint8}, per-slice `Confidence` of the served probabilities). `mirror_both`: the plain
+    and the mirrored answers from one set of passes (evaluate's choice)."""
+    threshold, out, confidence = served.prep.threshold, {}, []
+    for b in range(0, len(images), batch_size):
+        x = served.grey_batch(images[b:b + batch_size])
+        with torch.no_grad():
+            answers = dict(zip((False, True), served.mirrored(x), strict=True)) if mirror_both \
+                else {served.mirror: served(x)}
+        for mirror, probs in answers.items():
+            out.setdefault(mirror, []).append(labels.to_classes(probs, threshold).numpy())
+        probs = answers[served.mirror] if served.mirror in answers else answers[False]
+        for i in range(len(probs)):
+            confidence.append(Confidence())
+            confidence[-1].update(probs[i:i + 1])
+    return {k: np.concatenate(v).astype(np.uint8) for k, v in out.items()}, confidence
+
+
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                   classes: tuple[str, ...], masks: MaskWriter,
                   watches: CaseWatches | None = None, case_of: dict | None = None,
-                  volumes: CaseVolumes | None = None):
-    """Serve every slice of `dataset`, each predicted class mask going to `masks` as it is
-    made (memory stays at one batch); returns pooled meter, per-image rows, per-image class
+                  volumes: CaseVolumes | None = None, inference: Inference = RAW,
+                  grid: frozenset[str] = frozenset()):
+    """Serve every slice of `dataset` as the model serves (`inference`: mirroring and the
+    post-processing, 3D on the cases of `grid`), each predicted class mask going to `masks`
+    (memory stays at one case); returns pooled meter, per-image rows, per-image class
     counts [N, C, 4] and seconds. With `watches`, each slice also feeds the monitoring row
     of its case (`case_of`: slice id -> case), the model's drift reference; with `volumes`,
     the case's 3D metrics.
 
     The CSV's tp/fp/fn/tn are foreground (any class) against background: the binary
     counts themselves for a binary model."""
+    served.mirror = inference.mirror
     meter, rows, counts, seconds = ConfusionMeter(classes), [], [], 0.0
-    for images, truth, ids in stored_batches(dataset, batch_size):
+    for volume, images, truth, ids, _ in units(dataset, batch_size, grid):
         start = time.perf_counter()
-        probs, pred = served.answer(images)
+        answer, confidence = serve_unit(served, images, batch_size)
+        pred = inference.apply(answer[inference.mirror], classes, grid=volume)
         seconds += time.perf_counter() - start
-        stats = meter.add(class_confusion(pred, torch.from_numpy(truth), len(classes)))
-        pred, fg_truth = pred.numpy().astype(np.uint8), truth > 0  # any foreground class
+        stats = meter.add(class_confusion(torch.from_numpy(pred.astype(np.int64)),
+                                          torch.from_numpy(truth), len(classes)))
+        fg_truth = truth > 0  # any foreground class
         per_image = per_image_metrics(stats, classes)
         fg_counts = foreground_counts(stats).tolist()
         for i, (sid, m) in enumerate(zip(ids, per_image, strict=True)):
             tp, fp, fn, tn = fg_counts[i]
-            rows.append({"slice_id": str(sid), **m, "hd95": hd95(pred[i] > 0, fg_truth[i]),
+            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, fg_truth[i]),
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth[i].sum())})
-            masks.add(str(sid), pred[i])
+            masks.add(sid, pred[i])
             if watches is not None:  # a 2.5D stack's own slice is its centre channel
                 grey = images[i][len(images[i]) // 2] if images.ndim == 4 else images[i]
-                watches.add(case_of[str(sid)], grey, probs[i:i + 1], pred[i])
+                watches.add(case_of[sid], grey, confidence[i], pred[i])
             if volumes is not None:
-                volumes.add(str(sid), pred[i], truth[i])
+                volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
     return meter, rows, np.concatenate(counts), seconds
+
+
+def choose_inference(served: Served, dataset: SliceDataset, params: Params,
+                     classes: tuple[str, ...], grid: set[str]) -> tuple[Inference, dict]:
+    """nnU-Net's rule on validation (`liverseg.postprocess`): every candidate scored on every
+    unit, mirroring kept if it raises `compare.rank_by`, each post-processing step if it does
+    not lower it. `evaluate.tta` and `evaluate.postprocessing` force or switch them off.
+    Also measures the cost of mirroring: images/s without and with it, on the same batches."""
+    tta, post = params.evaluate.tta, params.evaluate.postprocessing == "auto"
+    mirror = {"auto": (False, True), "none": (False,), "flip": (True,)}[tta]
+    if mirror == (False,) and not post:
+        return Inference(), {"describe": "none", "tta": tta, "postprocessing": "none"}
+    choice = Choice(classes, mirror, post)
+    plain, both = 0.0, 0.0
+    for volume, images, truth, *_ in units(dataset, params.evaluate.batch_size, grid):
+        served.mirror = False
+        start = time.perf_counter()
+        if tta == "auto":  # the plain pass timed alone, then all four flips
+            serve_unit(served, images, params.evaluate.batch_size)
+            plain += time.perf_counter() - start
+            start = time.perf_counter()
+        answers, _ = serve_unit(served, images, params.evaluate.batch_size,
+                                mirror_both=tta != "none")
+        both += time.perf_counter() - start
+        choice.add(answers, truth, volume)
+    decision, record = choice.choose(params.compare.rank_by, tta)
+    n = len(dataset.rows)
+    if tta == "auto":
+        record |= {"images_per_second_plain": n / plain if plain else None,
+                   "images_per_second_mirrored": n / both if both else None}
+    return decision, record | {"postprocessing": params.evaluate.postprocessing}
 
 
 class CaseVolumes:
@@ -196,10 +280,15 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
     case_of = {str(r["slice_id"]): str(r["case"] if volumes else r["slice_id"])
                for r in dataset.rows}
     volumes = CaseVolumes(dataset.rows, classes)
+    served = Served(model, prep).eval()
+    grid = grid_cases(dataset.rows, art.raw)
+    inference, choice = choose_inference(served, dataset, params, classes, grid)
+    inference = replace(inference, threshold=params.evaluate.threshold)
+    write_json(art.inference(model_name), inference.to_dict())  # what serves with the model
     with MaskWriter(art.predictions(model_name)) as masks:
         meter, rows, counts, seconds = predict_split(
-            Served(model, prep).eval(), dataset, params.evaluate.batch_size, classes, masks,
-            watches, case_of, volumes)
+            served, dataset, params.evaluate.batch_size, classes, masks, watches, case_of,
+            volumes, inference, grid)
 
     per_image = pd.DataFrame(rows)
     metrics = meter.compute() | bootstrap_ci(counts, params.evaluate.bootstrap, params.seed) | {
@@ -216,6 +305,8 @@ def run(params: Params, model_name: str, root: str | Path = ".") -> dict:
         "images_per_second": len(per_image) / seconds if seconds > 0 else math.nan,
         "best_epoch": config.get("best_epoch"),
         "threshold": params.evaluate.threshold,
+        # Mirroring and post-processing chosen on this split (every figure above uses them).
+        "inference": choice,
         # Stated in the file itself (full definitions: liverseg.metrics and the README).
         "aggregation": ("global=pooled pixels (CIs: bootstrap over images); per_image=mean, "
                         "0/0 excluded; per_volume=pooled per patient, then mean; hd95 in pixels"),

@@ -19,6 +19,10 @@ version per run; judged again, against the champion it replaced if it is the cha
 the history is written before the alias moves, so a rerun after a crash completes a recorded
 move instead of recording it twice.
 
+A version serves evaluate's choice of mirroring and post-processing (`liverseg.postprocess`):
+when there is one, the trained pyfunc is logged again with it as `served` in the training run,
+and that package is registered (tag `inference`); one version per run and decision.
+
 The weights' tensor digest is recorded (`weights_sha256`) so `liverseg audit` can tell a
 registry artifact altered after registration from a rebuild that differs. Every version gets
 a model card written from the recorded facts (`liverseg.provenance.model_card`):
@@ -39,6 +43,7 @@ from liverseg.artifacts import RUN, WEIGHTS, Artifacts
 from liverseg.checkpoint import read_config
 from liverseg.config import Params, RegisterParams
 from liverseg.io import read_json
+from liverseg.postprocess import Inference
 from liverseg.provenance import lineage, model_card
 
 METRIC_TAGS = ("fg_iou", "dice", "miou")
@@ -104,16 +109,20 @@ def score(model_ref: str, split_csv: Path, art: Artifacts, params: Params) -> fl
     from liverseg.data.dataset import SliceDataset
     from liverseg.preprocess import Preprocessing, Served
     from liverseg.serving.predict import load
-    from liverseg.stages.evaluate import predict_split
+    from liverseg.stages.evaluate import grid_cases, predict_split
 
     model, config = load(model_ref)
-    prep = replace(Preprocessing.from_config(config), threshold=params.evaluate.threshold)
+    inference = Inference.from_dict(config.get("inference"))  # served as it serves
+    prep = Preprocessing.from_config(config)
+    prep = inference.preprocessing(replace(prep, threshold=params.evaluate.threshold))
     dataset = SliceDataset(split_csv, art.raw, prep.image_size, prep.mean, prep.std,
                            num_classes=len(prep.classes))
     if not dataset.rows:
         return None
     meter, *_ = predict_split(Served(model, prep).eval(), dataset, params.evaluate.batch_size,
-                              prep.classes, _Discard())
+                              prep.classes, _Discard(),
+                              inference=inference,
+                              grid=grid_cases(dataset.rows, art.raw))
     return meter.compute()["fg_iou"]
 
 
@@ -239,11 +248,27 @@ def move_alias(client, name: str, alias: str, version: str, why: str) -> tuple[d
     return event, history
 
 
-def registered_version(client, name: str, run_id: str):
-    """The version already registered from this training run (a rerun of register after a
-    crash), or None: one version per run."""
-    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+# What a version registered before evaluate chose an inference serves: the raw output.
+RAW_OUTPUT = json.dumps(Inference().to_dict(), sort_keys=True)
+
+
+def registered_version(client, name: str, run_id: str, inference: str):
+    """The version already registered from this training run with this inference decision
+    (a rerun of register after a crash), or None: one version per run and decision (a
+    version never changes what it serves)."""
+    found = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+             if v.tags.get("inference", RAW_OUTPUT) == inference]
     return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def served_package(mlf, run: dict, model_dir: Path, decision: Path) -> str:
+    """The URI a new version is made from: the trained pyfunc as train logged it, or, when
+    evaluate chose mirroring or post-processing, the same weights and config with that
+    decision (`liverseg.postprocess`), logged as `served` in the training run."""
+    if not decision.exists():
+        return run["model_uri"]
+    with mlf.start_run(run_id=run["run_id"]):
+        return tracking.log_model(mlf, model_dir, inference=decision, name="served")
 
 
 def audits(client, name: str, versions: list) -> list[dict]:
@@ -287,7 +312,10 @@ def run(params: Params, root: str | Path = ".") -> dict:
     mlf = tracking.mlflow()
     client = mlf.MlflowClient()
     champion = champion_info(client, cfg)
-    existing = registered_version(client, cfg.model_name, run["run_id"])
+    decision = art.inference(best)
+    tags["inference"] = json.dumps(Inference.from_dict(
+        read_json(decision) if decision.exists() else None).to_dict(), sort_keys=True)
+    existing = registered_version(client, cfg.model_name, run["run_id"], tags["inference"])
     if existing is not None and champion and champion["version"] == int(existing.version):
         # A rerun after the alias moved to this very version: judge it against the
         # champion it replaced, never against itself.
@@ -303,8 +331,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
     if os.environ.get(TRIGGER_ENV):  # which evidence started this run (Dagster's tags)
         tags["retrain_trigger"] = lineage.truncate(os.environ[TRIGGER_ENV])
     passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion, test)
-    version = existing.version if existing is not None else \
-        mlf.register_model(run["model_uri"], cfg.model_name, tags=tags).version
+    version = existing.version if existing is not None else mlf.register_model(
+        served_package(mlf, run, model_dir, decision), cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
     if labelled:  # the full list of archive objects, beside the run's model
         client.log_dict(run["run_id"], labelled, TRAINING_LABELS)
@@ -322,7 +350,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
               "champion_before": champion,
               "champion_version": int(version) if passed else (champion or {}).get("version"),
               "model": best, "run_id": run["run_id"],
-              "model_uri": run["model_uri"], "tags": tags, "alias_event": event,
+              "model_uri": client.get_model_version(cfg.model_name, version).source,
+              "tags": tags, "alias_event": event,
               "alias_history": history}
     card = model_card.write(record, model_dir, art.metrics(best), comparison, validation,
                             art.splits, art.model_card(""))
