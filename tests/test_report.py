@@ -255,3 +255,22 @@ def test_report_module_does_not_import_heavy_stacks():
             "print(sorted({'torch', 'dagster', 'mlflow', 'dvc'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_report_lists_each_case_3d_row_and_each_models_inference():
+    from liverseg.report.sections import inference_table, per_case_table
+
+    metrics = {"pan": {"classes": ["background", "liver", "tumour"], "per_case_3d": {"cases": [
+        {"case": "c1", "liver_dice": 0.9, "liver_voe": 0.18, "liver_rvd": -0.05,
+         "liver_assd": 1.234, "liver_mssd": 9.0, "liver_hd95": 4.5, "tumour_dice": None}]}},
+        "unet": {"classes": ["background", "liver"], "per_case_3d": None}}
+    table = per_case_table(metrics)
+    assert table.rows == [["pan", "c1", "liver", "0.9000", "0.1800", "-0.0500", "1.23", "9.00",
+                           "4.50"],
+                          ["pan", "c1", "tumour", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]]
+    assert per_case_table({"unet": metrics["unet"]}) is None  # no volume case: no table
+    rows = inference_table({"models": [{"model": "pan", "inference": "mirror",
+                                        "gain_mirror": 0.01, "gain_postprocessing": 0.0,
+                                        "images_per_second_plain": 40.0,
+                                        "images_per_second_mirrored": 10.04}]}).rows
+    assert rows == [["pan", "mirror", "+0.0100", "+0.0000", "40.0", "10.0"]]

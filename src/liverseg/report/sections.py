@@ -120,6 +120,38 @@ def comparison_context(comparison: dict) -> dict:
             "definitions": METRIC_DEFINITIONS + (MULTICLASS_DEFINITIONS if per_class else "")}
 
 
+def inference_table(comparison: dict) -> Table:
+    """Each model's mirroring and post-processing as evaluate chose them on validation,
+    their gains in the ranked score and mirroring's cost (`liverseg.postprocess`)."""
+    rows = [[row["model"], row.get("inference") or "n/a", fmt(row.get("gain_mirror"), "+.4f"),
+             fmt(row.get("gain_postprocessing"), "+.4f"),
+             fmt(row.get("images_per_second_plain"), ".1f"),
+             fmt(row.get("images_per_second_mirrored"), ".1f")]
+            for row in comparison["models"]]
+    return Table(["Model", "Served as", "Gain: mirroring", "Gain: post-processing",
+                  "Images/s plain", "Images/s mirrored"], rows)
+
+
+CASE_KEYS = (("dice", "Dice", ".4f"), ("voe", "VOE", ".4f"), ("rvd", "RVD", "+.4f"),
+             ("assd", "ASSD (mm)", ".2f"), ("mssd", "MSSD (mm)", ".2f"),
+             ("hd95", "HD95 (mm)", ".2f"))
+
+
+def per_case_table(metrics: dict[str, dict]) -> Table | None:
+    """The LiTS challenge's per-case 3D rows of every model (volume sources with a grid;
+    None when no model has any)."""
+    rows = []
+    for model, m in metrics.items():
+        cases = (m.get("per_case_3d") or {}).get("cases") or []
+        classes = (m.get("classes") or [])[1:]
+        rows += [[model, str(case["case"]), name,
+                  *(fmt(case.get(f"{name}_{k}"), spec) for k, _, spec in CASE_KEYS)]
+                 for case in cases for name in classes]
+    if not rows:
+        return None
+    return Table(["Model", "Case", "Class", *(h for _, h, _ in CASE_KEYS)], rows)
+
+
 def visual_context(raw_dir: Path, inputs: Inputs, models: list[str], best: str) -> dict:
     chosen = choose_visual_slices(inputs.per_image[best])
     slices = load_visual_slices(raw_dir, inputs, models, chosen)
@@ -203,7 +235,9 @@ def build_context(params, raw_dir: Path, inputs: Inputs) -> dict:
         "data": data,
         "training": training,
         "training_table": training_table,
-        "comparison": comparison_context(inputs.comparison),
+        "comparison": comparison_context(inputs.comparison) | {
+            "inference": inference_table(inputs.comparison),
+            "per_case": per_case_table(inputs.metrics)},
         "visual": visual_context(raw_dir, inputs, models, best),
         "lineage": lineage_context(inputs.registry),
     }
