@@ -1,4 +1,5 @@
-"""Sensors: retrain when the configured data source changes; record every failed run.
+"""Sensors: retrain when the configured data source changes and enough labelled cases
+arrived (`retrain.min_new_labels`, `liverseg.data.arrivals`); record every failed run.
 
 Both are STOPPED by default, like the schedule: a team turns them on in the UI
 (Automation tab) for the deployment that should retrain on its own.
@@ -14,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from liverseg.config import load_params
+from liverseg.data.arrivals import arrived, labelled_cases
 from liverseg.data.listing import fingerprint
 from liverseg.redact import redact
 from pipeline.resources import REPO_ROOT, DvcResource
@@ -29,22 +31,39 @@ def source_fingerprint(root: Path) -> str:
 
 @dg.sensor(name="data_source_changed", job=retrain_job, minimum_interval_seconds=60,
            default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Runs the pipeline when the configured data source changes "
-                       "(params `data`, or the files under data.path).")
+           description="Runs the pipeline when the configured data source changes (params "
+                       "`data`, or the files under data.path) and at least "
+                       "`retrain.min_new_labels` labelled cases arrived since its last run.")
 def data_source_sensor(context: dg.SensorEvaluationContext, dvc: DvcResource):
+    params = load_params(dvc.root / "params.yaml")
     fingerprint = source_fingerprint(dvc.root)
     cursor = json.loads(context.cursor) if context.cursor else None
     if cursor is None:  # first tick: remember the source; what is there now is no change
-        context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": 0}))
+        context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": 0,
+                                          "cases": labelled_cases(params, dvc.root)}))
         return dg.SkipReason(f"recorded the data source fingerprint {fingerprint}")
     if cursor["fingerprint"] == fingerprint:
         return dg.SkipReason(f"data source unchanged ({fingerprint})")
+    # Counted only when the source changed (planning reads headers); None: not countable
+    # (Kaggle, a source ingest would refuse), so any change counts, as before.
+    cases, need = labelled_cases(params, dvc.root), params.retrain.min_new_labels
+    new = None if cases is None or cursor.get("cases") is None else \
+        arrived(cursor["cases"], cases)
+    if new is not None and len(new) < need:
+        context.update_cursor(json.dumps(cursor | {"fingerprint": fingerprint}))
+        return dg.SkipReason(f"{len(new)} labelled case(s) new or relabelled since the last "
+                             f"run ({', '.join(new[:5]) or 'none'}); retrain.min_new_labels "
+                             f"is {need}")
     changes = cursor["changes"] + 1
-    context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": changes}))
+    context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": changes,
+                                      "cases": cases}))
+    evidence = (f"{len(new)} labelled case(s) new or relabelled (retrain.min_new_labels "
+                f"{need})" if new is not None else "source changed (labelled cases not countable)")
     # The run key makes a retried tick launch one run, not two; the counter lets a source
     # that changes back to an earlier state still trigger.
     return dg.RunRequest(run_key=f"data-change-{changes}-{fingerprint}",
                          tags={"liverseg/trigger": "data_source_changed",
+                               "liverseg/evidence": evidence,
                                "liverseg/data_fingerprint": fingerprint})
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from liverseg.fanout.dvc_graph import load_stages
-from pipeline.assets import POOL, asset_key, build_assets
+from pipeline.assets import POOL, asset_key, build_assets, trigger
 from pipeline.checks import build_checks
 from pipeline.monitoring import KEY as MONITORING_KEY
 from pipeline.resources import DvcResource, MlflowResource, resources_from_env
@@ -224,6 +224,40 @@ def test_data_source_sensor_fires_on_changed_files_and_not_otherwise(tmp_path):
     params["data"]["phantom"]["patients"] += 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert isinstance(_sensor_tick(tmp_path, cursor4)[0], dg.RunRequest)
+
+
+def test_the_data_sensor_waits_for_min_new_labels_labelled_cases(tmp_path):
+    """retrain.min_new_labels 2: one new image/mask pair (a new patient's case) is not
+    enough, an image without a mask is no labelled case, a second pair starts the run and
+    its tags say how many arrived; a relabelled case (its mask changed) counts again."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] |= {"source": "folder", "path": "incoming"}
+    params["retrain"] = {"min_new_labels": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    incoming = tmp_path / "incoming"
+
+    def pair(patient: str, mask: bytes = b"m") -> None:
+        (incoming / "images" / f"{patient}_0.png").write_bytes(b"i")
+        (incoming / "masks" / f"{patient}_0.png").write_bytes(mask)
+
+    (incoming / "images").mkdir(parents=True)
+    (incoming / "masks").mkdir()
+    pair("p1")
+    _, cursor = _sensor_tick(tmp_path, None)
+    pair("p2")
+    (incoming / "images/p9_0.png").write_bytes(b"no mask")
+    waiting, cursor = _sensor_tick(tmp_path, cursor)
+    assert isinstance(waiting, dg.SkipReason)
+    assert "1 labelled case(s)" in waiting.skip_message and "p2" in waiting.skip_message
+    pair("p3")
+    fired, cursor = _sensor_tick(tmp_path, cursor)
+    assert isinstance(fired, dg.RunRequest)
+    assert fired.tags["liverseg/evidence"].startswith("2 labelled case(s)")
+    assert trigger(fired.tags).startswith("data_source_changed: 2 labelled case(s)")
+    pair("p4")
+    (incoming / "masks/p1_0.png").write_bytes(b"corrected")  # p1 relabelled
+    again, _ = _sensor_tick(tmp_path, cursor)
+    assert isinstance(again, dg.RunRequest) and again.tags["liverseg/evidence"].startswith("2 ")
 
 
 def test_run_failure_sensor_appends_a_json_line(tmp_path, monkeypatch):

@@ -191,7 +191,9 @@ def test_served_corrected_and_retrained_on_the_evidence_with_the_gate_on_record(
                              env=env, capture_output=True, text=True, timeout=300)
     assert lineage.returncode == 0, lineage.stderr
     trail = json.loads(lineage.stdout)
-    assert trail["retrain_trigger"] == trigger(request.tags) == "data_source_changed"
+    # The correction is the one labelled arrival (retrain.min_new_labels 1, the default).
+    assert trail["retrain_trigger"] == trigger(request.tags) == (
+        "data_source_changed: 1 labelled case(s) new or relabelled (retrain.min_new_labels 1)")
     gate = trail["quality_gate"]
     assert gate.startswith(("passed: ", "failed: ")) and "champion v1" in gate
     assert "re-scored on this split" in gate

@@ -329,6 +329,13 @@ class ScheduleParams(Strict):
     cron: str = "0 3 * * 1"
 
 
+class RetrainParams(Strict):
+    # The data sensor starts the pipeline once this many labelled cases are new or relabelled
+    # since the run it last started (liverseg.data.arrivals); drift/correction ERRORs
+    # start it regardless (pipeline.monitoring). Read by the sensor only: no DVC stage.
+    min_new_labels: int = Field(1, ge=1)
+
+
 class Params(Strict):
     seed: int = 42
     data: DataParams = DataParams()
@@ -341,6 +348,7 @@ class Params(Strict):
     compare: CompareParams = CompareParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     schedule: ScheduleParams = ScheduleParams()
+    retrain: RetrainParams = RetrainParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liverseg.boundary import Limits, Refused, safe_name
+from liverseg.dicom.seg_writer import seg_description
 from liverseg.io import atomic_path
 from liverseg.redact import redact
 
@@ -169,6 +170,30 @@ MIRRORED = ("CT", "SEG", "RTSTRUCT")  # what the dicom source trains from
 SOP_UID = "00080018"
 
 
+def _ct_studies(client, url: str, study_date: str | None, study_description: str | None
+                ) -> list[str]:
+    """The dicom source's studies: CT, filtered by StudyDate and StudyDescription."""
+    filters = {"ModalitiesInStudy": "CT"} | (
+        {"StudyDate": study_date} if study_date else {}) | (
+        {"StudyDescription": study_description} if study_description else {})
+    found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
+                    search_filters=filters)
+    return sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)})
+
+
+def archive_label_series(url: str, study_date: str | None = None,
+                         study_description: str | None = None, client=None) -> dict[str, str]:
+    """The SEG and RTSTRUCT series of the dicom source's studies that liverseg did not write
+    (its SEGs' SeriesDescription starts "liverseg "): series UID -> study UID. Queried only
+    (QIDO-RS): what the data sensor counts as labels that arrived."""
+    client = client or connect(url)
+    return {series.uid: study for study in _ct_studies(client, url, study_date,
+                                                       study_description)
+            for series in series_of(client, url, study)
+            if series.modality in ("SEG", "RTSTRUCT")
+            and not (series.description or "").startswith(seg_description("") + " ")}
+
+
 def archive_instances(url: str, study_date: str | None = None,
                       study_description: str | None = None, limits: Limits | None = None,
                       client=None) -> dict[str, tuple[str, str, str]]:
@@ -177,13 +202,8 @@ def archive_instances(url: str, study_date: str | None = None,
     instance UID) of every instance of the CT, SEG and RTSTRUCT series of its CT studies
     (filtered by StudyDate and StudyDescription, QIDO-RS matching)."""
     limits, client = limits or Limits(), client or connect(url)
-    filters = {"ModalitiesInStudy": "CT"} | (
-        {"StudyDate": study_date} if study_date else {}) | (
-        {"StudyDescription": study_description} if study_description else {})
-    found = _search(url, "a study search (QIDO-RS)", client.search_for_studies, STUDY_UID,
-                    search_filters=filters)
     out = {}
-    for study in sorted({_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)}):
+    for study in _ct_studies(client, url, study_date, study_description):
         for series in series_of(client, url, study):
             if series.modality not in MIRRORED:
                 continue
