@@ -323,6 +323,9 @@ class RegisterParams(Strict):
     min_improvement: float = Field(0.0, ge=0)
     # ... and lose at most this much fg_iou against it on the frozen test split, if any.
     max_test_regression: float = Field(0.02, ge=0)
+    # ... and, on the validation cases the champion never saw (new labels), score at least
+    # the champion's fg_iou + this (liverseg.stages.new_cases).
+    min_new_case_gain: float = Field(0.0, ge=-1, le=1)
 
 
 class ScheduleParams(Strict):

@@ -4,7 +4,9 @@ Quality gate (params `register`): the candidate's global fg_iou >= `min_fg_iou`,
 `min_dice` and, when a champion exists, fg_iou >= champion's fg_iou + `min_improvement` on
 the same validation split: a champion validated on another split (the data grew) is served
 anew on this one (`rescore_champion`); on the frozen test split, when there is one, the
-candidate loses at most `max_test_regression` against it. Passing moves the `champion`
+candidate loses at most `max_test_regression` against it; on the validation cases new to the
+champion (`liverseg.stages.new_cases`) it scores at least the champion + `min_new_case_gain`.
+Passing moves the `champion`
 alias to it; failing moves the `challenger` alias to it and tags `gate_reason`. The version
 records both scores and what started the run (`retrain_trigger`).
 
@@ -45,6 +47,7 @@ from liverseg.config import Params, RegisterParams
 from liverseg.io import read_json
 from liverseg.postprocess import Inference
 from liverseg.provenance import lineage, model_card
+from liverseg.stages import new_cases
 
 METRIC_TAGS = ("fg_iou", "dice", "miou")
 
@@ -163,13 +166,15 @@ def champion_info(client, cfg: RegisterParams, number: int | None = None) -> dic
         return None
     fg = version.tags.get("metric_fg_iou")
     return {"version": int(version.version), "fg_iou": float(fg) if fg else None,
-            "split": version.tags.get("data_splits_md5")}
+            "split": version.tags.get("data_splits_md5"), "run_id": version.run_id}
 
 
 def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
-                 champion: dict | None, test: dict | None = None) -> tuple[bool, str]:
+                 champion: dict | None, test: dict | None = None, new: dict | None = None
+                 ) -> tuple[bool, str]:
     """(passed, one line stating every check and its numbers). `test`: both models' fg_iou
-    on the frozen test split ({"candidate": x, "champion": y}), when there is one."""
+    on the frozen test split ({"candidate": x, "champion": y}), when there is one; `new`:
+    both on the validation cases new to the champion (`new_cases.compare`)."""
     fg, dice = metrics.get("fg_iou"), metrics.get("dice")
     checks, failures = [], []
 
@@ -209,6 +214,18 @@ def quality_gate(cfg: RegisterParams, metrics: dict, split_hash: str,
             judge(ours >= floor, f"test fg_iou {ours:.4f} {'>=' if ours >= floor else '<'} "
                   f"champion v{champion['version']} {theirs:.4f} - max_test_regression "
                   f"{cfg.max_test_regression}")
+    if new and champion is not None:
+        ours, theirs = new.get("candidate"), new.get("champion")
+        if "note" in new:
+            checks.append(new["note"])
+        elif ours is None or theirs is None:
+            checks.append(f"fg_iou undefined on the {new['cases']} new validation case(s) (no "
+                          "foreground in truth or prediction): new-case check not applicable")
+        else:
+            need = theirs + cfg.min_new_case_gain
+            judge(ours >= need, f"fg_iou on {new['cases']} new validation case(s) {ours:.4f} "
+                  f"{'>=' if ours >= need else '<'} champion v{champion['version']} "
+                  f"{theirs:.4f} + min_new_case_gain {cfg.min_new_case_gain}")
     passed = not failures
     return passed, ("passed: " if passed else "failed: ") + "; ".join(failures + checks)
 
@@ -323,17 +340,24 @@ def run(params: Params, root: str | Path = ".") -> dict:
         champion = champion_info(client, cfg, replaced) if replaced else None
     champion = rescore_champion(champion, tags["data_splits_md5"], art, params)
     test = test_scores(best, champion, art, params)
+    cases = new_cases.split_cases(art.splits)
+    new = new_cases.compare(client, champion, cases, str(art.model_dir(best)),
+                            art.splits / "val.csv", params.register_.model_name,
+                            lambda model, csv: score(model, csv, art, params))
     if champion and champion.get("rescored"):
         tags["gate_champion_rescored"] = json.dumps(
             {k: champion[k] for k in ("version", "fg_iou", "recorded_fg_iou", "recorded_split")})
     if test:
         tags["gate_test_fg_iou"] = json.dumps(test)
+    if new:
+        tags["gate_new_cases"] = lineage.truncate(json.dumps(new))
     if os.environ.get(TRIGGER_ENV):  # which evidence started this run (Dagster's tags)
         tags["retrain_trigger"] = lineage.truncate(os.environ[TRIGGER_ENV])
-    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion, test)
+    passed, gate = quality_gate(cfg, metrics, tags["data_splits_md5"], champion, test, new)
     version = existing.version if existing is not None else mlf.register_model(
         served_package(mlf, run, model_dir, decision), cfg.model_name, tags=tags).version
     client.set_model_version_tag(cfg.model_name, version, "quality_gate", gate)
+    client.log_dict(run["run_id"], cases, new_cases.CASES)  # what later gates call new
     if labelled:  # the full list of archive objects, beside the run's model
         client.log_dict(run["run_id"], labelled, TRAINING_LABELS)
     reference = read_json(art.metrics(best)).get("monitoring_reference")
