@@ -155,6 +155,9 @@ def trail(client, version) -> dict:
         "gate_reason": tags.get("gate_reason"),
         "gate_champion_rescored": _json_tag(tags, "gate_champion_rescored"),
         "gate_test_fg_iou": _json_tag(tags, "gate_test_fg_iou"),
+        "gate_new_cases": _json_tag(tags, "gate_new_cases"),
+        # what serves beyond the network: evaluate's mirroring, post-processing, threshold
+        "inference": _json_tag(tags, "inference"),
         "dagster_run_id": tags.get("dagster_run_id"),
         "weights_sha256": tags.get("weights_sha256"),
         "model_card": tags.get("model_card"),
