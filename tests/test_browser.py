@@ -1,7 +1,8 @@
 """The Dagster UI in a real browser: dagster-webserver on 127.0.0.1, headless Chromium.
 
-Saves reports/screenshots/{dagster-assets,report-top,report-visual}.png; the copies the
-README shows (docs/images/) are taken from a full `make repro` run, not from this tiny one.
+Saves reports/screenshots/{dagster-assets,dagster-monitoring,report-top,report-visual}.png;
+the copies the README shows (docs/images/) are taken from a full `make repro` run, not from
+this tiny one (docs/MONITORING.md's dagster-monitoring.png is this tiny one's, saying so).
 Skips (saying why) where Chromium is not installed, unless
 LIVERSEG_REQUIRE_CHROMIUM is set (CI installs Debian's `chromium` package and sets it).
 """
@@ -16,8 +17,10 @@ import urllib.request
 import pytest
 
 from liverseg.fanout.dvc_graph import load_stages
+from liverseg.monitoring import drift
+from liverseg.monitoring.store import ServedCaseStore
 from pipeline.assets import asset_key
-from tests.helpers import REPO, free_port, stop_process_group
+from tests.helpers import REPO, free_port, sh, slice_pngs, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +72,17 @@ def chromium() -> str:
             pytest.fail(f"LIVERSEG_REQUIRE_CHROMIUM is set but {MISSING}")
         pytest.skip(MISSING)
     return CHROMIUM
+
+
+def _webserver(root, env: dict, home, log) -> tuple[subprocess.Popen, str]:
+    """dagster-webserver on `home` (a Dagster home), in its own session (process group), so
+    stopping it stops its code-server child too; returns it and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["dagster-webserver", "-m", "pipeline.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=root, env=env | {"DAGSTER_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def test_asset_graph_in_a_browser(chromium, repo_copy, tmp_path):
@@ -124,3 +138,43 @@ def test_report_in_a_browser(chromium, repo_copy, tmp_path):
         shot.parent.mkdir(parents=True, exist_ok=True)
         _chromium(f"--screenshot={shot}", page.as_uri())
         assert shot.stat().st_size > 20_000, name  # rendered content, not a blank page
+
+
+MONITORING_SHOT = SCREENSHOT.parent / "dagster-monitoring.png"
+CHECKS = [f"{group}_drift" for group in drift.GROUPS] + ["corrections"]  # pipeline/monitoring.py
+
+
+def test_monitoring_asset_and_checks_in_a_browser(chromium, repo_copy, tmp_path):
+    """The champion serves every stored slice with a served-case store set; the `monitor`
+    job materialises `served_cases` and its checks into a copy of the Dagster home; the
+    asset's Checks tab names the asset and every check (docs/MONITORING.md's screenshot)."""
+    root, env = repo_copy
+    home = tmp_path / "dagster_home"
+    shutil.copytree(root / ".dagster_home", home)
+    store = tmp_path / "monitoring"
+    env = env | {"DAGSTER_HOME": str(home), "LIVERSEG_MONITORING_DIR": str(store)}
+    images = slice_pngs(root / "data/raw", tmp_path / "slices")
+    sh(["liverseg", "predict", "--model", "models:/liverseg@champion", *map(str, images),
+        "--out", str(tmp_path / "served")], root, env)
+    assert len(ServedCaseStore(store).read()) == len(images) >= drift.MIN_CURRENT_ROWS
+    out = sh(["dagster", "job", "execute", "-m", "pipeline.definitions", "-j", "monitor"],
+             root, env)
+    assert "RUN_SUCCESS" in out
+    assert (store / "status.json").is_file()
+    log = (tmp_path / "webserver.log").open("w")
+    proc, url = _webserver(root, env, home, log)
+    try:
+        _wait_loaded(url, proc)
+        _graphql(url, "mutation { setNuxSeen }")
+        page = f"{url}/assets/served_cases?view=checks"
+        dom = _chromium("--virtual-time-budget=30000", "--dump-dom", page)
+        assert ">served_cases<" in dom
+        missing = [name for name in CHECKS if f">{name}<" not in dom]
+        assert not missing, f"the Checks tab does not name {missing}"
+        MONITORING_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        MONITORING_SHOT.unlink(missing_ok=True)
+        _chromium("--virtual-time-budget=30000", f"--screenshot={MONITORING_SHOT}", page)
+        assert MONITORING_SHOT.stat().st_size > 20_000  # a rendered page, not a blank one
+    finally:
+        stop_process_group(proc, timeout=20)
+        log.close()

@@ -73,6 +73,8 @@ def test_evaluate_and_predict_post_process_a_volume_alike(workdir, tmp_path, mon
     train.run(params, MODEL)
     val = pd.read_csv("data/splits/val.csv", dtype={"slice_id": str})
     assert val["case"].nunique() == 1 and len(val) == 16, "one whole validation case"
+    # ... post-processed in 3D by evaluate, as predict post-processes the volume
+    assert evaluate.grid_cases(val.to_dict("records"), Path("data/raw")) == {val["case"][0]}
     index = pd.read_csv("data/raw/slices.csv", dtype={"slice_id": str}).set_index("slice_id")
     volume = source / Path(index.loc[val.slice_id.iloc[0], "source_image"].split("#")[0]).name
     assert volume.is_file(), volume

@@ -5,6 +5,7 @@ the mean of the flipped passes."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -81,6 +82,18 @@ def test_a_step_is_kept_only_when_it_does_not_lower_the_validation_score():
     assert decision == Inference() and record["gain_postprocessing"] == 0
 
 
+def test_a_step_that_changes_nothing_is_kept_as_nnunet_keeps_it():
+    """Not lowering is enough: with one liver component, keeping the largest changes no
+    voxel and is kept (mirroring, by contrast, must raise the score)."""
+    _, truth = liver_with_island()
+    liver = np.minimum(truth, 1)
+    choice = Choice(LIVER, (False, True), postprocess=True)
+    choice.add({False: liver, True: liver}, liver, grid=True)
+    decision, record = choice.choose("fg_iou", "auto")
+    assert decision == Inference(largest_foreground=True)
+    assert record["gain_postprocessing"] == 0 and record["gain_mirror"] == 0
+
+
 def test_mirroring_is_kept_only_when_it_raises_the_score():
     pred, truth = liver_with_island()
     worse = np.zeros_like(pred)
@@ -149,3 +162,21 @@ def test_post_processed_probabilities_give_the_post_processed_mask(classes):
     np.testing.assert_array_equal(to_classes(out, 0.5).numpy(),
                                   decision.apply(raw, classes, grid=False))
     assert (to_classes(out, 0.5).numpy() != raw).any()
+
+
+def test_only_a_whole_case_with_a_spacing_is_post_processed_in_3d(tmp_path):
+    """evaluate's grid: every slice ingest stored for the case, in order, and a spacing. A
+    slab of a case (split.group_by slab), a case missing a slice and a 2D source are
+    post-processed per slice, as predict serves slices without a grid."""
+    from liverseg.data.layout import INDEX_COLUMNS
+    from liverseg.stages.evaluate import grid_cases
+
+    stored = [("whole", 4, "2.5,0.7,0.7"), ("slab", 6, "2.5,0.7,0.7"), ("gap", 3, "1,1,1"),
+              ("flat", 2, "")]
+    index = [{**dict.fromkeys(INDEX_COLUMNS, "x"), "slice_id": f"{c}_{k}", "slice_index": k,
+              "case": c, "spacing": sp} for c, n, sp in stored for k in range(n)]
+    pd.DataFrame(index).to_csv(tmp_path / "slices.csv", index=False)
+    val = [r for r in index if r["case"] == "whole"
+           or (r["case"] == "slab" and r["slice_index"] < 3)
+           or (r["case"] == "gap" and r["slice_index"] != 1) or r["case"] == "flat"]
+    assert grid_cases(val, tmp_path) == {"whole"}
