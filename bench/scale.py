@@ -4,12 +4,17 @@
     python bench/scale.py --cases 131 --workers 1 2 --name lits131    # LiTS-sized
     python bench/scale.py --cases 2 3 --size 96 --slices 24 --increment --name smoke  # minutes
     python bench/scale.py --cases 8 32 --workers 1 2 --increment --data-only --name data
+    python bench/scale.py --cases 8 32 --workers 1 --data-only --name mem-after \
+        --overlay src/liverseg/stages/validate.py src/liverseg/stages/split.py \
+        src/liverseg/data/casescan.py  # working-tree files over the committed code
 
 Generates synthetic LiTS-shaped cases (bench/synthetic_lits.py: 512x512x448 int16 HU NIfTI
 by default, cached under bench/.work/scale-data keyed by cases, size, slices and seed), then
 for each dataset size (`--cases`) and each ingest worker count (`--workers`, passed to the
-ingest stage as LIVERSEG_INGEST_WORKERS) clones the committed code (HEAD) into
-bench/.work/scale-<name>-n<cases>-w<workers>, writes params.yaml there (this commit's
+ingest stage as LIVERSEG_INGEST_WORKERS) clones the committed code (HEAD, or `--commit`) into
+bench/.work/scale-<name>-n<cases>-w<workers> (with `--overlay`, the named files of the
+working tree are copied over the clone's: a change measured before it is committed; the
+JSON records their sha256), writes params.yaml there (this commit's
 params + data.source nifti, data.path = the cases, models [enhanced_pan], 1 epoch at 128 px,
 batch 8, no bootstrap; `--set KEY=VALUE` for more) and runs the data stages (those dvc.yaml
 lists before train: ingest, validate, split at f5f98ce), then train@enhanced_pan and
@@ -242,13 +247,18 @@ def bench_params(head: str, source: Path, assignments: list[str]) -> dict:
     return params
 
 
-def fresh_workdir(workdir: Path, params: dict, head: str, cache_type: str | None) -> None:
+def fresh_workdir(workdir: Path, params: dict, head: str, cache_type: str | None,
+                  overlay: list[str] = ()) -> None:
     """A new clone of REPO at `head` with `params` as its params.yaml (and DVC's
-    `cache.type`, when given, set in its local config)."""
+    `cache.type`, when given, set in its local config); the files of `overlay` (paths
+    relative to REPO) copied from REPO's working tree over the clone's."""
     if workdir.exists():
         shutil.rmtree(workdir)
     runner.git_checked("clone", "--quiet", str(REPO), str(workdir), cwd=REPO)
     runner.git_checked("checkout", "--quiet", "--force", head, cwd=workdir)
+    for path in overlay:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, workdir / path)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if cache_type:
         subprocess.run(["dvc", "config", "--local", "cache.type", cache_type], cwd=workdir,
@@ -291,10 +301,11 @@ def data_stages(workdir: Path) -> list[str]:
 
 
 def full_run(workdir: Path, params: dict, head: str, workers: int,
-             cache_type: str | None = None, model_stages: list[str] = MODEL_STAGES) -> dict:
+             cache_type: str | None = None, model_stages: list[str] = MODEL_STAGES,
+             overlay: list[str] = ()) -> dict:
     """Every stage of one (cases, workers) row, one at a time; the row's figures."""
     input_bytes = du_bytes(params["data"]["path"])
-    fresh_workdir(workdir, params, head, cache_type)
+    fresh_workdir(workdir, params, head, cache_type, overlay)
     stages, disk, data = {}, {}, data_stages(workdir)
     for stage in data + model_stages:
         env = stage_env(workdir, workers if stage == "ingest" else None)
@@ -442,15 +453,32 @@ def parse_args() -> argparse.Namespace:
                         "hardlink (default: DVC's own, reflink,copy)")
     parser.add_argument("--data-only", action="store_true",
                         help="the data stages only (no train and evaluate rows)")
+    parser.add_argument("--commit", default="HEAD",
+                        help="the commit cloned into the work directories (default HEAD)")
+    parser.add_argument("--overlay", nargs="+", default=[], metavar="PATH",
+                        help="files (relative to the repository) copied from the working tree "
+                        "over the clone of HEAD: measure a change before committing it")
     parser.add_argument("--sharing", default="nothing else",
                         help="what else ran on the machine meanwhile (recorded in the JSON)")
     return parser.parse_args()
 
 
+def overlay_digests(paths: list[str]) -> dict[str, str]:
+    """{path: sha256} of the working-tree files laid over the clone (recorded in the JSON)."""
+    digests = {}
+    for path in paths:
+        with (REPO / path).open("rb") as f:
+            digests[path] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
 def main() -> None:
     args = parse_args()
+    missing = [path for path in args.overlay if not (REPO / path).is_file()]
+    if missing:
+        raise SystemExit(f"--overlay: no such file(s) in {REPO}: {missing}")
     name, shape = args.name or f"s{args.size}-z{args.slices}", lits.Shape(args.size, args.slices)
-    head = runner.git_checked("rev-parse", "HEAD", cwd=REPO).strip()
+    head = runner.git_checked("rev-parse", args.commit, cwd=REPO).strip()
     started, rows, identities, increments = time.time(), [], [], []
     for cases in args.cases:
         source = source_folder(name, cases, shape, args.seed, args.gen_workers)
@@ -461,14 +489,15 @@ def main() -> None:
             rows.append({"cases": cases, "workers": workers,
                          "cache_type": args.cache_type or "reflink,copy",
                          **full_run(dirs[workers], params, head, workers, args.cache_type,
-                                    [] if args.data_only else MODEL_STAGES)})
+                                    [] if args.data_only else MODEL_STAGES, args.overlay)})
         if len(dirs) > 1:
             identities.append(identity(cases, dirs))
         if args.increment:
             increments += increment(dirs[args.workers[-1]], rows[-1], shape, args.seed)
     table = pd.DataFrame(rows)
     facts = {"command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
-             "commit": head, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+             "commit": head, "overlay": overlay_digests(args.overlay),
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                                       time.localtime(started)),
              "wall_seconds": round(time.time() - started),
              "sharing_the_machine": args.sharing, "machine": machine(),

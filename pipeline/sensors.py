@@ -1,5 +1,5 @@
 """Sensors: retrain when the configured data source changes and enough labelled cases
-arrived (`retrain.min_new_labels`, `liverseg.data.arrivals`); record every failed run.
+arrived (`retrain.min_new_labels`, `liverseg.arrivals`); record every failed run.
 
 Both are STOPPED by default, like the schedule: a team turns them on in the UI
 (Automation tab) for the deployment that should retrain on its own.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from liverseg.arrivals import arrived, labelled_cases
 from liverseg.config import load_params
-from liverseg.data.arrivals import arrived, labelled_cases
 from liverseg.data.listing import fingerprint
 from liverseg.redact import redact
 from pipeline.resources import REPO_ROOT, DvcResource

@@ -165,3 +165,81 @@ def test_a_case_added_to_the_folder_retrains_through_the_sensor_and_nothing_else
     assert {p: s for p, s in sides(root).items() if p in split_sides} == split_sides
     again, _ = sensor_tick(root, cursor)
     assert isinstance(again, dg.SkipReason)
+
+
+def _open_case_files(root: Path) -> int:
+    """HDF5 files of `root` this process holds open now."""
+    import h5py
+
+    return sum(1 for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+               if Path(fid.name.decode()).resolve().is_relative_to(root.resolve()))
+
+
+def _ingested(patients: int):
+    """Phantom patients (8 slices of 128 px: 128 KiB of image per case) ingested in the
+    working directory; the params."""
+    from liverseg.config import parse_params
+
+    params = parse_params(tiny_raw_params(data={"phantom": {
+        "patients": patients, "slices_per_patient": 8, "size": 128}}))
+    ingest.run(params)
+    return params
+
+
+def test_validate_and_split_read_one_case_file_at_a_time_flat_in_cases(tmp_path, monkeypatch):
+    """Issue 32: validate's and split's memory grew with the number of cases because every
+    case file stayed open with its HDF5 chunk cache (8 MiB per dataset read). Each pass
+    over the slices holds one case file open at a time and closes it, and the Python heap's
+    peak does not grow by the cases' pixels: 2 against 6 cases."""
+    import tracemalloc
+
+    import h5py
+
+    from liverseg import casestore
+    from liverseg.stages import split, validate
+
+    casestore.close_all()
+    most_open: dict[str, int] = {}
+    now = {"phase": ""}
+    read_slice = h5py.Dataset.__getitem__
+
+    def counting(self, key):  # every slice either stage reads comes through here
+        if phase := now["phase"]:
+            most_open[phase] = max(most_open.get(phase, 0), _open_case_files(tmp_path))
+        return read_slice(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    monkeypatch.setenv("LIVERSEG_INGEST_WORKERS", "1")  # in-process: no pool to start
+    peaks, rows = {}, {}
+    for patients in (2, 6):
+        root = tmp_path / f"n{patients}"
+        root.mkdir()
+        monkeypatch.chdir(root)
+        params = _ingested(patients)
+        # validate's pass over the slices (its GX suite reads no pixels), then the split of
+        # every slice; each once before it is traced (imports and caches of a first call)
+        manifest = validate.build_manifest("data/raw").assign(accepted=True)
+        manifest.to_parquet("data/manifest.parquet")
+        for stage, step, arg in (("validate", validate.build_manifest, "data/raw"),
+                                 ("split", split.run, params)):
+            step(arg)
+            casestore.close_all()
+            now["phase"] = phase = f"{stage} {patients}"
+            tracemalloc.start()
+            try:
+                step(arg)
+                peaks[phase] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            now["phase"] = ""
+            assert _open_case_files(tmp_path) == 0, f"{phase} left case files open"
+        rows[patients] = len(pd.read_csv("data/raw/slices.csv"))
+        assert len(list(Path("data/raw/cases").glob("*.h5"))) == patients
+    assert rows == {2: 16, 6: 48}
+    # At most the one case file being read is open, however many cases there are.
+    assert most_open == {f"{stage} {n}": 1 for stage in ("validate", "split") for n in (2, 6)}
+    # Four more cases are 512 KiB of images (and as much mask); 32 more rows, a few KB.
+    four_cases_of_images = 4 * 8 * 128 * 128
+    for stage in ("validate", "split"):
+        grown = peaks[f"{stage} 6"] - peaks[f"{stage} 2"]
+        assert grown < four_cases_of_images / 4, (stage, peaks)

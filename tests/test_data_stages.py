@@ -240,3 +240,34 @@ def test_the_loader_reads_each_slice_from_its_case_file(split_data):
     x, y, sid = val[len(val) - 1]
     assert sid == row["slice_id"] and x.shape == (1, 64, 64) and y.shape == (1, 64, 64)
     assert torch.equal(y[0], torch.from_numpy(mask.astype(np.float32)))
+
+
+def test_the_case_reader_reads_as_the_case_store_does_one_file_at_a_time(split_data):
+    from liverseg.casescan import CaseReader, case_order
+
+    raw = split_data / "data/raw"
+    index = pd.read_csv(raw / "slices.csv", keep_default_na=False)
+    rows = index.sample(frac=1, random_state=1)[["image", "context"]].to_dict("records")
+    order = case_order([row["image"] for row in rows])
+    cases = [row["image"].partition("#")[0] for row in rows]
+    assert sorted(order) == list(range(len(rows)))
+    assert [cases[i] for i in order] == sorted(cases)  # grouped by case file
+    with CaseReader(raw) as reader:
+        for i in order:
+            for what in ("image", "mask"):
+                np.testing.assert_array_equal(reader.read(rows[i]["image"], what),
+                                              casestore.read(raw, rows[i]["image"], what))
+        assert reader.opened == index["case"].nunique()  # each file once, in case order
+        ref = casestore.SliceRef.parse(rows[0]["image"])
+        for bad, error in ((f"{ref.case_file}#{ref.group}/99", IndexError),
+                           (f"{ref.case_file}#1x1/0", KeyError),
+                           (f"cases/gone.h5#{ref.group}/0", FileNotFoundError),
+                           ("not a reference", ValueError)):
+            with pytest.raises(error):
+                reader.read(bad)
+        assert len(reader._open) == 1
+    assert not reader._open  # closed on exit
+    # The split's statistics, read in case order, pooled in row order: the same figures,
+    # bit for bit, as reading every row's image in row order.
+    assert split.train_pixel_stats(raw, rows) == split.pixel_stats(
+        casestore.read(raw, row["image"]) for row in rows)

@@ -334,7 +334,7 @@ class ScheduleParams(Strict):
 
 class RetrainParams(Strict):
     # The data sensor starts the pipeline once this many labelled cases are new or relabelled
-    # since the run it last started (liverseg.data.arrivals); drift/correction ERRORs
+    # since the run it last started (liverseg.arrivals); drift/correction ERRORs
     # start it regardless (pipeline.monitoring). Read by the sensor only: no DVC stage.
     min_new_labels: int = Field(1, ge=1)
 

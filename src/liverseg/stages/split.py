@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from liverseg import casestore, labels
+from liverseg import labels
 from liverseg.artifacts import SPLIT_STATS, Artifacts
+from liverseg.casescan import CaseReader, case_order
 from liverseg.config import Params
 from liverseg.io import atomic_dir, write_json
 
@@ -159,14 +160,35 @@ def check_no_leakage(splits: dict[str, pd.DataFrame], group: str = "patient_id")
                 seen[value] = name
 
 
-def pixel_stats(images: Iterable[np.ndarray]) -> tuple[float, float]:
-    """Mean and std of the [0, 1]-scaled pixels, pooled over every train image."""
+def image_sums(image: np.ndarray) -> tuple[float, float, int]:
+    """One image's sum and sum of squares of its [0, 1]-scaled pixels, and its size."""
+    x = image.astype(np.float64) / 255.0
+    return x.sum(), (x**2).sum(), x.size
+
+
+def pooled_stats(sums: Iterable[tuple[float, float, int]]) -> tuple[float, float]:
+    """Mean and std pooled from per-image `image_sums`, added in the order given."""
     total = total_sq = count = 0.0
-    for image in images:
-        x = image.astype(np.float64) / 255.0
-        total, total_sq, count = total + x.sum(), total_sq + (x**2).sum(), count + x.size
+    for s, sq, size in sums:
+        total, total_sq, count = total + s, total_sq + sq, count + size
     mean = total / count
     return float(mean), float(math.sqrt(max(total_sq / count - mean**2, 1e-12)))
+
+
+def pixel_stats(images: Iterable[np.ndarray]) -> tuple[float, float]:
+    """Mean and std of the [0, 1]-scaled pixels, pooled over every train image."""
+    return pooled_stats(image_sums(image) for image in images)
+
+
+def train_pixel_stats(raw_dir: Path, rows: list[dict]) -> tuple[float, float]:
+    """`pixel_stats` of the rows' network inputs, read one case file at a time (in case
+    order) keeping three numbers per slice, then pooled in row order: the same figures as
+    reading them in row order, with memory flat in the number of cases."""
+    sums: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(rows)
+    with CaseReader(raw_dir) as reader:
+        for at in case_order([row["image"] for row in rows]):
+            sums[at] = image_sums(reader.read_input(rows[at]))
+    return pooled_stats(sums)
 
 
 def label_sources(frame: pd.DataFrame) -> dict:
@@ -183,10 +205,19 @@ def label_sources(frame: pd.DataFrame) -> dict:
             "label_origins": labels_["origin"].value_counts().sort_index().to_dict()}
 
 
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The manifest's columns the split uses (COLUMNS and `accepted`, those it has): the
+    others (paths, per-slice facts, rule results) would only cost memory per row."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in [*COLUMNS, "accepted"] if c in names])
+
+
 def run(params: Params, root: str | Path = ".") -> dict:
     art = Artifacts(root)
     raw_dir = art.raw
-    manifest = pd.read_parquet(art.manifest)
+    manifest = read_manifest(art.manifest)
     accepted = manifest[manifest["accepted"]]
     if "id" not in accepted:  # a manifest from before the contract named it
         accepted = accepted.assign(id=accepted["slice_id"])
@@ -236,8 +267,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())
                        } | label_sources(frame)
-    mean, std = pixel_stats(casestore.read_input(raw_dir, row)
-                            for row in splits["train"].to_dict("records"))
+    mean, std = train_pixel_stats(raw_dir, splits["train"][["image", "context"]]
+                                  .to_dict("records"))
     with atomic_dir(art.splits) as tmp:
         for name, frame in splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from liverseg import casestore, labels
 from liverseg.artifacts import Artifacts
+from liverseg.casescan import CaseReader, case_order
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
 from liverseg.io import atomic_dir, atomic_path, write_json
@@ -42,18 +43,21 @@ class ValidationFailed(RuntimeError, ValueError):  # ValueError: the CLI prints 
     """The suite failed under the configured policy; the message names files and rules."""
 
 
-def _read(raw_dir: Path, ref: str, what: str) -> np.ndarray | None:
+def _read(raw_dir: Path, ref: str, what: str, reader: CaseReader | None = None
+          ) -> np.ndarray | None:
     """A stored slice, or None when its case file does not hold it."""
     try:
-        return casestore.read(raw_dir, ref, what)
+        return reader.read(ref, what) if reader else casestore.read(raw_dir, ref, what)
     except (OSError, KeyError, IndexError, ValueError):
         return None
 
 
-def describe_slice(raw_dir: Path, row: pd.Series) -> dict:
-    """Facts about one stored image/mask pair, read from the case file itself."""
-    image = _read(raw_dir, row["image"], "image") if row["image"] else None
-    mask = _read(raw_dir, row["mask"], "mask") if row["mask"] else None
+def describe_slice(raw_dir: Path, row: pd.Series | dict, reader: CaseReader | None = None
+                   ) -> dict:
+    """Facts about one stored image/mask pair (the row's `image`, `mask`, `ingest_detail`),
+    read from the case file itself (through `reader` when given: one file open at a time)."""
+    image = _read(raw_dir, row["image"], "image", reader) if row["image"] else None
+    mask = _read(raw_dir, row["mask"], "mask", reader) if row["mask"] else None
     # None (not checked) where ingest stored nothing: the rule it broke there says why.
     unexplained = False if not row["ingest_detail"] else None
     facts = {"image_exists": image is not None if row["image"] else unexplained,
@@ -73,8 +77,15 @@ def describe_slice(raw_dir: Path, row: pd.Series) -> dict:
 def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
     raw_dir = Path(raw_dir)
     index = layout.read_index(raw_dir)
-    facts = pd.DataFrame([describe_slice(raw_dir, row) for _, row in index.iterrows()],
-                         index=index.index)
+    # One case file open at a time, each read once (rows taken in case-file order), keeping
+    # only each slice's scalars: memory flat in the number of cases (docs/SCALING.md).
+    images, masks, details = (index[c].tolist() for c in ("image", "mask", "ingest_detail"))
+    facts_of: list[dict] = [{}] * len(index)
+    with CaseReader(raw_dir) as reader:
+        for at in case_order([i or m for i, m in zip(images, masks, strict=True)]):
+            row = {"image": images[at], "mask": masks[at], "ingest_detail": details[at]}
+            facts_of[at] = describe_slice(raw_dir, row, reader)
+    facts = pd.DataFrame(facts_of, index=index.index)
     manifest = pd.concat([index, facts], axis=1)
     # Make the columns the suite reads exist even when every file of one kind is missing.
     for col in ["image_sha256", "mask_sha256", "height", "width", "mask_height", "mask_width",
