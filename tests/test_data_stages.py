@@ -6,7 +6,7 @@ import pytest
 
 from liverseg import casestore
 from liverseg.data import phantom
-from liverseg.stages import ingest, split, validate
+from liverseg.stages import data_docs, ingest, split, validate
 from liverseg.stages.split import LeakageError, check_no_leakage
 from liverseg.stages.validate import ValidationFailed
 from tests.helpers import rewrite_slot, without_cases
@@ -201,7 +201,7 @@ def test_validate_writes_gx_data_docs_readable_offline(split_data, tiny_params):
     assert len(index) > 5000 and len(html) > 20000
     assert "Status: Succeeded" in text and "Unsuccessful Expectations 0" in text
     assert _rule_status(html, "mask is binary (0/255)") == "passed"
-    assert validate.OFFLINE_CSS.strip() in html  # status icons without the CDN's Font Awesome
+    assert data_docs.OFFLINE_CSS.strip() in html  # status icons without the CDN's Font Awesome
     assert f'href="{page.relative_to(docs).as_posix()}"' in index  # a link that needs no JS
     assert (docs / "expectations/manifest.html").is_file()
     assert not list(split_data.glob("reports/.validation*"))  # no temporary left behind
@@ -214,7 +214,7 @@ def test_failed_data_docs_build_keeps_the_previous_site(split_data, tiny_params,
         (site / "index.html").write_text("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(validate, "_link_runs_from_index", broken)
+    monkeypatch.setattr(data_docs, "link_runs_from_index", broken)
     with pytest.raises(OSError, match="disk full"):
         validate.run(tiny_params)
     assert (split_data / "reports/validation/index.html").read_bytes() == before

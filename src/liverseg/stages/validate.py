@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from liverseg.casescan import CaseReader, case_order
 from liverseg.config import Params, ValidateParams
 from liverseg.data import layout
 from liverseg.io import atomic_dir, atomic_path, write_json
+from liverseg.stages import data_docs
 
 QUARANTINE_COLUMNS = ["path", "rule", "detail", "slice_id"]
 
@@ -181,37 +181,6 @@ def expectations(cfg: ValidateParams, num_classes: int = 2) -> dict:
 
 
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["slice_id"]}
-DOCS_SITE = "liverseg"
-# GX's pages take Bootstrap and Font Awesome from CDNs; without them the status column of the
-# result table would be blank. These rules come before the CDN's, which win when online.
-OFFLINE_CSS = """\
-.fa-check-circle:empty::before { content: "\\2714"; }
-.fa-times:empty::before { content: "\\2718"; }
-.text-success { color: #28a745; }
-.text-danger { color: #dc3545; }
-"""
-
-
-def data_docs_site(base_directory: str | Path) -> dict:
-    """GX site config: Data Docs as plain files under `base_directory`."""
-    # No how-to buttons: their walkthrough is GX onboarding, not part of this run's result.
-    return {"class_name": "SiteBuilder", "show_how_to_buttons": False,
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(base_directory).resolve())}}
-
-
-def add_data_docs_site(context, site_dir: Path, plugins_dir: Path):
-    """Register a Data Docs site writing to `site_dir`; return the action that builds it."""
-    from great_expectations.checkpoint import UpdateDataDocsAction
-
-    styles = plugins_dir / "custom_data_docs" / "styles"
-    styles.mkdir(parents=True, exist_ok=True)
-    (styles / "data_docs_custom_styles.css").write_text(OFFLINE_CSS)
-    context.variables.plugins_directory = str(plugins_dir)  # GX inlines that CSS in each page
-    context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs_site(site_dir))
-    return UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])
-
-
 def _add_suite(context, cfg: ValidateParams, num_classes: int):
     import great_expectations as gx
 
@@ -237,7 +206,7 @@ def _validate(manifest: pd.DataFrame, cfg: ValidateParams | None, num_classes: i
     definition = context.validation_definitions.add(gx.ValidationDefinition(
         name="manifest", data=batch_definition,
         suite=_add_suite(context, cfg or ValidateParams(), num_classes)))
-    actions = [add_data_docs_site(context, site_dir, plugins_dir)] if site_dir else []
+    actions = [data_docs.add_site(context, site_dir, plugins_dir)] if site_dir else []
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name="validate", validation_definitions=[definition], actions=actions,
         result_format=RESULT_FORMAT))
@@ -269,35 +238,9 @@ def run_suite_with_data_docs(manifest: pd.DataFrame, cfg: ValidateParams | None,
     """run_suite, also writing GX Data Docs of the run to `docs_dir`, replaced as a whole."""
     with atomic_dir(docs_dir) as site, tempfile.TemporaryDirectory() as plugins:
         result = _validate(manifest, cfg, num_classes, site, Path(plugins))
-        _link_runs_from_index(site)
-        _drop_unreferenced_static(site)
+        data_docs.link_runs_from_index(site)
+        data_docs.drop_unreferenced_static(site)
     return _rules(result)
-
-
-def _drop_unreferenced_static(site: Path) -> None:
-    """GX copies ~3.4 MB of onboarding images into every site; keep only files a page or
-    stylesheet names (fonts, the logo), so each run's docs stay small."""
-    pages = " ".join(p.read_text(encoding="utf-8", errors="replace")
-                     for p in site.rglob("*") if p.suffix in {".html", ".css"})
-    for path in (site / "static").rglob("*") if (site / "static").is_dir() else []:
-        if path.is_file() and path.suffix not in {".html", ".css"} and path.name not in pages:
-            path.unlink()
-
-
-def _link_runs_from_index(site: Path) -> None:
-    """Add plain links to the result pages to GX's index.html.
-
-    GX fills the index's run table with jQuery/bootstrap-table from CDNs, so offline it is
-    empty; the result pages themselves are static HTML.
-    """
-    index = site / "index.html"
-    pages = sorted(p.relative_to(site).as_posix() for p in site.glob("validations/**/*.html"))
-    links = "".join(f'<li><a href="{escape(p)}">{escape(p)}</a></li>' for p in pages)
-    block = f'<div class="container"><p>Validation results:</p><ul>{links}</ul></div>\n'
-    html = index.read_text(encoding="utf-8")
-    at = html.rfind("</body>")
-    index.write_text(html[:at] + block + html[at:] if at >= 0 else html + block,
-                     encoding="utf-8")
 
 
 # Which file a rule is about, so quarantine.csv names the file to fix.
