@@ -50,7 +50,7 @@ repro-parallel: install
 	python -m pipeline.parallel
 	LIVERSEG_WORKERS=$(WORKERS) dagster job execute -m pipeline.definitions -j train_all_parallel
 
-# `make test`: everything but the `slow` end-to-end tests (about 7 min on 2 cores);
+# `make test`: everything but the `slow` end-to-end tests (about 8 min on 2 idle cores);
 # `make test-all` (CI): those too (about 35 min).
 test: install
 	pytest -q -m "not slow"
