@@ -105,6 +105,14 @@ def test_mirroring_is_kept_only_when_it_raises_the_score():
         assert (record["gain_mirror"] > 0) is expect
 
 
+def test_forced_mirroring_is_kept_and_its_gain_still_reported():
+    pred, truth = liver_with_island()
+    choice = Choice(THREE, (False, True), postprocess=False)
+    choice.add({False: pred, True: np.zeros_like(pred)}, truth, grid=True)
+    decision, record = choice.choose("fg_iou", "flip")
+    assert decision == Inference(mirror=True) and record["gain_mirror"] < 0
+
+
 def test_an_undefined_score_keeps_the_raw_output():
     empty = np.zeros((2, 8, 8), np.uint8)
     choice = Choice(THREE, (False, True), postprocess=True)
