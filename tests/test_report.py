@@ -269,7 +269,7 @@ def test_the_report_lists_each_case_3d_row_and_each_models_inference():
                            "4.50"],
                           ["pan", "c1", "tumour", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]]
     assert per_case_table({"unet": metrics["unet"]}) is None  # no volume case: no table
-    rows = inference_table({"models": [{"model": "pan", "inference": "mirror",
+    rows = inference_table({"models": [{"model": "pan", "served_as": "mirror",
                                         "gain_mirror": 0.01, "gain_postprocessing": 0.0,
                                         "images_per_second_plain": 40.0,
                                         "images_per_second_mirrored": 10.04}]}).rows

@@ -123,7 +123,7 @@ def comparison_context(comparison: dict) -> dict:
 def inference_table(comparison: dict) -> Table:
     """Each model's mirroring and post-processing as evaluate chose them on validation,
     their gains in the ranked score and mirroring's cost (`liverseg.postprocess`)."""
-    rows = [[row["model"], row.get("inference") or "n/a", fmt(row.get("gain_mirror"), "+.4f"),
+    rows = [[row["model"], row.get("served_as") or "n/a", fmt(row.get("gain_mirror"), "+.4f"),
              fmt(row.get("gain_postprocessing"), "+.4f"),
              fmt(row.get("images_per_second_plain"), ".1f"),
              fmt(row.get("images_per_second_mirrored"), ".1f")]

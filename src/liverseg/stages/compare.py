@@ -2,7 +2,7 @@
 
 Metrics with their 95% bootstrap CIs (from evaluate), parameters, FLOPs per image (batch 1
 at the trained size) and measured images/s. Every figure is the model as it serves:
-`inference` names the mirroring and post-processing evaluate chose on validation
+`served_as` names the mirroring and post-processing evaluate chose on validation
 (`liverseg.postprocess`), with each one's gain in the ranked score and the cost of
 mirroring (images/s without and with it, measured on the same batches).
 CSV keeps each CI as `<metric>_ci_lo/_hi` columns; Markdown prints `value [lo, hi]`; JSON
@@ -27,14 +27,15 @@ COLUMNS = ["model", "fg_iou", "miou", "dice", "precision", "recall", "pixel_accu
            "n_parameters", "flops", "images_per_second", "best_epoch"]
 
 
-INFERENCE_COLUMNS = ["inference", "gain_mirror", "gain_postprocessing",
+# `served_as`: the decision's description (the metrics file's `inference` is the whole record).
+INFERENCE_COLUMNS = ["served_as", "gain_mirror", "gain_postprocessing",
                      "images_per_second_plain", "images_per_second_mirrored"]
 
 
 def _row(metrics: dict) -> dict:
     row = {k: metrics.get(k) for k in COLUMNS}
     chosen = metrics.get("inference") or {}
-    row |= {k: chosen.get("describe" if k == "inference" else k) for k in INFERENCE_COLUMNS}
+    row |= {k: chosen.get("describe" if k == "served_as" else k) for k in INFERENCE_COLUMNS}
     classes = metrics.get("classes") or []
     for name in classes[1:] if len(classes) > 2 else []:  # binary: fg_iou is the class's
         row |= {f"iou_{name}": metrics[f"iou_{name}"], f"dice_{name}": metrics[f"dice_{name}"]}
@@ -80,7 +81,7 @@ def markdown(table: pd.DataFrame) -> str:
         cells += [_fmt(row["per_image_hd95_mean"], ".2f"),
                   _fmt(row["n_parameters"] / 1e6 if row["n_parameters"] else None, ".2f"),
                   _fmt(row["gflops"], ".3f"), _fmt(row["images_per_second"], ".1f"),
-                  f"{row['inference'] or 'n/a'} ({_fmt(row['gain_mirror'], '+.4f')} / "
+                  f"{row['served_as'] or 'n/a'} ({_fmt(row['gain_mirror'], '+.4f')} / "
                   f"{_fmt(row['gain_postprocessing'], '+.4f')})",
                   f"{_fmt(row['images_per_second_plain'], '.1f')} / "
                   f"{_fmt(row['images_per_second_mirrored'], '.1f')}"]
