@@ -36,35 +36,35 @@ def source_fingerprint(root: Path) -> str:
                        "`retrain.min_new_labels` labelled cases arrived since its last run.")
 def data_source_sensor(context: dg.SensorEvaluationContext, dvc: DvcResource):
     params = load_params(dvc.root / "params.yaml")
-    fingerprint = source_fingerprint(dvc.root)
+    current = fingerprint(params, dvc.root)  # params read once per tick
     cursor = json.loads(context.cursor) if context.cursor else None
     if cursor is None:  # first tick: remember the source; what is there now is no change
-        context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": 0,
+        context.update_cursor(json.dumps({"fingerprint": current, "changes": 0,
                                           "cases": labelled_cases(params, dvc.root)}))
-        return dg.SkipReason(f"recorded the data source fingerprint {fingerprint}")
-    if cursor["fingerprint"] == fingerprint:
-        return dg.SkipReason(f"data source unchanged ({fingerprint})")
+        return dg.SkipReason(f"recorded the data source fingerprint {current}")
+    if cursor["fingerprint"] == current:
+        return dg.SkipReason(f"data source unchanged ({current})")
     # Counted only when the source changed (planning reads headers); None: not countable
     # (Kaggle, a source ingest would refuse), so any change counts, as before.
     cases, need = labelled_cases(params, dvc.root), params.retrain.min_new_labels
     new = None if cases is None or cursor.get("cases") is None else \
         arrived(cursor["cases"], cases)
     if new is not None and len(new) < need:
-        context.update_cursor(json.dumps(cursor | {"fingerprint": fingerprint}))
+        context.update_cursor(json.dumps(cursor | {"fingerprint": current}))
         return dg.SkipReason(f"{len(new)} labelled case(s) new or relabelled since the last "
                              f"run ({', '.join(new[:5]) or 'none'}); retrain.min_new_labels "
                              f"is {need}")
     changes = cursor["changes"] + 1
-    context.update_cursor(json.dumps({"fingerprint": fingerprint, "changes": changes,
+    context.update_cursor(json.dumps({"fingerprint": current, "changes": changes,
                                       "cases": cases}))
     evidence = (f"{len(new)} labelled case(s) new or relabelled (retrain.min_new_labels "
                 f"{need})" if new is not None else "source changed (labelled cases not countable)")
     # The run key makes a retried tick launch one run, not two; the counter lets a source
     # that changes back to an earlier state still trigger.
-    return dg.RunRequest(run_key=f"data-change-{changes}-{fingerprint}",
+    return dg.RunRequest(run_key=f"data-change-{changes}-{current}",
                          tags={"liverseg/trigger": "data_source_changed",
                                "liverseg/evidence": evidence,
-                               "liverseg/data_fingerprint": fingerprint})
+                               "liverseg/data_fingerprint": current})
 
 
 def failures_log(instance_root: str | None = None) -> Path:
