@@ -71,7 +71,7 @@ def test_evaluate_and_predict_post_process_a_volume_alike(workdir, tmp_path, mon
     params = parse_params(raw)
     run_data_stages(params)
     train.run(params, MODEL)
-    val = pd.read_csv("data/splits/val.csv", dtype={"slice_id": str})
+    val = pd.read_csv("data/splits/val.csv", dtype={"slice_id": str, "case": str})
     assert val["case"].nunique() == 1 and len(val) == 16, "one whole validation case"
     # ... post-processed in 3D by evaluate, as predict post-processes the volume
     assert evaluate.grid_cases(val.to_dict("records"), Path("data/raw")) == {val["case"][0]}

@@ -175,7 +175,8 @@ def test_post_processed_probabilities_give_the_post_processed_mask(classes):
 def test_only_a_whole_case_with_a_spacing_is_post_processed_in_3d(tmp_path):
     """evaluate's grid: every slice ingest stored for the case, in order, and a spacing. A
     slab of a case (split.group_by slab), a case missing a slice and a 2D source are
-    post-processed per slice, as predict serves slices without a grid."""
+    post-processed per slice, as predict serves slices without a grid. A case id that reads
+    as a number (LiTS's "3") is the same case in the index and in the split's rows."""
     from liverseg.data.layout import INDEX_COLUMNS
     from liverseg.stages.evaluate import grid_cases
 
@@ -188,3 +189,8 @@ def test_only_a_whole_case_with_a_spacing_is_post_processed_in_3d(tmp_path):
            or (r["case"] == "slab" and r["slice_index"] < 3)
            or (r["case"] == "gap" and r["slice_index"] != 1) or r["case"] == "flat"]
     assert grid_cases(val, tmp_path) == {"whole"}
+
+    numbered = [{**row, "case": "3", "slice_id": f"3_{row['slice_index']}"}
+                for row in index if row["case"] == "whole"]  # every id in the index a number
+    pd.DataFrame(numbered).to_csv(tmp_path / "slices.csv", index=False)
+    assert grid_cases(numbered, tmp_path) == {"3"}

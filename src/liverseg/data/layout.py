@@ -176,8 +176,9 @@ def read_index(raw_dir: str | Path) -> pd.DataFrame:
     path = Path(raw_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: slice index missing; run `liverseg ingest` first")
-    index = pd.read_csv(path, dtype={"patient_id": str, "slice_id": str, "image": str,
-                                     "mask": str}, keep_default_na=False,
+    # Ids are text: LiTS's case "3" is not the number 3 (a split's rows, read as text, name it)
+    index = pd.read_csv(path, dtype={"patient_id": str, "slice_id": str, "case": str,
+                                     "image": str, "mask": str}, keep_default_na=False,
                         na_values={"patient_id": [""]})
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
