@@ -92,16 +92,18 @@ def units(dataset: SliceDataset, batch_size: int, grid: set[str]):
         yield unit(key is not None, items)
 
 
-def serve_unit(served: Served, images: np.ndarray, batch_size: int, mirror_both: bool = False):
+def serve_unit(served: Served, images: np.ndarray, batch_size: int, mirror_both: bool = False,
+               clock: list | None = None):
     """The network over one unit in batches: ({mirror setting: class indices [N, H, W]
     uint8}, per-slice `Confidence` of the served probabilities). `mirror_both`: the plain
-    and the mirrored answers from one set of passes (evaluate's choice)."""
+    and the mirrored answers from one set of passes (evaluate's choice), each batch's
+    seconds to either going to `clock` (`Served.mirrored`)."""
     threshold, out, confidence = served.prep.threshold, {}, []
     for b in range(0, len(images), batch_size):
         x = served.grey_batch(images[b:b + batch_size])
         with torch.no_grad():
-            answers = dict(zip((False, True), served.mirrored(x), strict=True)) if mirror_both \
-                else {served.mirror: served(x)}
+            answers = dict(zip((False, True), served.mirrored(x, clock), strict=True)) \
+                if mirror_both else {served.mirror: served(x)}
         for mirror, probs in answers.items():
             out.setdefault(mirror, []).append(labels.to_classes(probs, threshold).numpy())
         probs = answers[served.mirror] if served.mirror in answers else answers[False]
@@ -157,29 +159,23 @@ def choose_inference(served: Served, dataset: SliceDataset, params: Params,
     """nnU-Net's rule on validation (`liverseg.postprocess`): every candidate scored on every
     unit, mirroring kept if it raises `compare.rank_by`, each post-processing step if it does
     not lower it. `evaluate.tta` and `evaluate.postprocessing` force or switch them off.
-    Also measures the cost of mirroring: images/s without and with it, on the same batches."""
+    Also measures the cost of mirroring: the network's images/s without and with it, timed
+    within the same passes (the plain answer is the first of the four)."""
     tta, post = params.evaluate.tta, params.evaluate.postprocessing == "auto"
     # flip forces mirroring, but the plain answer (the first of the four passes) is scored
     # too: the gain is reported either way.
     mirror = (False,) if tta == "none" else (False, True)
     if mirror == (False,) and not post:
         return Inference(), {"describe": "none", "tta": tta, "postprocessing": "none"}
-    choice = Choice(classes, mirror, post)
-    plain, both = 0.0, 0.0
+    choice, clock = Choice(classes, mirror, post), []
     for volume, images, truth, *_ in units(dataset, params.evaluate.batch_size, grid):
         served.mirror = False
-        start = time.perf_counter()
-        if tta == "auto":  # the plain pass timed alone, then all four flips
-            serve_unit(served, images, params.evaluate.batch_size)
-            plain += time.perf_counter() - start
-            start = time.perf_counter()
         answers, _ = serve_unit(served, images, params.evaluate.batch_size,
-                                mirror_both=tta != "none")
-        both += time.perf_counter() - start
+                                mirror_both=tta != "none", clock=clock)
         choice.add(answers, truth, volume)
     decision, record = choice.choose(params.compare.rank_by, tta)
-    n = len(dataset.rows)
-    if tta == "auto":
+    if clock:
+        n, (plain, both) = len(dataset.rows), np.sum(clock, axis=0)
         record |= {"images_per_second_plain": n / plain if plain else None,
                    "images_per_second_mirrored": n / both if both else None}
     return decision, record | {"postprocessing": params.evaluate.postprocessing}

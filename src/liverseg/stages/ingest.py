@@ -33,9 +33,13 @@ from liverseg.io import atomic_dir, atomic_path
 
 WORKERS_ENV = "LIVERSEG_INGEST_WORKERS"
 STAMPS = "stamps.json"  # in the store: each file's (size, mtime) as ingest left it
-# The code that decides a case file's bytes: a change in it makes every case new.
-CODE = ("data", "dicom", "preprocess.py", "labels.py", "imageio.py", "casestore.py",
-        "boundary.py")
+# The code that decides a case file's bytes: a change in it makes every case new. Also
+# ingest's code deps in dvc.yaml (tests/test_ingest_code.py keeps the two equal and this
+# list closed under the imports it makes), so editing the training loader, the source
+# listing, the DICOMweb client or the SEG writer re-ingests nothing.
+CODE = ("data/layout.py", "data/phantom.py", "data/sources", "dicom/labels.py",
+        "dicom/rtstruct.py", "dicom/seg_reader.py", "dicom/series.py", "preprocess.py",
+        "labels.py", "imageio.py", "casestore.py", "boundary.py")
 
 
 def code_version() -> str:
