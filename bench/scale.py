@@ -1,7 +1,7 @@
 """Scale benchmark (issue 32, "grow with the data"), run on demand: `python bench/scale.py`.
 
     python bench/scale.py --cases 8 32 --workers 1 2 --increment --sharing "nothing else"
-    python bench/scale.py --cases 131 --workers 1 2 --name lits131    # LiTS-sized
+    python bench/scale.py --cases 131 --workers 2 --report --name lits131    # LiTS-sized
     python bench/scale.py --cases 2 3 --size 96 --slices 24 --increment --name smoke  # minutes
     python bench/scale.py --cases 8 32 --workers 1 2 --increment --data-only --name data
     python bench/scale.py --cases 8 32 --workers 1 --data-only --name mem-after \
@@ -18,7 +18,8 @@ JSON records their sha256), writes params.yaml there (this commit's
 params + data.source nifti, data.path = the cases, models [enhanced_pan], 1 epoch at 128 px,
 batch 8, no bootstrap; `--set KEY=VALUE` for more) and runs the data stages (those dvc.yaml
 lists before train: ingest, validate, split at f5f98ce), then train@enhanced_pan and
-evaluate@enhanced_pan, one at a time (`dvc repro --single-item <stage>`). Both worker counts
+evaluate@enhanced_pan (with `--report`, compare, register and report after them), one at
+a time (`dvc repro --single-item <stage>`). Both worker counts
 of one size read the same source folder (a hard-linked copy of the cases,
 bench/.work/scale-<name>-source-n<cases>), so their outputs can be compared byte for byte.
 Work directories and generated cases stay for inspection (about 125 MB per 512x512x448
@@ -40,7 +41,10 @@ commit, command, seeds and the --sharing text in the .json beside it):
 - `files`: `find data -type f | wc -l` after the data stages (DVC's .gitignore included).
 - `dvc_files`: files DVC tracks under data/: for each output of dvc.lock under data/, the
   number of files of a directory output (its `nfiles`) or 1 for a file output.
-Then the ratios side by side: ingest seconds with the fewest / the most workers at each size,
+Then the ratios side by side: the machine's own ceiling for the most workers (that many
+processes of a fixed zlib job at once against one alone, measured first: on shared or
+hyperthreaded cores it is below the count), ingest seconds with the fewest / the most
+workers at each size,
 and each stage's peak memory (and seconds) at the largest / the smallest size.
 
 `--workers 1 2`: after both runs of a size, the sha256 of every file of the ingest's outputs
@@ -71,7 +75,9 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -87,6 +93,7 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "bench" / ".work"
 MODEL = "enhanced_pan"
 MODEL_STAGES = [f"train@{MODEL}", f"evaluate@{MODEL}"]
+REPORT_STAGES = ["compare", "register", "report"]  # --report: to the end of the DAG
 SAMPLE_SECONDS = 0.05
 MIB = 1024 * 1024
 
@@ -266,7 +273,8 @@ def fresh_workdir(workdir: Path, params: dict, head: str, cache_type: str | None
 
 
 def stage_env(workdir: Path, ingest_workers: int | None = None) -> dict:
-    """The clone's code with REPO's tools (dvc, liverseg), offline, MLflow off."""
+    """The clone's code with REPO's tools (dvc, liverseg), offline, MLflow off (on, in the
+    work directory's own store, where `--report` needs register: LIVERSEG_TRACKING=on)."""
     env = os.environ | {"PYTHONPATH": str(workdir / "src"),
                         "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
                         "LIVERSEG_TRACKING": os.environ.get("LIVERSEG_TRACKING", "off"),
@@ -373,10 +381,14 @@ def increment(workdir: Path, row: dict, shape: lits.Shape, seed: int) -> list[di
 
 # ---- report -------------------------------------------------------------------------------
 
-def ratios(table: pd.DataFrame) -> pd.DataFrame:
-    """Ingest s fewest/most workers per size; per stage, peak MiB and s largest/smallest size."""
+def ratios(table: pd.DataFrame, ceiling: float | None = None) -> pd.DataFrame:
+    """Ingest s fewest/most workers per size (beside the machine's own `ceiling` for that
+    many processes); per stage, peak MiB and s largest/smallest size."""
     rows = []
     w_lo, w_hi = table.workers.min(), table.workers.max()
+    if ceiling is not None:
+        rows.append({"ratio": f"the machine: {w_hi} processes of a fixed zlib job / 1",
+                     "value": ceiling})
     for cases, group in table.groupby("cases"):
         by_w = group.set_index("workers")
         if w_lo != w_hi:
@@ -397,6 +409,28 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["ratio", "value"])
 
 
+def zlib_seconds(_: int = 0) -> float:
+    """Seconds of a fixed CPU job like a case file's (deflate level 4 of CT-like noise, then
+    inflate), its data made before the clock starts."""
+    import numpy as np
+
+    data = np.random.default_rng(0).normal(0, 15, 8_000_000).astype(np.int16).tobytes()
+    started = time.perf_counter()
+    for _ in range(4):
+        zlib.decompress(zlib.compress(data, 4))
+    return time.perf_counter() - started
+
+
+def parallel_ceiling(workers: int) -> float:
+    """The most `workers` processes can gain on this machine: their throughput on the same
+    fixed CPU job, each at once, over one process's alone (2.0 on two idle real cores; less
+    where the cores are hyperthreads of one or the machine is busy)."""
+    alone = zlib_seconds()
+    with ProcessPoolExecutor(workers) as pool:
+        together = list(pool.map(zlib_seconds, range(workers)))
+    return workers * alone / max(together)
+
+
 def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text().split()
     cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
@@ -415,10 +449,11 @@ def write_results(stem: str, table: pd.DataFrame, facts: dict) -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
 
 
-def print_report(table: pd.DataFrame, identities: list[dict], increments: list[dict]) -> None:
+def print_report(table: pd.DataFrame, identities: list[dict], increments: list[dict],
+                 ceiling: float | None = None) -> None:
     pd.set_option("display.width", 250)
     print("\n" + table.to_string(index=False))
-    side_by_side = ratios(table)
+    side_by_side = ratios(table, ceiling)
     if len(side_by_side):
         print("\n" + side_by_side.to_string(index=False, float_format="{:.2f}".format))
     for check in identities:
@@ -453,6 +488,9 @@ def parse_args() -> argparse.Namespace:
                         "hardlink (default: DVC's own, reflink,copy)")
     parser.add_argument("--data-only", action="store_true",
                         help="the data stages only (no train and evaluate rows)")
+    parser.add_argument("--report", action="store_true",
+                        help="after evaluate, compare, register and report too (MLflow on: "
+                        "each work directory's own store)")
     parser.add_argument("--commit", default="HEAD",
                         help="the commit cloned into the work directories (default HEAD)")
     parser.add_argument("--overlay", nargs="+", default=[], metavar="PATH",
@@ -474,12 +512,16 @@ def overlay_digests(paths: list[str]) -> dict[str, str]:
 
 def main() -> None:
     args = parse_args()
+    if args.report:  # register needs the training run in MLflow (the work dir's own store)
+        os.environ["LIVERSEG_TRACKING"] = "on"
     missing = [path for path in args.overlay if not (REPO / path).is_file()]
     if missing:
         raise SystemExit(f"--overlay: no such file(s) in {REPO}: {missing}")
     name, shape = args.name or f"s{args.size}-z{args.slices}", lits.Shape(args.size, args.slices)
     head = runner.git_checked("rev-parse", args.commit, cwd=REPO).strip()
     started, rows, identities, increments = time.time(), [], [], []
+    # measured first, beside the runs: what the worker ratios can be compared with
+    ceiling = parallel_ceiling(max(args.workers)) if max(args.workers) > 1 else None
     for cases in args.cases:
         source = source_folder(name, cases, shape, args.seed, args.gen_workers)
         params = bench_params(head, source, args.set)
@@ -489,7 +531,8 @@ def main() -> None:
             rows.append({"cases": cases, "workers": workers,
                          "cache_type": args.cache_type or "reflink,copy",
                          **full_run(dirs[workers], params, head, workers, args.cache_type,
-                                    [] if args.data_only else MODEL_STAGES, args.overlay)})
+                                    [] if args.data_only else
+                                    MODEL_STAGES + REPORT_STAGES * args.report, args.overlay)})
         if len(dirs) > 1:
             identities.append(identity(cases, dirs))
         if args.increment:
@@ -504,9 +547,10 @@ def main() -> None:
              "seeds": {"generator": args.seed, "params": params["seed"]},
              "generator": {"size": args.size, "slices": args.slices, "spacing_mm": lits.SPACING_MM,
                            "noise_hu": lits.NOISE_HU, "cache": str(WORK / "scale-data")},
-             "params": params, "rows": rows, "identity": identities, "increment": increments}
+             "params": params, "rows": rows, "identity": identities, "increment": increments,
+             "parallel_ceiling": ceiling}
     write_results(f"scale-{name}", table, facts)
-    print_report(table, identities, increments)
+    print_report(table, identities, increments, ceiling)
 
 
 if __name__ == "__main__":
