@@ -34,7 +34,7 @@ from liverseg.io import atomic_dir, atomic_path
 WORKERS_ENV = "LIVERSEG_INGEST_WORKERS"
 STAMPS = "stamps.json"  # in the store: each file's (size, mtime) as ingest left it
 # The code that decides a case file's bytes: a change in it makes every case new. Also
-# ingest's code deps in dvc.yaml (tests/test_ingest_code.py keeps the two equal and this
+# ingest's code deps in dvc.yaml (tests/test_artifacts.py keeps the two equal and this
 # list closed under the imports it makes), so editing the training loader, the source
 # listing, the DICOMweb client or the SEG writer re-ingests nothing.
 CODE = ("data/layout.py", "data/phantom.py", "data/sources", "dicom/labels.py",
