@@ -7,12 +7,14 @@ from liverseg.metrics import (
     CI_METRICS,
     ConfusionMeter,
     bootstrap_ci,
+    class_confusion,
     class_metrics,
     confusion,
     foreground_counts,
     global_metrics,
     hd95,
     per_image_metrics,
+    pooled_confusion,
 )
 
 
@@ -185,3 +187,15 @@ def test_binary_bootstrap_keeps_the_binary_formulas():
     ci = bootstrap_ci(counts, 200, seed=3)
     for key, values in expected.items():
         assert np.allclose(ci[f"{key}_ci"], np.percentile(values, [2.5, 97.5]), rtol=1e-12), key
+
+
+def test_pooled_confusion_is_the_per_image_counts_summed():
+    """evaluate's choice pools counts over whole cases in numpy (`pooled_confusion`): the
+    same numbers as smp's per-image counts (`class_confusion`) summed, for 2 and 3 classes."""
+    rng = np.random.default_rng(0)
+    for classes in (2, 3):
+        pred = rng.integers(0, classes, (5, 16, 16), dtype=np.uint8)
+        truth = rng.integers(0, classes, (5, 16, 16), dtype=np.uint8)
+        expected = class_confusion(torch.from_numpy(pred.astype(np.int64)),
+                                   torch.from_numpy(truth.astype(np.int64)), classes).sum(0)
+        np.testing.assert_array_equal(pooled_confusion(pred, truth, classes), expected.numpy())

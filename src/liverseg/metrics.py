@@ -54,6 +54,19 @@ def class_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int
                                              num_classes=num_classes), dim=-1)
 
 
+def pooled_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """`class_confusion` summed over the images, [C, 4], of class-index arrays of any shape:
+    in numpy on the arrays' own dtype (a whole CT case is 10^8 voxels; the per-image counts
+    would make int64 copies of it, eight bytes a voxel)."""
+    out = np.zeros((num_classes, 4))
+    for k in range(num_classes):
+        p, t = pred == k, target == k
+        tp = np.count_nonzero(p & t)
+        fp, fn = np.count_nonzero(p) - tp, np.count_nonzero(t) - tp
+        out[k] = tp, fp, fn, pred.size - tp - fp - fn
+    return out
+
+
 def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
               ) -> torch.Tensor:
     """`class_confusion` of a head's logits [N, K, H, W]: K = 1 is a binary (sigmoid) head,
