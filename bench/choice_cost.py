@@ -7,27 +7,59 @@
 `old` counts with smp's per-image int64 counts summed, as evaluate did before 26f417e
 (its every-candidate cache of masks is not reproduced: run the commit before for that).
 Each in its own process, so the peak RSS is its own."""
-import resource, sys, time
-import numpy as np, torch
-from liverseg import postprocess, metrics
 
-def old(pred, truth, c):
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from liverseg import metrics, postprocess
+
+CLASSES = ("background", "liver", "tumour")
+
+
+def smp_counts(pred: np.ndarray, truth: np.ndarray, classes: int) -> np.ndarray:
+    """The counts as evaluate made them before: smp's per image, on int64 copies, summed."""
     return metrics.class_confusion(torch.from_numpy(pred.astype(np.int64)),
-                                   torch.from_numpy(truth.astype(np.int64)), c).sum(0).double().numpy()
-if sys.argv[1] == "old":
-    metrics.pooled_confusion = old
-rng = np.random.default_rng(0)
-z, y, x = np.ogrid[:448, :512, :512]
-truth = (((z - 224) / 150) ** 2 + ((y - 256) / 160) ** 2 + ((x - 256) / 160) ** 2 < 1).astype(np.uint8)
-truth[((z - 200) / 20) ** 2 + ((y - 250) / 20) ** 2 + ((x - 250) / 20) ** 2 < 1] = 2
-masks = {}
-for m in (False, True):
-    noisy = truth.copy()
-    noisy[rng.random(truth.shape) < 0.001] = 1  # stray voxels: islands to remove
-    masks[m] = noisy
-choice = postprocess.Choice(("background", "liver", "tumour"), (False, True), True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-t = time.perf_counter()
-choice.add(masks, truth, True)
-print(sys.argv[1], f"{time.perf_counter() - t:.1f} s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (before add {before:.0f}), variants {len(choice.variants)}")
-print({v.describe(): round(metrics.class_metrics(choice.counts[v], ("background","liver","tumour"))["fg_iou"], 6) for v in list(choice.variants)[:4]})
+                                   torch.from_numpy(truth.astype(np.int64)),
+                                   classes).sum(0).double().numpy()
+
+
+def case(seed: int = 0) -> tuple[dict[bool, np.ndarray], np.ndarray]:
+    """A 448x512x512 liver (1) with a tumour (2), and two answers with stray voxels."""
+    z, y, x = np.ogrid[:448, :512, :512]
+    ball = lambda c, r: ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 \
+        + ((x - c[2]) / r[2]) ** 2 < 1  # noqa: E731
+    truth = ball((224, 256, 256), (150, 160, 160)).astype(np.uint8)
+    truth[ball((200, 250, 250), (20, 20, 20))] = 2
+    rng, masks = np.random.default_rng(seed), {}
+    for mirror in (False, True):
+        masks[mirror] = truth.copy()
+        masks[mirror][rng.random(truth.shape) < 0.001] = 1  # islands to remove
+    return masks, truth
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "new"
+    if mode == "old":
+        metrics.pooled_confusion = smp_counts  # Choice.add imports it when called
+    masks, truth = case()
+    choice = postprocess.Choice(CLASSES, (False, True), True)
+    before, started = peak_mib(), time.perf_counter()
+    choice.add(masks, truth, True)
+    print(f"{mode}: {time.perf_counter() - started:.1f} s, peak RSS {peak_mib():.0f} MiB "
+          f"({before:.0f} before the call), {len(choice.variants)} candidates")
+    print({v.describe(): round(metrics.class_metrics(choice.counts[v], CLASSES)["fg_iou"], 6)
+           for v in choice.variants[:4]})
+
+
+if __name__ == "__main__":
+    main()

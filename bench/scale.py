@@ -522,6 +522,8 @@ def main() -> None:
     started, rows, identities, increments = time.time(), [], [], []
     # measured first, beside the runs: what the worker ratios can be compared with
     ceiling = parallel_ceiling(max(args.workers)) if max(args.workers) > 1 else None
+    model_stages = [] if args.data_only else MODEL_STAGES + (REPORT_STAGES if args.report
+                                                             else [])
     for cases in args.cases:
         source = source_folder(name, cases, shape, args.seed, args.gen_workers)
         params = bench_params(head, source, args.set)
@@ -531,8 +533,7 @@ def main() -> None:
             rows.append({"cases": cases, "workers": workers,
                          "cache_type": args.cache_type or "reflink,copy",
                          **full_run(dirs[workers], params, head, workers, args.cache_type,
-                                    [] if args.data_only else
-                                    MODEL_STAGES + REPORT_STAGES * args.report, args.overlay)})
+                                    model_stages, args.overlay)})
         if len(dirs) > 1:
             identities.append(identity(cases, dirs))
         if args.increment:

@@ -38,9 +38,12 @@ def _liverseg_imports(path, package):
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module, *(f"{node.module}.{a.name}" for a in node.names)] \
-            if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
         for name in names:
             if name.startswith("liverseg."):
                 rel = name.removeprefix("liverseg.").replace(".", "/")

@@ -157,23 +157,20 @@ class Choice:
 
     def add(self, masks: dict[bool, np.ndarray], truth: np.ndarray, grid: bool) -> None:
         """masks: mirror setting -> the unit's raw class indices [N, H, W]; truth [N, H, W].
-        A step's result is shared by every variant with the same earlier steps; variants
-        come in `product` order, so only the current variant's chain of results is kept
-        (a whole CT case is 10^8 voxels a mask)."""
+        A step's result is shared by the next variant when its earlier steps are the same;
+        variants come in `product` order, so only the last variant's chain of results is
+        kept (a whole CT case is 10^8 voxels a mask)."""
         from liverseg.metrics import pooled_confusion
 
         done: dict[tuple, np.ndarray] = {}
         for v in self.variants:
-            values = [value for _, value in v.steps()]
-            chain = {(v.mirror, *values[:i]) for i in range(1, len(values) + 1)}
-            done = {k: a for k, a in done.items() if k in chain}
-            key, out = (v.mirror,), masks[v.mirror]
+            key, out, chain = (v.mirror,), masks[v.mirror], {}
             for name, value in v.steps():
                 key += (value,)
                 if key not in done:
-                    step = Inference(**{name: value})
-                    done[key] = step.apply(out, self.classes, grid)
-                out = done[key]
+                    done[key] = Inference(**{name: value}).apply(out, self.classes, grid)
+                out = chain[key] = done[key]
+            done = chain
             self.counts[v] += pooled_confusion(out, truth, len(self.classes))
 
     def score(self, v: Inference, metric: str) -> float:
