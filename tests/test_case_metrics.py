@@ -57,6 +57,25 @@ def test_the_maximum_and_the_average_differ_as_defined():
     assert got["hd95"] == pytest.approx(9.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_distances_in_the_foreground_box_are_monai_s_on_the_whole_volume(seed):
+    """surface_distances crops to the masks' box before MONAI: the same figures as MONAI on
+    the uncropped volumes, masks touching the volume's edge included."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(seed)
+    pred, truth = np.zeros((2, 12, 20, 16), bool)
+    pred[3:7, 0:5, 4:9] = truth[4:9, 2:6, 5:11] = True  # pred on the edge of the volume
+    pred[rng.random(pred.shape) < 0.002] = True
+    whole = [np.stack([~m, m])[None].astype(np.float32) for m in (pred, truth)]
+    assert surface_distances(pred, truth, SPACING) == pytest.approx({
+        "assd": float(compute_average_surface_distance(*whole, symmetric=True,
+                                                       spacing=list(SPACING))[0, 0]),
+        "mssd": float(compute_hausdorff_distance(*whole, spacing=list(SPACING))[0, 0]),
+        "hd95": float(compute_hausdorff_distance(*whole, percentile=95,
+                                                 spacing=list(SPACING))[0, 0])}, abs=1e-6)
+
+
 def test_empty_masks_follow_the_stated_rule():
     empty, one = _voxels(), _voxels((1, 1, 1))
     assert overlap(empty, empty) == {"dice": 1.0, "voe": 0.0, "rvd": 0.0}

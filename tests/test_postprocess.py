@@ -62,6 +62,46 @@ def test_components_are_3d_on_a_grid_and_2d_per_slice_without_one():
     assert per_slice[0].sum() == 16
 
 
+def noisy_case(seed: int = 0) -> tuple[dict[bool, np.ndarray], np.ndarray]:
+    """Two answers ({mirror: mask}) and a truth [6, 24, 24]: the liver block of
+    `liver_with_island` in a larger volume, random islands of both classes around it, and a
+    tumour no answer finds in a corner (outside the answers' box)."""
+    pred, truth = liver_with_island()
+    big = np.zeros((6, 24, 24), np.uint8)
+    big[1:5, 4:20, 4:20] = truth
+    big[2:4, 21:, 21:] = 2
+    rng, masks = np.random.default_rng(seed), {}
+    for mirror in (False, True):
+        masks[mirror] = np.zeros_like(big)
+        masks[mirror][1:5, 4:20, 4:20] = pred
+        noise = np.zeros(big.shape, bool)
+        noise[:, :20, :20] = rng.random((6, 20, 20)) < 0.01
+        masks[mirror][noise] = rng.integers(1, 3, noise.sum())
+    return masks, big
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_the_choice_counts_every_candidate_as_it_serves(grid):
+    """The choice's pooled counts (computed in the foreground's box, shared steps reused)
+    equal each candidate applied to the whole answer and counted voxel by voxel."""
+    from liverseg.metrics import pooled_confusion
+    from liverseg.postprocess import STEPS
+
+    masks, truth = noisy_case()
+    choice = Choice(THREE, (False, True), postprocess=True)
+    choice.add(masks, truth, grid)
+    assert len(choice.variants) == 24
+    for v in choice.variants:
+        served = v.apply(masks[v.mirror], THREE, grid)
+        np.testing.assert_array_equal(choice.counts[v], pooled_confusion(served, truth, 3))
+        if grid:  # no box: each step on the whole volume
+            whole = masks[v.mirror]
+            for name, value in v.steps():
+                whole = STEPS[name](whole, value, THREE)
+            np.testing.assert_array_equal(served, whole)
+    assert len({choice.counts[v].tobytes() for v in choice.variants}) > 4  # the steps bite
+
+
 def test_a_step_is_kept_only_when_it_does_not_lower_the_validation_score():
     pred, truth = liver_with_island()
     choice = Choice(THREE, (False,), postprocess=True)

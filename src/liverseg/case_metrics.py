@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from liverseg.postprocess import foreground_box
+
 FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 
 
@@ -47,6 +49,10 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
         return {"assd": None, "mssd": None, "hd95": None}
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
+    # MONAI crops to this box itself (and pads it by a voxel), but after float copies of
+    # the whole volume.
+    box = foreground_box(pred, truth)
+    pred, truth = pred[box], truth[box]
     y_pred = np.stack([~pred, pred])[None].astype(np.float32)  # [1, 2, Z, Y, X] one-hot
     y = np.stack([~truth, truth])[None].astype(np.float32)
     spacing = [float(s) for s in spacing]
@@ -59,6 +65,11 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
 
 def lesions(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Reference lesions, detected ones, predicted components and false positives."""
+    box = foreground_box(pred, truth)
+    if box is None:
+        return {"lesions": 0, "lesions_detected": 0, "predicted_lesions": 0,
+                "false_positive_lesions": 0}
+    pred, truth = pred[box], truth[box]
     truth_labels, n_truth = ndimage.label(truth, structure=FULL)
     pred_labels, n_pred = ndimage.label(pred, structure=FULL)
     detected = len(set(np.unique(truth_labels[pred])) - {0})

@@ -54,6 +54,15 @@ def class_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int
                                              num_classes=num_classes), dim=-1)
 
 
+def slice_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, chunk: int = 32
+                    ) -> torch.Tensor:
+    """`class_confusion` of class-index arrays [N, H, W], a chunk of slices at a time (smp
+    counts on int64 copies: eight bytes a voxel of a whole CT case at once)."""
+    return torch.cat([class_confusion(torch.from_numpy(pred[i:i + chunk].astype(np.int64)),
+                                      torch.from_numpy(target[i:i + chunk]), num_classes)
+                      for i in range(0, len(pred), chunk)])
+
+
 def pooled_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
     """`class_confusion` summed over the images, [C, 4], of class-index arrays of any shape:
     in numpy on the arrays' own dtype (a whole CT case is 10^8 voxels; the per-image counts

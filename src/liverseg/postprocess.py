@@ -68,9 +68,12 @@ class Inference:
         if not grid:
             return np.concatenate([self.apply(m[None], classes, True) for m in mask]) \
                 if len(mask) else mask.copy()
-        out = mask.copy()
-        for name, value in self.steps():
-            out = STEPS[name](out, value, classes)
+        out, box = mask.copy(), foreground_box(mask)
+        if box is not None:  # every step acts on foreground components only
+            inner = out[box]
+            for name, value in self.steps():
+                inner = STEPS[name](inner, value, classes)
+            out[box] = inner
         return out
 
     def steps(self) -> list[tuple[str, object]]:
@@ -95,6 +98,20 @@ class Inference:
         else:
             out.permute(0, 2, 3, 1)[removed] = torch.eye(out.shape[1], dtype=out.dtype)[0]
         return out
+
+
+def foreground_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every nonzero voxel of `masks` (all of one shape); None when
+    all are empty. Post-processing and the surface metrics only touch foreground components,
+    so they run in this box: a liver is a tenth of a CT volume, a tumour far less."""
+    ndim, box = masks[0].ndim, []
+    for axis in range(ndim):  # projections: no copy of a volume
+        others = tuple(a for a in range(ndim) if a != axis)
+        hit = np.flatnonzero(np.logical_or.reduce([m.any(axis=others) for m in masks]))
+        if not hit.size:
+            return None
+        box.append(slice(hit[0], hit[-1] + 1))
+    return tuple(box)
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,16 +179,26 @@ class Choice:
         kept (a whole CT case is 10^8 voxels a mask)."""
         from liverseg.metrics import pooled_confusion
 
+        n = len(self.classes)
+        box = foreground_box(*masks.values())
+        raw = next(iter(masks.values()))
+        if box is None:  # no candidate has anything to remove
+            for v in self.variants:
+                self.counts[v] += pooled_confusion(raw, truth, n)
+            return
+        # Outside the box every candidate answers background: those counts are the raw's.
+        truth_in = truth[box]
+        outside = pooled_confusion(raw, truth, n) - pooled_confusion(raw[box], truth_in, n)
         done: dict[tuple, np.ndarray] = {}
         for v in self.variants:
-            key, out, chain = (v.mirror,), masks[v.mirror], {}
+            key, out, chain = (v.mirror,), masks[v.mirror][box], {}
             for name, value in v.steps():
                 key += (value,)
                 if key not in done:
                     done[key] = Inference(**{name: value}).apply(out, self.classes, grid)
                 out = chain[key] = done[key]
             done = chain
-            self.counts[v] += pooled_confusion(out, truth, len(self.classes))
+            self.counts[v] += outside + pooled_confusion(out, truth_in, n)
 
     def score(self, v: Inference, metric: str) -> float:
         from liverseg.metrics import class_metrics

@@ -35,12 +35,12 @@ from liverseg.io import MaskWriter, read_json, write_json
 from liverseg.metrics import (
     ConfusionMeter,
     bootstrap_ci,
-    class_confusion,
     class_metrics,
     foreground_counts,
     hd95,
     nan_to_none,
     per_image_metrics,
+    slice_confusion,
 )
 from liverseg.monitoring import drift
 from liverseg.monitoring.facts import Confidence
@@ -105,12 +105,13 @@ def serve_unit(served: Served, images: np.ndarray, batch_size: int, mirror_both:
             answers = dict(zip((False, True), served.mirrored(x, clock), strict=True)) \
                 if mirror_both else {served.mirror: served(x)}
         for mirror, probs in answers.items():
-            out.setdefault(mirror, []).append(labels.to_classes(probs, threshold).numpy())
+            out.setdefault(mirror, []).append(
+                labels.to_classes(probs, threshold).to(torch.uint8).numpy())
         probs = answers[served.mirror] if served.mirror in answers else answers[False]
         for i in range(len(probs)):
             confidence.append(Confidence())
             confidence[-1].update(probs[i:i + 1])
-    return {k: np.concatenate(v).astype(np.uint8) for k, v in out.items()}, confidence
+    return {k: np.concatenate(v) for k, v in out.items()}, confidence
 
 
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
@@ -134,8 +135,7 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
         answer, confidence = serve_unit(served, images, batch_size)
         pred = inference.apply(answer[inference.mirror], classes, grid=volume)
         seconds += time.perf_counter() - start
-        stats = meter.add(class_confusion(torch.from_numpy(pred.astype(np.int64)),
-                                          torch.from_numpy(truth), len(classes)))
+        stats = meter.add(slice_confusion(pred, truth, len(classes)))
         fg_truth = truth > 0  # any foreground class
         per_image = per_image_metrics(stats, classes)
         fg_counts = foreground_counts(stats).tolist()
