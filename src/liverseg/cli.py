@@ -20,6 +20,10 @@ from liverseg.provenance import DEFAULT_TOLERANCE
 from liverseg.redact import redact, redacted_errors
 
 disable_telemetry()  # before the stage's libraries are imported
+# pandas keeps text columns in Arrow memory, whose default allocator (mimalloc) holds on to
+# what a parquet write or a table's copy freed: validate's and split's peaks grew with their
+# rows (bench/scale.py: 8 -> 32 cases, +14% and +29% in-process; +7% and +11% with this).
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 # `liverseg --help` lists the stages in the order of the flow, then the tools around them. A
 # command not named here is still listed: after these, in the order it was defined.

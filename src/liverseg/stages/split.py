@@ -267,6 +267,7 @@ def run(params: Params, root: str | Path = ".") -> dict:
         stats[name] = {"slices": len(frame), "patients": sorted(frame["patient_id"].unique()),
                        "foreground_slices": int((frame["fg_fraction"] > 0).sum())
                        } | label_sources(frame)
+    del manifest, accepted, side  # only the splits' own rows while case files are read
     mean, std = train_pixel_stats(raw_dir, splits["train"][["image", "context"]]
                                   .to_dict("records"))
     with atomic_dir(art.splits) as tmp:

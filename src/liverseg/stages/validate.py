@@ -74,24 +74,26 @@ def describe_slice(raw_dir: Path, row: pd.Series | dict, reader: CaseReader | No
     return facts
 
 
+# What describe_slice may say of a slice: every manifest has these columns (None: unknown).
+FACTS = ("image_exists", "mask_exists", "image_sha256", "height", "width", "image_mean",
+         "image_std", "mask_sha256", "mask_height", "mask_width", "mask_values", "fg_fraction")
+
+
 def build_manifest(raw_dir: str | Path) -> pd.DataFrame:
     raw_dir = Path(raw_dir)
     index = layout.read_index(raw_dir)
     # One case file open at a time, each read once (rows taken in case-file order), keeping
     # only each slice's scalars: memory flat in the number of cases (docs/SCALING.md).
+    # Column by column, not a dict per row: a dict's overhead is more than its facts.
     images, masks, details = (index[c].tolist() for c in ("image", "mask", "ingest_detail"))
-    facts_of: list[dict] = [{}] * len(index)
+    columns = {col: [None] * len(index) for col in FACTS}
     with CaseReader(raw_dir) as reader:
         for at in case_order([i or m for i, m in zip(images, masks, strict=True)]):
             row = {"image": images[at], "mask": masks[at], "ingest_detail": details[at]}
-            facts_of[at] = describe_slice(raw_dir, row, reader)
-    facts = pd.DataFrame(facts_of, index=index.index)
-    manifest = pd.concat([index, facts], axis=1)
-    # Make the columns the suite reads exist even when every file of one kind is missing.
-    for col in ["image_sha256", "mask_sha256", "height", "width", "mask_height", "mask_width",
-                "mask_values", "fg_fraction", "image_mean", "image_std"]:
-        if col not in manifest:
-            manifest[col] = None
+            for col, value in describe_slice(raw_dir, row, reader).items():
+                columns[col][at] = value
+    manifest = pd.concat([index, pd.DataFrame(columns, index=index.index)], axis=1)
+    del columns
     manifest.insert(0, "id", manifest["slice_id"])  # the contract's name for the slice id
     group_by_own_id(manifest)
     # Where the slice is stored (its case file and slot), for entries with no source file.
@@ -308,8 +310,9 @@ def run(params: Params, root: str | Path = ".") -> dict:
     # A label a later one of its series replaced is no item to check: counted apart.
     superseded = manifest["label_status"] == "superseded"
     classes = labels.read_classes(raw_dir)
-    success, rules = run_suite_with_data_docs(manifest[~superseded], cfg, art.validation_docs,
-                                              len(classes))
+    checked = manifest[~superseded] if superseded.any() else manifest  # no copy when none
+    success, rules = run_suite_with_data_docs(checked, cfg, art.validation_docs, len(classes))
+    del checked
     reasons: dict[str, list[str]] = {}
     for rule in rules:
         for sid in rule["failing_slices"]:
