@@ -127,6 +127,36 @@ def test_evaluate_puts_each_case_back_together_in_slice_order():
         | case_row(pred, truth, ("background", "tumour"), (2.0, 1.0, 0.5))
 
 
+def test_a_whole_case_at_once_scores_and_watches_as_its_slices_one_by_one():
+    """evaluate hands a grid case over whole (`add_case`, no second copy of its slices):
+    the same 3D row and the same monitoring row as slice by slice."""
+    from liverseg.monitoring.facts import Confidence
+    from liverseg.serving.watch import CaseWatches
+
+    classes = ("background", "liver", "tumour")
+    rng = np.random.default_rng(0)
+    pred, truth = rng.integers(0, 3, (2, 5, 16, 16)).astype(np.uint8)
+    grey = rng.integers(0, 256, (5, 16, 16)).astype(np.uint8)
+    confidence = []
+    for k in range(5):
+        confidence.append(Confidence())
+        confidence[-1].update(rng.random((1, 3, 16, 16)))
+    rows = [{"slice_id": f"a{k}", "case": "a", "slice_index": k, "spacing": "2,1,0.5"}
+            for k in range(5)]
+    by_slice, whole = CaseVolumes(rows, classes), CaseVolumes(rows, classes)
+    watched, watched_whole = CaseWatches(classes, {}), CaseWatches(classes, {})
+    for k in range(5):
+        by_slice.add(f"a{k}", pred[k], truth[k])
+        watched.add("a", grey[k], confidence[k], pred[k])
+    whole.add_case("a0", pred, truth)
+    watched_whole.add_case(grey, confidence, pred)
+    assert whole.finish() == by_slice.finish()
+    (one,), (other,) = watched.finish(), watched_whole.finish()
+    assert {k: v for k, v in one.items() if k != "time"} == \
+        {k: v for k, v in other.items() if k != "time"}
+    assert one["kind"] == "volume"
+
+
 def test_ingest_records_the_spacing_of_the_stored_slices(tmp_path):
     """A LiTS crop stored as LPS with 0.7 x 0.8 x 2.5 mm voxels: its rows say 2.5 mm between
     slices, 0.8 between rows, 0.7 between columns (the canonical slices' axes)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg.casestore import SliceRef
+from liverseg.casestore import SliceRef, open_case
 
 
 def case_file_of(ref: object) -> str:
@@ -48,12 +48,9 @@ class CaseReader:
         if case_file in self._open:
             self._open.move_to_end(case_file)
         else:
-            import h5py
-            import hdf5plugin  # noqa: F401  (registers the Zstandard filter)
-
             path = self.raw_dir / case_file
             try:
-                handle = h5py.File(path, "r")
+                handle = open_case(path)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{path}: case file missing; rerun `liverseg "
                                         "ingest`") from None

@@ -105,6 +105,13 @@ def write_case(path: str | Path, groups: dict[str, tuple[np.ndarray, np.ndarray]
         tmp.unlink(missing_ok=True)
 
 
+def open_case(path: str | Path):
+    """A case file open for reading slices, without HDF5's chunk cache: a slice is one
+    chunk, read once a visit, and the cache (8 MiB a dataset under HDF5 2.0) only held
+    memory: with MAX_OPEN files open, training's peak grew with the number of cases."""
+    return _h5py().File(path, "r", rdcc_nbytes=0)
+
+
 MAX_OPEN = 32  # files kept open per process: a hospital's thousand cases stay in limits
 _OPEN: OrderedDict[tuple[str, int], tuple[tuple, object, dict]] = OrderedDict()
 
@@ -121,7 +128,7 @@ def _dataset(path: Path, name: str):
     else:
         if key in _OPEN:
             _OPEN.pop(key)[1].close()
-        _OPEN[key] = (stamp, _h5py().File(path, "r"), {})
+        _OPEN[key] = (stamp, open_case(path), {})
         while len(_OPEN) > MAX_OPEN:
             (_, pid), (_, handle, _) = _OPEN.popitem(last=False)
             if pid == os.getpid():

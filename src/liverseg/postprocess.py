@@ -18,6 +18,8 @@ DICOM series, a validation case with all its slices) and 2D (8-connected) per sl
 otherwise: 2D images, tilted or irregular series, REST batches (no case identity).
 scipy.ndimage labels both with one call and is already a dependency; connected-components-3d
 is faster on very large volumes but would add a compiled dependency for no change in result.
+Every step runs in the box around the foreground (`foreground_box`): on a 448x512x512 CT
+case that is what keeps evaluate's choice and serving's post-processing at seconds.
 """
 
 from __future__ import annotations
@@ -116,17 +118,16 @@ def foreground_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(component labels, each label's size; background's size 0)."""
-    lab, _ = ndimage.label(mask, FULL)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab, sizes
+    lab, n = ndimage.label(mask, FULL)
+    # Counted over the labelled voxels only: bincount makes an int64 copy of what it counts.
+    return lab, np.bincount(lab[mask], minlength=n + 1)
 
 
 def largest_foreground(mask, on: bool, classes):
     if not on or not mask.any():
         return mask
     lab, sizes = _label(mask > 0)
-    return np.where(lab == sizes.argmax(), mask, 0).astype(mask.dtype)
+    return np.where(lab == sizes.argmax(), mask, 0).astype(mask.dtype, copy=False)
 
 
 def tumour_in_liver(mask, on: bool, classes):
@@ -136,7 +137,7 @@ def tumour_in_liver(mask, on: bool, classes):
     lab, _ = _label(mask == tumour)
     near_liver = ndimage.binary_dilation(mask == classes.index("liver"), FULL)
     touching = np.unique(lab[near_liver & (lab > 0)])
-    return np.where((lab > 0) & ~np.isin(lab, touching), 0, mask).astype(mask.dtype)
+    return np.where((lab > 0) & ~np.isin(lab, touching), 0, mask).astype(mask.dtype, copy=False)
 
 
 def min_tumour(mask, size: int, classes):
@@ -145,7 +146,7 @@ def min_tumour(mask, size: int, classes):
     lab, sizes = _label(mask == classes.index("tumour"))
     small = sizes < size
     small[0] = False
-    return np.where(small[lab], 0, mask).astype(mask.dtype)
+    return np.where(small[lab], 0, mask).astype(mask.dtype, copy=False)
 
 
 STEPS = {"largest_foreground": largest_foreground, "tumour_in_liver": tumour_in_liver,

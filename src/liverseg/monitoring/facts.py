@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from liverseg.postprocess import foreground_box
+
 HEADER_KEYS = ("Manufacturer", "ManufacturerModelName", "KVP", "ConvolutionKernel",
                "SliceThickness", "PixelSpacing")
 # the row's column for each DICOM keyword (PixelSpacing splits into row and column spacing)
@@ -259,16 +261,13 @@ def lesion_count(tumour: np.ndarray, volume: bool) -> int:
     tumour = np.asarray(tumour, dtype=bool)
     if tumour.ndim == 2:
         tumour = tumour[None]
-    z = np.flatnonzero(tumour.any(axis=(1, 2)))
-    if not z.size:
+    box = foreground_box(tumour)
+    if box is None:
         return 0
-    y = np.flatnonzero(tumour[z[0]:z[-1] + 1].any(axis=(0, 2)))
-    x = np.flatnonzero(tumour[z[0]:z[-1] + 1].any(axis=(0, 1)))
-    box = tumour[z[0]:z[-1] + 1, y[0]:y[-1] + 1, x[0]:x[-1] + 1]
     structure = np.ones((3, 3, 3), dtype=bool)
     if not volume:
         structure[0] = structure[2] = False  # no connection between images
-    return int(ndimage.label(box, structure=structure)[1])
+    return int(ndimage.label(tumour[box], structure=structure)[1])
 
 
 def served_row(identity: dict, kind: str, input_facts: dict, output_facts: dict,

@@ -103,23 +103,35 @@ class CaseWatches:
             mask: np.ndarray) -> None:
         """One slice [H, W] with the confidence of its probabilities and its served classes."""
         if case != self.case:
-            self._close()
+            self.close_case()
             self.case, self.watch = case, Watch()
         self.grey.append(grey)
         self.masks.append(mask)
         self.watch.confidence.merge(confidence)
 
-    def _close(self) -> None:
+    def add_case(self, grey: np.ndarray, confidence: list[mfacts.Confidence],
+                 masks: np.ndarray) -> None:
+        """A whole case at once: grey and served classes [N, H, W], a confidence per slice."""
+        self.close_case()
+        watch = Watch()
+        for c in confidence:
+            watch.confidence.merge(c)
+        self._row(watch, grey, masks, volume=len(grey) > 1)
+
+    def close_case(self) -> None:
         if self.watch is None:
             return
         volume = len(self.grey) > 1 and len({g.shape for g in self.grey}) == 1
         grey = np.stack(self.grey) if volume else self.grey[0][None]
         masks = np.stack(self.masks) if volume else self.masks[0][None]
-        self.watch.saw(grey)
-        self.watch.answered(masks, self.classes, None, volume=volume)
-        self.rows.append(self.watch.row(self.identity, "volume" if volume else "image"))
-        self.grey, self.masks, self.watch = [], [], None
+        self.grey, self.masks, watch, self.watch, self.case = [], [], self.watch, None, None
+        self._row(watch, grey, masks, volume)
+
+    def _row(self, watch: Watch, grey: np.ndarray, masks: np.ndarray, volume: bool) -> None:
+        watch.saw(grey)
+        watch.answered(masks, self.classes, None, volume=volume)
+        self.rows.append(watch.row(self.identity, "volume" if volume else "image"))
 
     def finish(self) -> list[dict]:
-        self._close()
+        self.close_case()
         return self.rows

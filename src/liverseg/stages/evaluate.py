@@ -74,6 +74,7 @@ def units(dataset: SliceDataset, batch_size: int, grid: set[str]):
     other slices in batches of one size. Every slice is read once."""
     def unit(volume: bool, items: list):
         images, masks, ids, cases, _ = zip(*sorted(items, key=lambda it: it[4]), strict=True)
+        items.clear()  # the slices' own arrays go with the unit's stacks: one copy held
         return volume, np.stack(images), np.stack(masks), list(ids), list(cases)
 
     items, key = [], None  # key: the case of a volume unit, None for a batch of slices
@@ -84,7 +85,6 @@ def units(dataset: SliceDataset, batch_size: int, grid: set[str]):
         if items and (new_key != key or key is None and (
                 len(items) == batch_size or items[0][0].shape != image.shape)):
             yield unit(key is not None, items)
-            items = []
         key = new_key
         items.append((image, mask, str(row["slice_id"]), case,
                       int(row["slice_index"]) if key is not None else i))
@@ -145,12 +145,21 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth[i].sum())})
             masks.add(sid, pred[i])
-            if watches is not None:  # a 2.5D stack's own slice is its centre channel
-                grey = images[i][len(images[i]) // 2] if images.ndim == 4 else images[i]
-                watches.add(case_of[sid], grey, confidence[i], pred[i])
+        # A 2.5D stack's own slice is its centre channel.
+        grey = images[:, images.shape[1] // 2] if images.ndim == 4 else images
+        if volume:  # a whole case: scored as it is, without gathering its slices again
+            if watches is not None:
+                watches.add_case(grey, confidence, pred)
             if volumes is not None:
-                volumes.add(sid, pred[i], truth[i])
+                volumes.add_case(ids[0], pred, truth)
+        else:
+            for i, sid in enumerate(ids):
+                if watches is not None:
+                    watches.add(case_of[sid], grey[i], confidence[i], pred[i])
+                if volumes is not None:
+                    volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
+        del images, truth, answer, pred, grey  # let go before the next case is read
     return meter, rows, np.concatenate(counts), seconds
 
 
@@ -198,11 +207,11 @@ class CaseVolumes:
             return
         case, index, spacing = self.where[sid]
         if case != self.case:
-            self._close()
+            self.close_case()
             self.case, self.spacing = case, spacing
         self.slices.append((index, pred, truth))
 
-    def _close(self) -> None:
+    def close_case(self) -> None:
         self.slices.sort(key=lambda s: s[0])
         indices = [i for i, _, _ in self.slices]
         whole = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
@@ -212,13 +221,24 @@ class CaseVolumes:
             return
         pred = np.stack([p for _, p, _ in self.slices])
         truth = np.stack([t for _, _, t in self.slices])
-        spacing = [float(v) for v in self.spacing.split(",")]
-        self.rows.append({"case": self.case, "slices": len(self.slices), "spacing_mm": spacing}
+        self.slices = []
+        self._score(self.case, self.spacing, pred, truth)
+        self.case = None
+
+    def add_case(self, sid: str, pred: np.ndarray, truth: np.ndarray) -> None:
+        """A whole case at once, in slice order (`sid`: its first slice)."""
+        self.close_case()
+        if sid in self.where:
+            case, _, spacing = self.where[sid]
+            self._score(case, spacing, pred, truth)
+
+    def _score(self, case: str, spacing: str, pred: np.ndarray, truth: np.ndarray) -> None:
+        spacing = [float(v) for v in spacing.split(",")]
+        self.rows.append({"case": case, "slices": len(pred), "spacing_mm": spacing}
                          | case_row(pred, truth, self.classes, spacing))
-        self.case, self.slices = None, []
 
     def finish(self) -> dict | None:
-        self._close()
+        self.close_case()
         if not self.rows:
             return None
         return {"summary": summary(self.rows, self.classes), "cases": self.rows}
