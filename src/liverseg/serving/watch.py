@@ -103,7 +103,7 @@ class CaseWatches:
             mask: np.ndarray) -> None:
         """One slice [H, W] with the confidence of its probabilities and its served classes."""
         if case != self.case:
-            self.close_case()
+            self._close()
             self.case, self.watch = case, Watch()
         self.grey.append(grey)
         self.masks.append(mask)
@@ -112,13 +112,13 @@ class CaseWatches:
     def add_case(self, grey: np.ndarray, confidence: list[mfacts.Confidence],
                  masks: np.ndarray) -> None:
         """A whole case at once: grey and served classes [N, H, W], a confidence per slice."""
-        self.close_case()
+        self._close()
         watch = Watch()
         for c in confidence:
             watch.confidence.merge(c)
         self._row(watch, grey, masks, volume=len(grey) > 1)
 
-    def close_case(self) -> None:
+    def _close(self) -> None:
         if self.watch is None:
             return
         volume = len(self.grey) > 1 and len({g.shape for g in self.grey}) == 1
@@ -133,5 +133,5 @@ class CaseWatches:
         self.rows.append(watch.row(self.identity, "volume" if volume else "image"))
 
     def finish(self) -> list[dict]:
-        self.close_case()
+        self._close()
         return self.rows

@@ -207,11 +207,11 @@ class CaseVolumes:
             return
         case, index, spacing = self.where[sid]
         if case != self.case:
-            self.close_case()
+            self._close()
             self.case, self.spacing = case, spacing
         self.slices.append((index, pred, truth))
 
-    def close_case(self) -> None:
+    def _close(self) -> None:
         self.slices.sort(key=lambda s: s[0])
         indices = [i for i, _, _ in self.slices]
         whole = indices == list(range(indices[0], indices[0] + len(indices))) if indices else False
@@ -227,7 +227,7 @@ class CaseVolumes:
 
     def add_case(self, sid: str, pred: np.ndarray, truth: np.ndarray) -> None:
         """A whole case at once, in slice order (`sid`: its first slice)."""
-        self.close_case()
+        self._close()
         if sid in self.where:
             case, _, spacing = self.where[sid]
             self._score(case, spacing, pred, truth)
@@ -238,7 +238,7 @@ class CaseVolumes:
                          | case_row(pred, truth, self.classes, spacing))
 
     def finish(self) -> dict | None:
-        self.close_case()
+        self._close()
         if not self.rows:
             return None
         return {"summary": summary(self.rows, self.classes), "cases": self.rows}
