@@ -138,7 +138,7 @@ def test_a_whole_case_at_once_scores_and_watches_as_its_slices_one_by_one():
     pred, truth = rng.integers(0, 3, (2, 5, 16, 16)).astype(np.uint8)
     grey = rng.integers(0, 256, (5, 16, 16)).astype(np.uint8)
     confidence = []
-    for k in range(5):
+    for _ in range(5):
         confidence.append(Confidence())
         confidence[-1].update(rng.random((1, 3, 16, 16)))
     rows = [{"slice_id": f"a{k}", "case": "a", "slice_index": k, "spacing": "2,1,0.5"}
