@@ -22,7 +22,8 @@ from liverseg.redact import redact, redacted_errors
 disable_telemetry()  # before the stage's libraries are imported
 # pandas keeps text columns in Arrow memory, whose default allocator (mimalloc) holds on to
 # what a parquet write or a table's copy freed: validate's and split's peaks grew with their
-# rows (bench/scale.py: 8 -> 32 cases, +14% and +29% in-process; +7% and +11% with this).
+# rows (8 -> 32 LiTS-sized cases, in-process: up to +14% and +29%; +8% and +11% with the
+# system allocator; docs/SCALING.md).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 # `liverseg --help` lists the stages in the order of the flow, then the tools around them. A
