@@ -159,7 +159,7 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                 if volumes is not None:
                     volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
-        del images, truth, answer, pred, grey  # let go before the next case is read
+        del images, truth, fg_truth, answer, pred, grey  # let go before the next case is read
     return meter, rows, np.concatenate(counts), seconds
 
 
