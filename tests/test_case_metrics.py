@@ -76,6 +76,38 @@ def test_distances_in_the_foreground_box_are_monai_s_on_the_whole_volume(seed):
                                                  spacing=list(SPACING))[0, 0])}, abs=1e-6)
 
 
+def test_a_case_s_volumes_are_freed_once_its_metrics_are_released():
+    """MONAI's surface distances leave a cycle (a failed optional import's traceback) that
+    holds the frames above them with their volumes; evaluate's per-case `heap.release`
+    must free them, or its memory grows with the number of cases."""
+    import gc
+    import weakref
+
+    from liverseg import heap
+
+    refs = []
+
+    def score_a_case():
+        pred, truth = np.zeros((2, 12, 20, 16), np.uint8)
+        pred[3:7, 2:6, 4:9] = truth[4:9, 2:6, 5:11] = 1
+        refs.extend([weakref.ref(pred), weakref.ref(truth)])
+        case_row(pred, truth, ("background", "liver"), SPACING)
+
+    heap.trim()  # glibc's function looked up before the collector is held
+    enabled = gc.isenabled()
+    gc.disable()  # as between the collector's own runs
+    try:
+        score_a_case()
+        held = [r() is not None for r in refs]
+        heap.release()
+        freed = [r() is None for r in refs]  # before the collector may run again
+    finally:
+        if enabled:
+            gc.enable()
+    assert held == [True, True], "MONAI no longer leaves the cycle: release's collect may go"
+    assert freed == [True, True]
+
+
 def test_empty_masks_follow_the_stated_rule():
     empty, one = _voxels(), _voxels((1, 1, 1))
     assert overlap(empty, empty) == {"dice": 1.0, "voe": 0.0, "rvd": 0.0}

@@ -23,6 +23,12 @@ components.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+# Imported with the module, never inside a call: MONAI keeps the traceback of the optional
+# imports it fails (cupy, cucim) for good, and with it every frame above the import, which
+# inside evaluate held a whole case's prediction and truth (235 MB at LiTS size).
+from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
 
 from liverseg.postprocess import foreground_box
@@ -47,20 +53,17 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
         return {"assd": 0.0, "mssd": 0.0, "hd95": 0.0}
     if not pred.any() or not truth.any():
         return {"assd": None, "mssd": None, "hd95": None}
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-
-    # MONAI crops to this box itself (and pads it by a voxel), but after float copies of
-    # the whole volume.
+    # MONAI's compute_average_surface_distance and compute_hausdorff_distance each find the
+    # edges and their distance transforms again, after float copies of the whole volume:
+    # here once, in the foreground's box (MONAI crops to it too), aggregated as they do.
     box = foreground_box(pred, truth)
-    pred, truth = pred[box], truth[box]
-    y_pred = np.stack([~pred, pred])[None].astype(np.float32)  # [1, 2, Z, Y, X] one-hot
-    y = np.stack([~truth, truth])[None].astype(np.float32)
-    spacing = [float(s) for s in spacing]
-    return {"assd": float(compute_average_surface_distance(y_pred, y, symmetric=True,
-                                                           spacing=spacing)[0, 0]),
-            "mssd": float(compute_hausdorff_distance(y_pred, y, spacing=spacing)[0, 0]),
-            "hd95": float(compute_hausdorff_distance(y_pred, y, percentile=95,
-                                                     spacing=spacing)[0, 0])}
+    _, (to_truth, to_pred), _ = get_edge_surface_distance(
+        torch.from_numpy(np.ascontiguousarray(pred[box])),
+        torch.from_numpy(np.ascontiguousarray(truth[box])),
+        spacing=[float(s) for s in spacing], symmetric=True)
+    return {"assd": float(torch.cat([to_truth, to_pred]).mean()),
+            "mssd": float(max(to_truth.max(), to_pred.max())),
+            "hd95": float(max(torch.quantile(d, 0.95) for d in (to_truth, to_pred)))}
 
 
 def lesions(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -82,6 +85,10 @@ def case_row(pred: np.ndarray, truth: np.ndarray, classes: tuple[str, ...], spac
     """Every metric of one case, per foreground class (`<class>_dice`, ...), from class-index
     volumes [Z, Y, X]; a binary model's one class is its target's name. Voxel counts too,
     for `global_dice`."""
+    # Every count and distance is over foreground voxels: the box around them is enough.
+    box = foreground_box(pred, truth)
+    if box is not None:
+        pred, truth = pred[box], truth[box]
     row = {}
     for k, name in enumerate(classes[1:], start=1):
         # Three classes as LiTS scores them: the liver includes its tumours.

@@ -63,16 +63,20 @@ def slice_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, chun
                       for i in range(0, len(pred), chunk)])
 
 
-def pooled_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+def pooled_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, chunk: int = 32
+                     ) -> np.ndarray:
     """`class_confusion` summed over the images, [C, 4], of class-index arrays of any shape:
-    in numpy on the arrays' own dtype (a whole CT case is 10^8 voxels; the per-image counts
-    would make int64 copies of it, eight bytes a voxel)."""
+    in numpy on the arrays' own dtype, `chunk` slices of the first axis at a time (a whole
+    CT case is 10^8 voxels; the per-image counts would make int64 copies of it, eight bytes a
+    voxel, and each class's masks one byte a voxel)."""
     out = np.zeros((num_classes, 4))
-    for k in range(num_classes):
-        p, t = pred == k, target == k
-        tp = np.count_nonzero(p & t)
-        fp, fn = np.count_nonzero(p) - tp, np.count_nonzero(t) - tp
-        out[k] = tp, fp, fn, pred.size - tp - fp - fn
+    pred, target = np.atleast_1d(pred), np.atleast_1d(target)
+    for i in range(0, len(pred), chunk):
+        for k in range(num_classes):
+            p, t = pred[i:i + chunk] == k, target[i:i + chunk] == k
+            tp = np.count_nonzero(p & t)
+            fp, fn = np.count_nonzero(p) - tp, np.count_nonzero(t) - tp
+            out[k] += tp, fp, fn, p.size - tp - fp - fn
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from liverseg import checkpoint, labels, tracking
+from liverseg import checkpoint, heap, labels, tracking
 from liverseg.artifacts import RUN, Artifacts
 from liverseg.case_metrics import case_row, summary
 from liverseg.config import VOLUME_SOURCES, Params
@@ -75,7 +75,11 @@ def units(dataset: SliceDataset, batch_size: int, grid: set[str]):
     def unit(volume: bool, items: list):
         images, masks, ids, cases, _ = zip(*sorted(items, key=lambda it: it[4]), strict=True)
         items.clear()  # the slices' own arrays go with the unit's stacks: one copy held
-        return volume, np.stack(images), np.stack(masks), list(ids), list(cases)
+        stacks = np.stack(images), np.stack(masks)
+        del images, masks
+        if volume:  # a case's slices, read one at a time, freed: their pages back now
+            heap.trim()
+        return volume, *stacks, list(ids), list(cases)
 
     items, key = [], None  # key: the case of a volume unit, None for a batch of slices
     for i, row in enumerate(dataset.rows):
@@ -98,20 +102,22 @@ def serve_unit(served: Served, images: np.ndarray, batch_size: int, mirror_both:
     uint8}, per-slice `Confidence` of the served probabilities). `mirror_both`: the plain
     and the mirrored answers from one set of passes (evaluate's choice), each batch's
     seconds to either going to `clock` (`Served.mirrored`)."""
-    threshold, out, confidence = served.prep.threshold, {}, []
+    threshold, confidence = served.prep.threshold, []
+    # Filled batch by batch: no list of batches to concatenate (a second copy of a case).
+    out = {mirror: np.empty((len(images), *images.shape[-2:]), np.uint8)
+           for mirror in ((False, True) if mirror_both else (served.mirror,))}
     for b in range(0, len(images), batch_size):
         x = served.grey_batch(images[b:b + batch_size])
         with torch.no_grad():
             answers = dict(zip((False, True), served.mirrored(x, clock), strict=True)) \
                 if mirror_both else {served.mirror: served(x)}
         for mirror, probs in answers.items():
-            out.setdefault(mirror, []).append(
-                labels.to_classes(probs, threshold).to(torch.uint8).numpy())
+            out[mirror][b:b + len(probs)] = labels.to_classes(probs, threshold).numpy()
         probs = answers[served.mirror] if served.mirror in answers else answers[False]
         for i in range(len(probs)):
             confidence.append(Confidence())
             confidence[-1].update(probs[i:i + 1])
-    return {k: np.concatenate(v) for k, v in out.items()}, confidence
+    return out, confidence
 
 
 def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
@@ -133,17 +139,17 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
     for volume, images, truth, ids, _ in units(dataset, batch_size, grid):
         start = time.perf_counter()
         answer, confidence = serve_unit(served, images, batch_size)
-        pred = inference.apply(answer[inference.mirror], classes, grid=volume)
+        pred = inference.apply(answer.pop(inference.mirror), classes, grid=volume)
         seconds += time.perf_counter() - start
         stats = meter.add(slice_confusion(pred, truth, len(classes)))
-        fg_truth = truth > 0  # any foreground class
         per_image = per_image_metrics(stats, classes)
         fg_counts = foreground_counts(stats).tolist()
         for i, (sid, m) in enumerate(zip(ids, per_image, strict=True)):
             tp, fp, fn, tn = fg_counts[i]
-            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, fg_truth[i]),
+            fg_truth = truth[i] > 0  # any foreground class
+            rows.append({"slice_id": sid, **m, "hd95": hd95(pred[i] > 0, fg_truth),
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
-                         "truth_pixels": int(fg_truth[i].sum())})
+                         "truth_pixels": int(fg_truth.sum())})
             masks.add(sid, pred[i])
         # A 2.5D stack's own slice is its centre channel.
         grey = images[:, images.shape[1] // 2] if images.ndim == 4 else images
@@ -159,7 +165,9 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                 if volumes is not None:
                     volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
-        del images, truth, fg_truth, answer, pred, grey  # let go before the next case is read
+        del images, truth, pred, grey  # let go before the next case is read
+        if volume:  # and what the case's 3D metrics left in cycles (`liverseg.heap`)
+            heap.release()
     return meter, rows, np.concatenate(counts), seconds
 
 
@@ -182,6 +190,9 @@ def choose_inference(served: Served, dataset: SliceDataset, params: Params,
         answers, _ = serve_unit(served, images, params.evaluate.batch_size,
                                 mirror_both=tta != "none", clock=clock)
         choice.add(answers, truth, volume)
+        del images, truth, answers
+        if volume:  # a case: its memory back before the next (batches of slices are small)
+            heap.trim()
     decision, record = choice.choose(params.compare.rank_by, tta)
     if clock:
         n, (plain, both) = len(dataset.rows), np.sum(clock, axis=0)
