@@ -141,6 +141,16 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
         answer, confidence = serve_unit(served, images, batch_size)
         pred = inference.apply(answer.pop(inference.mirror), classes, grid=volume)
         seconds += time.perf_counter() - start
+        if watches is not None:  # first, so that the grey slices can go before the scoring
+            # A 2.5D stack's own slice is its centre channel.
+            grey = images[:, images.shape[1] // 2] if images.ndim == 4 else images
+            if volume:  # a whole case: watched as it is, without gathering its slices again
+                watches.add_case(grey, confidence, pred)
+            else:
+                for i, sid in enumerate(ids):
+                    watches.add(case_of[sid], grey[i], confidence[i], pred[i])
+            del grey
+        del images
         stats = meter.add(slice_confusion(pred, truth, len(classes)))
         per_image = per_image_metrics(stats, classes)
         fg_counts = foreground_counts(stats).tolist()
@@ -151,21 +161,13 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth.sum())})
             masks.add(sid, pred[i])
-        # A 2.5D stack's own slice is its centre channel.
-        grey = images[:, images.shape[1] // 2] if images.ndim == 4 else images
-        if volume:  # a whole case: scored as it is, without gathering its slices again
-            if watches is not None:
-                watches.add_case(grey, confidence, pred)
-            if volumes is not None:
-                volumes.add_case(ids[0], pred, truth)
-        else:
+        if volumes is not None and volume:  # scored as a case, as it is
+            volumes.add_case(ids[0], pred, truth)
+        elif volumes is not None:
             for i, sid in enumerate(ids):
-                if watches is not None:
-                    watches.add(case_of[sid], grey[i], confidence[i], pred[i])
-                if volumes is not None:
-                    volumes.add(sid, pred[i], truth[i])
+                volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
-        del images, truth, pred, grey  # let go before the next case is read
+        del truth, pred  # let go before the next case is read
         if volume:  # and what the case's 3D metrics left in cycles (`liverseg.heap`)
             heap.release()
     return meter, rows, np.concatenate(counts), seconds
@@ -189,8 +191,9 @@ def choose_inference(served: Served, dataset: SliceDataset, params: Params,
         served.mirror = False
         answers, _ = serve_unit(served, images, params.evaluate.batch_size,
                                 mirror_both=tta != "none", clock=clock)
+        del images  # the answers are scored against the truth alone
         choice.add(answers, truth, volume)
-        del images, truth, answers
+        del truth, answers
         if volume:  # a case: its memory back before the next (batches of slices are small)
             heap.trim()
     decision, record = choice.choose(params.compare.rank_by, tta)
