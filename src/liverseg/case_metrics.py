@@ -25,9 +25,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Imported with the module, never inside a call: MONAI keeps the traceback of the optional
-# imports it fails (cupy, cucim) for good, and with it every frame above the import, which
-# inside evaluate held a whole case's prediction and truth (235 MB at LiTS size).
+# Imported with the module, never inside a call: MONAI's modules keep, for good, the
+# traceback of an optional import that fails while they load (GPU libraries absent here),
+# and with it every frame above the import: inside evaluate, a whole case's prediction and
+# truth (235 MB at LiTS size).
 from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
 
