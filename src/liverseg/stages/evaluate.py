@@ -161,11 +161,12 @@ def predict_split(served: Served, dataset: SliceDataset, batch_size: int,
                          "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
                          "truth_pixels": int(fg_truth.sum())})
             masks.add(sid, pred[i])
-        if volumes is not None and volume:  # scored as a case, as it is
-            volumes.add_case(ids[0], pred, truth)
-        elif volumes is not None:
-            for i, sid in enumerate(ids):
-                volumes.add(sid, pred[i], truth[i])
+        if volumes is not None:
+            if volume:  # a whole case: scored as it is
+                volumes.add_case(ids[0], pred, truth)
+            else:
+                for i, sid in enumerate(ids):
+                    volumes.add(sid, pred[i], truth[i])
         counts.append(stats.numpy())
         del truth, pred  # let go before the next case is read
         if volume:  # and what the case's 3D metrics left in cycles (`liverseg.heap`)
