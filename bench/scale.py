@@ -50,6 +50,11 @@ and each stage's peak memory (and seconds) at the largest / the smallest size.
 `--workers 1 2`: after both runs of a size, the sha256 of every file of the ingest's outputs
 (as dvc.lock names them: data/raw at this commit) is compared between the two work
 directories (identical, or the files that differ).
+`--pairs K`: at the end, in the last size's fewest-workers directory, K pairs of ingest runs
+(the store emptied, `--force`): the fewest workers, then at once the most; each pair's ratio
+and their median (the rows' runs are minutes apart, and this machine's speed drifts).
+Every timed stage starts after an `os.sync()`, so the files the last one wrote are not
+written back on its clock.
 `--increment`: after the runs of a size, in the last work directory: one more case is linked
 into the source folder; `dvc status` is timed (`status_s`) with the stages it names (compare,
 register and report never ran here, so they are always named; whether the stages up to
@@ -160,6 +165,7 @@ def run_stage(workdir: Path, stage: str, env: dict, force: bool = False) -> dict
     <workdir>/bench-scale.log."""
     cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     log = workdir / "bench-scale.log"
+    os.sync()  # the last stage's files written back before the clock starts, not during
     with log.open("a") as sink:
         sink.write(f"$ {shlex.join(cmd)}\n")
         sink.flush()
@@ -335,6 +341,26 @@ def identity(cases: int, dirs: dict[int, Path]) -> dict:
             "differ": (diff["added"] + diff["removed"] + diff["changed"])[:20]}
 
 
+def ingest_pairs(workdir: Path, workers: list[int], rounds: int) -> list[dict]:
+    """`rounds` times: ingest alone with the fewest, then at once with the most workers, in
+    one work directory (the store emptied, so every case is made again; `--force`). The
+    rows' runs of one size are minutes apart, and this machine's speed drifts by 5-10% over
+    an hour; each pair here is measured under the same conditions."""
+    lo, hi = min(workers), max(workers)
+    pairs = []
+    for number in range(1, rounds + 1):
+        seconds = {}
+        for count in (lo, hi):
+            shutil.rmtree(workdir / INGEST_STORE, ignore_errors=True)
+            seconds[count] = run_stage(workdir, "ingest", stage_env(workdir, count),
+                                       force=True)["s"]
+        pairs.append({"round": number, f"ingest_s_w{lo}": seconds[lo],
+                      f"ingest_s_w{hi}": seconds[hi], "ratio": round(seconds[lo] / seconds[hi], 3)})
+        print(f"  {workdir.name} ingest pair {number}: {seconds[lo]} / {seconds[hi]} s",
+              flush=True)
+    return pairs
+
+
 def add_case(source: Path, pool: Path, index: int) -> None:
     lits.link_case(pool, index, source)
 
@@ -450,12 +476,18 @@ def write_results(stem: str, table: pd.DataFrame, facts: dict) -> None:
 
 
 def print_report(table: pd.DataFrame, identities: list[dict], increments: list[dict],
-                 ceiling: float | None = None) -> None:
+                 ceiling: float | None = None, pairs: list[dict] = ()) -> None:
     pd.set_option("display.width", 250)
     print("\n" + table.to_string(index=False))
     side_by_side = ratios(table, ceiling)
     if len(side_by_side):
         print("\n" + side_by_side.to_string(index=False, float_format="{:.2f}".format))
+    if pairs:
+        ratios_ = [pair["ratio"] for pair in pairs]
+        print("\ningest alone, fewest then most workers, pair by pair ({} cases):\n{}\n"
+              "median ratio {:.2f} (min {:.2f}, max {:.2f})".format(
+                  pairs[0]["cases"], pd.DataFrame(pairs).to_string(index=False),
+                  float(pd.Series(ratios_).median()), min(ratios_), max(ratios_)))
     for check in identities:
         verdict = "identical" if check["identical"] else f"DIFFERENT: {check['differ']}"
         print(f"\ningest outputs, {check['cases']} cases, workers {check['workers']}: "
@@ -496,6 +528,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overlay", nargs="+", default=[], metavar="PATH",
                         help="files (relative to the repository) copied from the working tree "
                         "over the clone of HEAD: measure a change before committing it")
+    parser.add_argument("--pairs", type=int, default=0, metavar="K",
+                        help="then, at the largest size, K more ingest runs with the fewest "
+                        "and the most workers, one right after the other: K ratios")
     parser.add_argument("--sharing", default="nothing else",
                         help="what else ran on the machine meanwhile (recorded in the JSON)")
     return parser.parse_args()
@@ -519,7 +554,7 @@ def main() -> None:
         raise SystemExit(f"--overlay: no such file(s) in {REPO}: {missing}")
     name, shape = args.name or f"s{args.size}-z{args.slices}", lits.Shape(args.size, args.slices)
     head = runner.git_checked("rev-parse", args.commit, cwd=REPO).strip()
-    started, rows, identities, increments = time.time(), [], [], []
+    started, rows, identities, increments, pairs = time.time(), [], [], [], []
     # measured first, beside the runs: what the worker ratios can be compared with
     ceiling = parallel_ceiling(max(args.workers)) if max(args.workers) > 1 else None
     model_stages = [] if args.data_only else MODEL_STAGES + (REPORT_STAGES if args.report
@@ -538,6 +573,9 @@ def main() -> None:
             identities.append(identity(cases, dirs))
         if args.increment:
             increments += increment(dirs[args.workers[-1]], rows[-1], shape, args.seed)
+    if args.pairs and len(dirs) > 1:  # the last size's fewest-workers directory
+        pairs = [{"cases": cases, **pair}
+                 for pair in ingest_pairs(dirs[min(dirs)], args.workers, args.pairs)]
     table = pd.DataFrame(rows)
     facts = {"command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
              "commit": head, "overlay": overlay_digests(args.overlay),
@@ -549,9 +587,9 @@ def main() -> None:
              "generator": {"size": args.size, "slices": args.slices, "spacing_mm": lits.SPACING_MM,
                            "noise_hu": lits.NOISE_HU, "cache": str(WORK / "scale-data")},
              "params": params, "rows": rows, "identity": identities, "increment": increments,
-             "parallel_ceiling": ceiling}
+             "parallel_ceiling": ceiling, "ingest_pairs": pairs}
     write_results(f"scale-{name}", table, facts)
-    print_report(table, identities, increments, ceiling)
+    print_report(table, identities, increments, ceiling, pairs)
 
 
 if __name__ == "__main__":

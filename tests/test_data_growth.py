@@ -209,7 +209,7 @@ def test_validate_and_split_read_one_case_file_at_a_time_flat_in_cases(tmp_path,
         return read_slice(self, key)
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
-    monkeypatch.setenv("LIVERSEG_INGEST_WORKERS", "1")  # in-process: no pool to start
+    monkeypatch.setenv("LIVERSEG_INGEST_WORKERS", "1")  # one worker process, whatever the cores
     peaks, rows = {}, {}
     for patients in (2, 6):
         root = tmp_path / f"n{patients}"

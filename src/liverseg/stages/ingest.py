@@ -9,7 +9,9 @@ rerun, an unchanged case is linked again instead of being decoded again; the sto
 only the keys of the last run, with each file's size and mtime, so a file edited in place
 through its link is made anew rather than trusted. Workers: `LIVERSEG_INGEST_WORKERS` (not
 a DVC param: it changes no byte of the output), default the CPU cores, capped by the memory
-the largest case needs (from its header).
+the largest case needs (from its header); with more than one case to make, even one worker
+is a process of its own, so the memory it keeps between cases (`heap.keep_freed`) goes
+with it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from liverseg import casestore, labels
+from liverseg import casestore, heap, labels
 from liverseg.artifacts import Artifacts
 from liverseg.config import DataParams, Params
 from liverseg.data import layout, sources
@@ -82,15 +84,16 @@ def ingest_case(source: str, task: layout.CaseTask, data: DataParams, seed: int,
 
 def ingest_missing(tasks: list[layout.CaseTask], paths: dict[str, Path], data: DataParams,
                    seed: int, workers: int) -> None:
-    """Make the store files of `tasks`, in `workers` processes."""
+    """Make the store files of `tasks`: one case here, several in `workers` processes
+    (one too), which keep the memory a case frees for the next (`heap.keep_freed`)."""
     jobs = [(data.source, task, data, seed, paths[task.case_id]) for task in tasks]
     progress = tqdm(total=len(jobs), desc="ingest", unit="case", disable=not jobs)
-    if workers <= 1 or len(jobs) <= 1:
+    if len(jobs) <= 1:
         for job in jobs:
             ingest_case(*job)
             progress.update()
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=heap.keep_freed) as pool:
             for future in [pool.submit(ingest_case, *job) for job in jobs]:
                 future.result()  # a worker's error surfaces here, naming its file
                 progress.update()
