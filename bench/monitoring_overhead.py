@@ -3,7 +3,7 @@
 
 A synthetic 100-slice 512x512 CT series (HU: air, fat, soft tissue, a liver with lesions,
 bone, noise; seeded) is windowed to grey as predict windows it. Then, per repeat:
-  - forward: `liverseg.preprocess.Served` around a small registry model (3 classes, random
+  - forward: `liverseg.served.Served` around a small registry model (3 classes, random
     weights, 128 px): grey [32, 1, 512, 512] -> resize to 128 -> model -> softmax -> resize
     back -> class indices, in batches of 32, as `liverseg predict` runs it;
   - monitoring: `intensity_facts` on the series' grey and HU, `Confidence.update` on each
@@ -33,7 +33,8 @@ import torch
 from liverseg import labels
 from liverseg.models import build_model
 from liverseg.monitoring import Confidence, ServedCaseStore, facts
-from liverseg.preprocess import Preprocessing, Served, window
+from liverseg.preprocess import Preprocessing, window
+from liverseg.served import Served
 
 RESULTS = Path(__file__).with_name("results")
 CLASSES = ("background", "liver", "tumour")

@@ -1,4 +1,4 @@
-"""Post-processing and mirroring (liverseg.postprocess, preprocess.Served): each step's
+"""Post-processing and mirroring (liverseg.postprocess, served.Served): each step's
 exact effect on small masks, nnU-Net's keep-if-not-lower rule, and the mirrored answer as
 the mean of the flipped passes."""
 
@@ -11,7 +11,8 @@ import torch
 
 from liverseg.labels import to_classes
 from liverseg.postprocess import Choice, Inference
-from liverseg.preprocess import Preprocessing, Served
+from liverseg.preprocess import Preprocessing
+from liverseg.served import Served
 
 THREE = ("background", "liver", "tumour")
 LIVER = ("background", "liver")

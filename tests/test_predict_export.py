@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from liverseg.cli import app
-from liverseg.preprocess import Preprocessing, Served
+from liverseg.preprocess import Preprocessing
+from liverseg.served import Served
 from liverseg.serving import export, predict
 
 CHAMPION = "models:/liverseg@champion"
@@ -76,7 +77,7 @@ def test_predict_refuses_unknown_inputs(registry, tmp_path):
 
 
 def _served_champion():
-    """The champion's own weights behind `preprocess.Served`: what predict runs."""
+    """The champion's own weights behind `served.Served`: what predict runs."""
     model, config = predict.load(CHAMPION)
     return Served(model, Preprocessing.from_config(config)).eval(), config
 

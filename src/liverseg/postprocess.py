@@ -2,7 +2,7 @@
 wherever the model serves (evaluate, `liverseg predict`, the registered pyfunc).
 
 - **Mirroring** (`Inference.mirror`): the probabilities averaged over the flips of the
-  input (`preprocess.Served(mirror=True)`). Kept only if it *raises* the validation score.
+  input (`served.Served(mirror=True)`). Kept only if it *raises* the validation score.
 - **Post-processing** of the class mask, each step kept only if it does not *lower* the
   validation score the comparison ranks by (`compare.rank_by`), tried in this order:
   1. `largest_foreground`: keep the largest connected component of all foreground classes

@@ -125,7 +125,7 @@ def log_model(mlf, model_dir: Path, example=None, inference: Path | None = None,
     """Log the safetensors weights + config behind a pyfunc defined from code (no pickle).
 
     The signature leaves batch, height and width free (-1): unlike the `pt2` export format,
-    the served model accepts any slice size (it resizes inside, `preprocess.Served`). The
+    the served model accepts any slice size (it resizes inside, `served.Served`). The
     model's preprocessing block is the MLflow model's metadata. `inference`: evaluate's
     choice of mirroring and post-processing, served with it (register's package).
     """

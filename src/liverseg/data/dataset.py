@@ -1,7 +1,7 @@
 """The torch dataset over a split CSV: decoded slice, the serving resize, augmentation,
 normalisation.
 
-The resize to the trained size is `liverseg.preprocess.resize_image`, the one evaluate,
+The resize to the trained size is `liverseg.served.resize_image`, the one evaluate,
 predict, the pyfunc and the ONNX graph apply; albumentations only augments, on [0, 1]
 floats after it.
 """
@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from liverseg import casestore, labels  # noqa: E402
-from liverseg.preprocess import resize_image  # noqa: E402
+from liverseg.served import resize_image  # noqa: E402
 
 
 def train_augmentation(seed: int) -> A.Compose:

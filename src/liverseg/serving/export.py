@@ -1,6 +1,6 @@
 """Export a trained or registered model to ONNX, checked against torch.
 
-The exported graph is `liverseg.preprocess.Served`, the pyfunc's and predict's contract:
+The exported graph is `liverseg.served.Served`, the pyfunc's and predict's contract:
 input `image` [N, C, H, W] of grey values 0..255 with free N, H and W; inside, the bilinear
 resize to the trained size S, the normalisation, the network, sigmoid/softmax and the
 resize of the probabilities back to H, W; output `probability` [N, K, H, W]. (The network
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from liverseg.io import atomic_path
-from liverseg.preprocess import Preprocessing, Served
+from liverseg.preprocess import Preprocessing
+from liverseg.served import Served
 from liverseg.serving import predict
 
 FORMATS = ("onnx",)

@@ -6,7 +6,7 @@ a 2.5D model, `context_slices` k in its metadata, takes slices z-k..z+k as the C
 channels, edges repeating the edge: `preprocess.context_stack`).
 Output: float32 probabilities at the input's H, W: the foreground's [N, 1, H, W] for a
 binary model, each class's [N, C, H, W] (softmax) for a multi-class one. The resize to the
-trained size, the normalisation and the resize back happen inside (`preprocess.Served`), the
+trained size, the normalisation and the resize back happen inside (`served.Served`), the
 same code evaluate and `liverseg predict` run; the parameters are the model's
 `config.json` `preprocessing` block, also in the registered model's metadata. A registered
 version also carries evaluate's choice of mirroring and post-processing (the `inference`
@@ -36,7 +36,8 @@ class LiversegModel(PythonModel):
         from safetensors.torch import load_file
 
         from liverseg.checkpoint import build_from_config
-        from liverseg.preprocess import Preprocessing, Served
+        from liverseg.preprocess import Preprocessing
+        from liverseg.served import Served
 
         with open(context.artifacts["config"]) as fh:
             self.config = json.load(fh)

@@ -47,13 +47,13 @@ from liverseg.monitoring.store import ServedCaseStore, default_store
 from liverseg.postprocess import Inference
 from liverseg.preprocess import (
     Preprocessing,
-    Served,
     context_stack,
     read_image,
     to_input_orientation,
     to_slices,
     volume_slices,
 )
+from liverseg.served import Served
 from liverseg.serving.inputs import Item, expand_inputs, is_nifti, outcome
 from liverseg.serving.outputs import Outcomes, class_sizes, overlay, overlay_row, save_png
 from liverseg.serving.watch import Watch, record
@@ -128,7 +128,7 @@ def model_identity(ref: str, config: dict) -> dict:
 
 @dataclass
 class Predictor:
-    """A model behind the one preprocessing (`liverseg.preprocess.Served`), in batches."""
+    """A model behind the one preprocessing (`liverseg.served.Served`), in batches."""
 
     model: torch.nn.Module
     config: dict

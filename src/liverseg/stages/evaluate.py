@@ -1,6 +1,6 @@
 """evaluate@MODEL: the saved best model on the validation split, as `predict` serves it.
 
-Each validation slice goes through `liverseg.preprocess.Served` at its stored size (resize
+Each validation slice goes through `liverseg.served.Served` at its stored size (resize
 to the trained size, the network, probabilities resized back) and is scored against its
 mask at that size: the numbers a user of `liverseg predict` gets on the source files (the
 per-epoch validation figures of training, in reports/training/, are at the trained size).
@@ -45,7 +45,8 @@ from liverseg.metrics import (
 from liverseg.monitoring import drift
 from liverseg.monitoring.facts import Confidence
 from liverseg.postprocess import Choice, Inference
-from liverseg.preprocess import Preprocessing, Served
+from liverseg.preprocess import Preprocessing
+from liverseg.served import Served
 from liverseg.serving.watch import CaseWatches
 
 RAW = Inference()  # the network's thresholded output, nothing after it

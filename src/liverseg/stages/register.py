@@ -110,7 +110,8 @@ def score(model_ref: str, split_csv: Path, art: Artifacts, params: Params) -> fl
     from dataclasses import replace
 
     from liverseg.data.dataset import SliceDataset
-    from liverseg.preprocess import Preprocessing, Served
+    from liverseg.preprocess import Preprocessing
+    from liverseg.served import Served
     from liverseg.serving.predict import load
     from liverseg.stages.evaluate import grid_cases, predict_split
 
