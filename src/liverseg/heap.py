@@ -1,7 +1,8 @@
-"""Memory a case freed, given back before the next case: evaluate's peak follows the
-largest case, not the number of cases.
+"""What a process does with the memory a case freed before the next case: evaluate gives it
+back (`release`: its peak follows the largest case, not the number of cases); ingest's
+workers keep it (`keep_freed`: the next case reuses it without faulting it in).
 
-Two things held it (measured on LiTS-sized cases, 448x512x512, one model: 1.9 GB of
+In evaluate two things held a case (measured on LiTS-sized cases, 448x512x512, one model: 1.9 GB of
 anonymous memory after one case, 2.9 GB after four):
 - **Reference cycles.** MONAI's surface distances try an optional import (cucim) on every
   call; the failed import's traceback, kept in a cycle, holds the frames above it, and with
@@ -15,7 +16,7 @@ anonymous memory after one case, 2.9 GB after four):
 Ingest's workers want the opposite (`keep_freed`): each makes case after case of about the
 same size, and glibc hands every large array back to the kernel when it is freed (arrays
 over 32 MiB are mapped apart), so the next case faults all its pages in again: 5.6 million
-minor faults, 14 s of kernel time in 80 s for 32 cases of 448x512x512, and two workers
+minor faults, 14 s of kernel time in 78 s for 32 cases of 448x512x512, and two workers
 faulting at once slowed each other (the kernel time grew by half).
 """
 
