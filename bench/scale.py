@@ -51,8 +51,9 @@ and each stage's peak memory (and seconds) at the largest / the smallest size.
 (as dvc.lock names them: data/raw at this commit) is compared between the two work
 directories (identical, or the files that differ).
 `--pairs K`: at the end, in the last size's fewest-workers directory, K pairs of ingest runs
-(the store emptied, `--force`): the fewest workers, then at once the most; each pair's ratio
-and their median (the rows' runs are minutes apart, and this machine's speed drifts).
+(the store emptied, `--force`): the fewest and the most workers one right after the other
+(in turn first); each pair's ratio and their median (the rows' runs are minutes apart, and
+this machine's speed drifts).
 Every timed stage starts after an `os.sync()`, so the files the last one wrote are not
 written back on its clock.
 `--increment`: after the runs of a size, in the last work directory: one more case is linked
@@ -342,15 +343,17 @@ def identity(cases: int, dirs: dict[int, Path]) -> dict:
 
 
 def ingest_pairs(workdir: Path, workers: list[int], rounds: int) -> list[dict]:
-    """`rounds` times: ingest alone with the fewest, then at once with the most workers, in
-    one work directory (the store emptied, so every case is made again; `--force`). The
-    rows' runs of one size are minutes apart, and this machine's speed drifts by 5-10% over
-    an hour; each pair here is measured under the same conditions."""
+    """`rounds` times: ingest alone with the fewest and the most workers, one right after
+    the other in one work directory (the store emptied, so every case is made again;
+    `--force`), the order alternating from round to round. The rows' runs of one size are
+    minutes apart, and this machine's speed drifts by 5-10% over an hour; each pair here is
+    measured under the same conditions. DVC's cache already holds the case files here, so
+    these seconds are a little under the rows'; their ratios compare."""
     lo, hi = min(workers), max(workers)
     pairs = []
     for number in range(1, rounds + 1):
         seconds = {}
-        for count in (lo, hi):
+        for count in (lo, hi) if number % 2 else (hi, lo):
             shutil.rmtree(workdir / INGEST_STORE, ignore_errors=True)
             seconds[count] = run_stage(workdir, "ingest", stage_env(workdir, count),
                                        force=True)["s"]
@@ -529,8 +532,8 @@ def parse_args() -> argparse.Namespace:
                         help="files (relative to the repository) copied from the working tree "
                         "over the clone of HEAD: measure a change before committing it")
     parser.add_argument("--pairs", type=int, default=0, metavar="K",
-                        help="then, at the largest size, K more ingest runs with the fewest "
-                        "and the most workers, one right after the other: K ratios")
+                        help="then, at the last size given, K pairs of ingest runs with the "
+                        "fewest and the most workers, one right after the other: K ratios")
     parser.add_argument("--sharing", default="nothing else",
                         help="what else ran on the machine meanwhile (recorded in the JSON)")
     return parser.parse_args()
@@ -552,6 +555,8 @@ def main() -> None:
     missing = [path for path in args.overlay if not (REPO / path).is_file()]
     if missing:
         raise SystemExit(f"--overlay: no such file(s) in {REPO}: {missing}")
+    if args.pairs and len(set(args.workers)) < 2:
+        raise SystemExit("--pairs needs two worker counts, e.g. --workers 1 2")
     name, shape = args.name or f"s{args.size}-z{args.slices}", lits.Shape(args.size, args.slices)
     head = runner.git_checked("rev-parse", args.commit, cwd=REPO).strip()
     started, rows, identities, increments, pairs = time.time(), [], [], [], []

@@ -127,6 +127,33 @@ def test_case_files_are_the_same_bytes_for_one_and_two_workers(workdir, monkeypa
     assert hashes[0] == hashes[1] and len(hashes[0]) == 4
 
 
+def test_ingest_workers_even_one_keep_freed_memory_and_the_stage_s_process_never(
+        workdir, monkeypatch):
+    """heap.keep_freed (no trimming, no separate mappings) is for processes that make case
+    after case; several cases go to worker processes even with one worker, and the stage's
+    own process, which may be Dagster's, never calls it; a single case is made in place."""
+    import os
+
+    from liverseg import heap
+    from liverseg.config import parse_params
+
+    calls = workdir / "keep_freed.pids"
+    monkeypatch.setattr(heap, "keep_freed",
+                        lambda: calls.open("a").write(f"{os.getpid()}\n"))
+    monkeypatch.setenv("LIVERSEG_INGEST_WORKERS", "1")
+    incoming = workdir / "incoming"
+    for p in range(2):
+        write_patient(incoming, p)
+    params = parse_params(tiny_raw_params(data={"source": "folder", "path": str(incoming)}))
+    assert ingest.run(params)["cases"] == {"total": 2, "ingested": 2, "reused": 0,
+                                           "workers": 1}
+    pids = calls.read_text().split()
+    assert len(pids) == 1 and int(pids[0]) != os.getpid()  # one worker, not this process
+    write_patient(incoming, 2)
+    assert ingest.run(params)["cases"]["ingested"] == 1  # one case: here, no pool
+    assert calls.read_text().split() == pids
+
+
 @pytest.mark.slow
 def test_a_case_added_to_the_folder_retrains_through_the_sensor_and_nothing_else_does(
         tmp_path):

@@ -14,10 +14,11 @@ anonymous memory after one case, 2.9 GB after four):
 `release` does both, once per case; `trim` alone is milliseconds.
 
 Ingest's workers want the opposite (`keep_freed`): each makes case after case of about the
-same size, and glibc hands every large array back to the kernel when it is freed (arrays
-over 32 MiB are mapped apart), so the next case faults all its pages in again: 5.6 million
-minor faults, 14 s of kernel time in 78 s for 32 cases of 448x512x512, and two workers
-faulting at once slowed each other (the kernel time grew by half).
+same size, and glibc hands every large array back to the kernel when it is freed (it maps
+them apart: all over 32 MiB, smaller ones above a threshold that moves), so the next case
+faults all its pages in again: 5.6 million minor faults, 14 s of kernel time in 78 s for 32
+cases of 448x512x512, and two workers faulting at once slowed each other (the kernel time
+grew by half).
 """
 
 from __future__ import annotations

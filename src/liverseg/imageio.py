@@ -56,7 +56,8 @@ def rescale(array: np.ndarray, window: tuple[float, float] | None = None) -> np.
     if high <= low:
         return np.zeros(a.shape, np.uint8)
     # The same operations as (clip((a - low) / (high - low), 0, 1) * 255).round(), in one
-    # float buffer: a whole CT volume's float64 copy is ~1 GB, five temporaries were 5.
+    # float buffer: a whole CT volume's float64 copy is ~1 GB, and that expression held up
+    # to three at once.
     a -= low
     a /= high - low
     np.clip(a, 0, 1, out=a)

@@ -186,3 +186,17 @@ def to_input_orientation(slices: np.ndarray, ornt: np.ndarray, shape: tuple) -> 
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
     back = to_canonical(np.transpose(slices, (2, 1, 0)), nib.orientations.ornt_transform(ras, ornt))
     return back.reshape(shape)
+
+
+MOVED_TO_SERVED = ("Served", "resize", "resize_image", "normalise")
+
+
+def __getattr__(name: str):
+    """The network half moved to `liverseg.served`; a model registered before that carries
+    pyfunc code that imports `Served` from here, and it must still load (torch is imported
+    only when one of these names is asked for)."""
+    if name in MOVED_TO_SERVED:
+        from liverseg import served
+
+        return getattr(served, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,6 @@ import pandas as pd
 
 from liverseg import casestore, labels
 from liverseg.artifacts import RAW_INDEX
-from liverseg.preprocess import context_indices
 
 INDEX_NAME = RAW_INDEX  # the index of data/raw (liverseg.artifacts owns the name)
 INDEX_COLUMNS = ["slice_id", "patient_id", "source", "slice_index", "image", "mask"]
@@ -156,6 +155,8 @@ class CaseWriter:
         """2.5D: each stored slice's context, the references of slices z-k .. z+k of the
         case (`preprocess.context_indices`: edges repeat the edge). Every slice of a volume
         is stored, so every neighbour is a row."""
+        from liverseg.preprocess import context_indices  # ingest's; validate reads layout too
+
         stored = {row["slice_index"]: row["image"] for row in self.rows if row["image"]}
         if not stored:
             return
