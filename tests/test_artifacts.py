@@ -27,9 +27,10 @@ def test_paths_are_rooted_where_asked(tmp_path):
 
 
 # Imported by ingest's code without deciding a case file's bytes: params (their values are
-# in each case's key), paths, atomic writes.
+# in each case's key), paths, atomic writes, and the network half that preprocess hands to
+# the pyfunc code of older models (ingest never asks for it).
 NO_BYTES = {"config.py", "config_sources.py", "artifacts.py", "io.py", "__init__.py",
-            "data/__init__.py", "dicom/__init__.py"}
+            "data/__init__.py", "dicom/__init__.py", "served.py"}
 
 
 def _liverseg_imports(path, package):
