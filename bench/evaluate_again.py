@@ -14,10 +14,11 @@ alone. The work directories are left at the last commit's `src/`.
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import scale
+
+from liverseg import runner
 
 
 def main() -> None:
@@ -28,12 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     print("commit    workdir                          seconds   peak MiB")
     for commit in args.commits:
-        sha = subprocess.run(["git", "rev-parse", commit], cwd=scale.REPO, check=True,
-                             capture_output=True, text=True).stdout.strip()
+        sha = runner.git_checked("rev-parse", commit, cwd=scale.REPO).strip()
         for workdir in args.workdirs:
             workdir = workdir.resolve()
-            subprocess.run(["git", "fetch", "-q", str(scale.REPO), sha], cwd=workdir, check=True)
-            subprocess.run(["git", "checkout", "-q", sha, "--", "src"], cwd=workdir, check=True)
+            runner.git_checked("fetch", "-q", str(scale.REPO), sha, cwd=workdir)
+            runner.git_checked("checkout", "-q", sha, "--", "src", cwd=workdir)
             got = scale.run_stage(workdir, args.stage, scale.stage_env(workdir), force=True)
             print(f"{commit:<9} {workdir.name:<32} {got['s']:>7} {got['mib']:>10}", flush=True)
 

@@ -77,6 +77,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -486,11 +487,10 @@ def print_report(table: pd.DataFrame, identities: list[dict], increments: list[d
     if len(side_by_side):
         print("\n" + side_by_side.to_string(index=False, float_format="{:.2f}".format))
     if pairs:
-        ratios_ = [pair["ratio"] for pair in pairs]
-        print("\ningest alone, fewest then most workers, pair by pair ({} cases):\n{}\n"
-              "median ratio {:.2f} (min {:.2f}, max {:.2f})".format(
-                  pairs[0]["cases"], pd.DataFrame(pairs).to_string(index=False),
-                  float(pd.Series(ratios_).median()), min(ratios_), max(ratios_)))
+        values = [pair["ratio"] for pair in pairs]
+        print(f"\ningest alone, fewest / most workers back to back ({pairs[0]['cases']} cases):"
+              f"\n{pd.DataFrame(pairs).to_string(index=False)}\nmedian ratio "
+              f"{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})")
     for check in identities:
         verdict = "identical" if check["identical"] else f"DIFFERENT: {check['differ']}"
         print(f"\ningest outputs, {check['cases']} cases, workers {check['workers']}: "
